@@ -1,0 +1,1 @@
+//! Custom CubeCL kernels for lfm.

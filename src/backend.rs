@@ -1,0 +1,261 @@
+//! Backends and device selection: `cpu` (Burn's ndarray backend), `wgpu` (WGSL through wgpu: Vulkan, Metal,
+//! DX12, and Mesa's lavapipe) and `cuda` (cargo feature). The concrete backend is chosen here, once, and every
+//! command is generic over [`burn::tensor::backend::Backend`] below that point.
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::tensor::backend::Backend;
+
+/// The CPU backend: pure Rust, SIMD, multi-threaded.
+pub type Cpu = burn::backend::NdArray<f32>;
+
+/// The same CPU backend in float64 (for analytic ODE tests).
+pub type Cpu64 = burn::backend::NdArray<f64>;
+
+/// wgpu through CubeCL, without Burn's fusion layer (its fusion/autotune correctness bugs on repeated graphs are
+/// exactly what an ODE loop exercises).
+pub type Wgpu = burn::backend::wgpu::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
+
+/// NVIDIA GPUs through CubeCL's CUDA runtime.
+#[cfg(feature = "cuda")]
+pub type Cuda = burn::backend::Cuda<f32, i32>;
+
+pub use burn::backend::wgpu::WgpuDevice;
+
+/// What the user asked for with `--backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    /// CUDA if compiled in and a device exists, else a hardware wgpu adapter, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// wgpu's default adapter (a software adapter such as lavapipe if that is all there is).
+    Wgpu,
+    /// CUDA device 0.
+    Cuda,
+}
+
+impl FromStr for BackendChoice {
+    type Err = BackendError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "cpu" | "ndarray" => Ok(Self::Cpu),
+            "wgpu" | "gpu" | "vulkan" | "metal" | "dx12" => Ok(Self::Wgpu),
+            "cuda" => Ok(Self::Cuda),
+            _ => Err(BackendError::Unknown(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Cpu => "cpu",
+            Self::Wgpu => "wgpu",
+            Self::Cuda => "cuda",
+        })
+    }
+}
+
+/// Why no backend could be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BackendError {
+    /// Not a backend name.
+    #[error("unknown backend '{0}': use auto, cpu, wgpu or cuda")]
+    Unknown(String),
+    /// CUDA was asked for in a build without it.
+    #[error("this lfm was built without CUDA: rebuild with `cargo build --release --features cuda`, or use --backend wgpu/cpu")]
+    CudaNotCompiled,
+    /// CUDA is compiled in but unusable here.
+    #[error("no usable CUDA device: {0}. Install the NVIDIA driver (libcuda) and NVRTC, or use --backend wgpu/cpu")]
+    NoCudaDevice(String),
+    /// No wgpu adapter at all.
+    #[error(
+        "no GPU adapter found through wgpu (Vulkan/Metal/DX12). Install a GPU driver — on Debian/Ubuntu without a GPU, \
+         `apt-get install mesa-vulkan-drivers` gives the lavapipe software adapter — or use --backend cpu"
+    )]
+    NoWgpuAdapter,
+}
+
+/// A concrete device on one of the compiled-in backends.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Device {
+    /// The CPU.
+    Cpu,
+    /// A wgpu adapter.
+    Wgpu(WgpuDevice),
+    /// A CUDA device by index.
+    #[cfg(feature = "cuda")]
+    Cuda(usize),
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => write!(
+                f,
+                "cpu (ndarray, {} threads)",
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            ),
+            Device::Wgpu(d) => write!(f, "wgpu {d:?}"),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// One wgpu adapter as the system reports it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct AdapterReport {
+    /// Adapter name (e.g. "NVIDIA H200", "llvmpipe (LLVM 15.0.6, 256 bits)").
+    pub name: String,
+    /// Discrete, integrated, virtual, CPU or other.
+    pub device_type: String,
+    /// Vulkan, Metal, DX12, GL or BrowserWebGpu.
+    pub api: String,
+    /// Driver name and version.
+    pub driver: String,
+    /// Largest storage buffer binding, bytes.
+    pub max_storage_buffer_binding_size: u64,
+    /// Workgroup (shared) memory per workgroup, bytes.
+    pub max_compute_workgroup_storage_size: u32,
+    /// Invocations per workgroup.
+    pub max_compute_invocations_per_workgroup: u32,
+    /// Whether it is real hardware (not a software rasteriser).
+    pub hardware: bool,
+}
+
+/// Lists the wgpu adapters of the compute APIs (Vulkan, Metal, DX12) on this platform.
+pub fn wgpu_adapters() -> Vec<AdapterReport> {
+    // The compute APIs CubeCL targets; OpenGL/EGL is not one of them.
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends: wgpu::Backends::PRIMARY,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
+    adapters
+        .into_iter()
+        .map(|adapter| {
+            let info = adapter.get_info();
+            let limits = adapter.limits();
+            let hardware = matches!(
+                info.device_type,
+                wgpu::DeviceType::DiscreteGpu
+                    | wgpu::DeviceType::IntegratedGpu
+                    | wgpu::DeviceType::VirtualGpu
+            );
+            AdapterReport {
+                name: info.name,
+                device_type: format!("{:?}", info.device_type),
+                api: format!("{:?}", info.backend),
+                driver: format!("{} {}", info.driver, info.driver_info)
+                    .trim()
+                    .to_string(),
+                max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size as u64,
+                max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
+                max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
+                hardware,
+            }
+        })
+        .collect()
+}
+
+/// CUDA devices (name per index), or why there are none.
+pub fn cuda_devices() -> Result<Vec<String>, BackendError> {
+    #[cfg(feature = "cuda")]
+    {
+        // Probe without touching CubeCL, which panics when libcuda is absent.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(BackendError::NoCudaDevice(
+                "libcuda.so (the NVIDIA driver) was not found".into(),
+            ));
+        }
+        let count = cudarc::driver::CudaContext::device_count()
+            .map_err(|e| BackendError::NoCudaDevice(format!("the driver reports {e:?}")))?;
+        if count <= 0 {
+            return Err(BackendError::NoCudaDevice(
+                "the driver reports 0 devices".into(),
+            ));
+        }
+        Ok((0..count as usize)
+            .map(|i| {
+                cudarc::driver::CudaContext::new(i)
+                    .and_then(|ctx| ctx.name())
+                    .unwrap_or_else(|e| format!("device {i} ({e:?})"))
+            })
+            .collect())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(BackendError::CudaNotCompiled)
+    }
+}
+
+/// Resolves `--backend` to a device, logging the choice.
+pub fn select(choice: BackendChoice) -> Result<Device, BackendError> {
+    let device = match choice {
+        BackendChoice::Cpu => Device::Cpu,
+        BackendChoice::Wgpu => {
+            if wgpu_adapters().is_empty() {
+                return Err(BackendError::NoWgpuAdapter);
+            }
+            Device::Wgpu(WgpuDevice::DefaultDevice)
+        }
+        BackendChoice::Cuda => cuda_device()?,
+        BackendChoice::Auto => auto_device(),
+    };
+    tracing::info!(backend = %choice, device = %device, "selected device");
+    Ok(device)
+}
+
+fn cuda_device() -> Result<Device, BackendError> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda_devices().map(|_| Device::Cuda(0))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(BackendError::CudaNotCompiled)
+    }
+}
+
+/// What `--backend auto` picks: CUDA, else a hardware wgpu adapter, else the CPU.
+pub fn auto_device() -> Device {
+    if let Ok(device) = cuda_device() {
+        return device;
+    }
+    let adapters = wgpu_adapters();
+    let has = |t: &str| adapters.iter().any(|a| a.device_type == t);
+    if has("DiscreteGpu") {
+        Device::Wgpu(WgpuDevice::DiscreteGpu(0))
+    } else if has("IntegratedGpu") {
+        Device::Wgpu(WgpuDevice::IntegratedGpu(0))
+    } else if has("VirtualGpu") {
+        Device::Wgpu(WgpuDevice::VirtualGpu(0))
+    } else {
+        Device::Cpu
+    }
+}
+
+/// Work that runs on whichever backend was selected: the one place a concrete backend type is named.
+pub trait OnBackend {
+    /// What the work returns.
+    type Output;
+    /// Runs on backend `B` and its `device`.
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output;
+}
+
+/// Runs `task` on the backend of `device`.
+pub fn dispatch<T: OnBackend>(device: &Device, task: T) -> T::Output {
+    match device {
+        Device::Cpu => task.run::<Cpu>(Default::default()),
+        Device::Wgpu(d) => task.run::<Wgpu>(d.clone()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => task.run::<Cuda>(burn::backend::cuda::CudaDevice { index: *i }),
+    }
+}

@@ -1,0 +1,249 @@
+//! Moving weights between host tensor maps and Burn modules, by the modules' own field paths.
+//!
+//! Model structs name their fields after the reference's attributes, so a Burn path such as
+//! `blocks.0.attn.qkv.weight` is already the PyTorch key; the few names Rust cannot spell (`mlp.0`,
+//! `adaLN_modulation.1`) go through a per-model [`KeyMap`]. Burn stores `Linear` weights as `[in, out]`, PyTorch as
+//! `[out, in]`: the transpose happens here and nowhere else.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+use super::{CheckpointError, HostTensor, TensorMap};
+
+/// How a model's Burn field paths map to its checkpoint keys.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KeyMap {
+    /// Whole-segment renames applied in order, e.g. `("mlp_0", "mlp.0")`.
+    pub renames: &'static [(&'static str, &'static str)],
+    /// Checkpoint keys (suffixes) the model computes itself and does not load, e.g. EDM's `resample_filter` buffers.
+    pub ignored_suffixes: &'static [&'static str],
+}
+
+impl KeyMap {
+    /// The checkpoint key of a Burn field path.
+    pub fn key(&self, path: &str) -> String {
+        let mut padded = format!(".{path}.");
+        for (from, to) in self.renames {
+            padded = padded.replace(&format!(".{from}."), &format!(".{to}."));
+        }
+        padded.trim_matches('.').to_string()
+    }
+
+    fn ignored(&self, key: &str) -> bool {
+        self.ignored_suffixes.iter().any(|s| key.ends_with(s))
+    }
+}
+
+/// What went wrong when applying weights to a model.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct LoadReport {
+    /// Keys the model needs that the file lacks.
+    pub missing: Vec<String>,
+    /// Keys in the file the model does not use.
+    pub unexpected: Vec<String>,
+    /// Keys present in both with different shapes: (key, file shape, model shape).
+    pub shape_mismatches: Vec<(String, Vec<usize>, Vec<usize>)>,
+    /// Number of tensors applied.
+    pub applied: usize,
+}
+
+impl LoadReport {
+    /// Whether every key matched.
+    pub fn is_clean(&self) -> bool {
+        self.missing.is_empty() && self.unexpected.is_empty() && self.shape_mismatches.is_empty()
+    }
+}
+
+impl fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const SHOWN: usize = 12;
+        let list = |f: &mut fmt::Formatter<'_>, title: &str, keys: &[String]| -> fmt::Result {
+            if keys.is_empty() {
+                return Ok(());
+            }
+            writeln!(f, "  {title} ({}):", keys.len())?;
+            for k in keys.iter().take(SHOWN) {
+                writeln!(f, "    {k}")?;
+            }
+            if keys.len() > SHOWN {
+                writeln!(f, "    … and {} more", keys.len() - SHOWN)?;
+            }
+            Ok(())
+        };
+        list(f, "missing from the file", &self.missing)?;
+        list(f, "in the file but not in the model", &self.unexpected)?;
+        if !self.shape_mismatches.is_empty() {
+            writeln!(f, "  shape mismatches ({}):", self.shape_mismatches.len())?;
+            for (k, file, model) in self.shape_mismatches.iter().take(SHOWN) {
+                writeln!(f, "    {k}: file {file:?}, model {model:?}")?;
+            }
+        }
+        write!(
+            f,
+            "  The architecture flags (or config) do not describe this checkpoint: check model_type, nf, ch_mult, \
+             attn_resolutions, num_res_blocks, num_classes and the channel counts, or let lfm infer them"
+        )
+    }
+}
+
+/// Shape of a parameter as PyTorch stores it.
+fn torch_shape(burn_shape: &[usize], linear_weight: bool) -> Vec<usize> {
+    if linear_weight {
+        burn_shape.iter().rev().copied().collect()
+    } else {
+        burn_shape.to_vec()
+    }
+}
+
+struct Loader<'a> {
+    map: &'a TensorMap,
+    keys: KeyMap,
+    path: Vec<String>,
+    containers: Vec<String>,
+    used: BTreeSet<String>,
+    report: LoadReport,
+}
+
+impl Loader<'_> {
+    fn current(&self) -> (String, bool) {
+        let path = self.path.join(".");
+        let linear_weight = self.path.last().is_some_and(|n| n == "weight")
+            && self.containers.last().is_some_and(|c| c == "Struct:Linear");
+        (self.keys.key(&path), linear_weight)
+    }
+}
+
+impl<B: Backend> ModuleMapper<B> for Loader<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.push(name.to_string());
+        self.containers.push(container_type.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+        self.containers.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (key, linear_weight) = self.current();
+        let (id, tensor, mapper) = param.consume();
+        let model_shape = torch_shape(&tensor.dims(), linear_weight);
+        let Some(host) = self.map.get(&key) else {
+            self.report.missing.push(key);
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        self.used.insert(key.clone());
+        if host.shape != model_shape {
+            self.report
+                .shape_mismatches
+                .push((key, host.shape.clone(), model_shape));
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        let require_grad = tensor.is_require_grad();
+        let loaded = host_to_tensor::<B, D>(host, &tensor.device(), linear_weight);
+        self.report.applied += 1;
+        let loaded = if require_grad {
+            loaded.require_grad()
+        } else {
+            loaded
+        };
+        Param::from_mapped_value(id, loaded, mapper)
+    }
+}
+
+/// Builds a device tensor of rank `D` from a host tensor (transposing a PyTorch Linear weight to Burn's layout).
+fn host_to_tensor<B: Backend, const D: usize>(
+    host: &HostTensor,
+    device: &B::Device,
+    linear_weight: bool,
+) -> Tensor<B, D> {
+    let data = TensorData::new(host.to_f32(), host.shape.clone());
+    let tensor = Tensor::<B, D>::from_data(data.convert::<B::FloatElem>(), device);
+    if linear_weight {
+        tensor.transpose()
+    } else {
+        tensor
+    }
+}
+
+/// Applies named host tensors to a module. Every parameter must be found with the right shape and every key must
+/// be used (apart from [`KeyMap::ignored_suffixes`]); otherwise nothing is returned but a precise report.
+pub fn apply_weights<B: Backend, M: Module<B>>(
+    module: M,
+    map: &TensorMap,
+    keys: KeyMap,
+) -> Result<M, CheckpointError> {
+    let mut loader = Loader {
+        map,
+        keys,
+        path: Vec::new(),
+        containers: Vec::new(),
+        used: BTreeSet::new(),
+        report: LoadReport::default(),
+    };
+    let module = module.map(&mut loader);
+    let mut report = loader.report;
+    report.unexpected = map
+        .keys()
+        .filter(|k| !loader.used.contains(*k) && !keys.ignored(k))
+        .cloned()
+        .collect();
+    if report.is_clean() {
+        Ok(module)
+    } else {
+        Err(CheckpointError::Mismatch(report))
+    }
+}
+
+struct Collector {
+    keys: KeyMap,
+    path: Vec<String>,
+    containers: Vec<String>,
+    map: TensorMap,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Collector {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.push(name.to_string());
+        self.containers.push(container_type.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+        self.containers.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let linear_weight = self.path.last().is_some_and(|n| n == "weight")
+            && self.containers.last().is_some_and(|c| c == "Struct:Linear");
+        let tensor = param.val();
+        let tensor = if linear_weight {
+            tensor.transpose()
+        } else {
+            tensor
+        };
+        let shape = tensor.dims().to_vec();
+        let values = tensor
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("float tensor data");
+        let key = self.keys.key(&self.path.join("."));
+        self.map.insert(key, HostTensor::f32(shape, values));
+    }
+}
+
+/// Every float parameter of a module, under its checkpoint key, in PyTorch layout.
+pub fn collect_weights<B: Backend, M: Module<B>>(module: &M, keys: KeyMap) -> TensorMap {
+    let mut collector = Collector {
+        keys,
+        path: Vec::new(),
+        containers: Vec::new(),
+        map: TensorMap::new(),
+    };
+    module.visit(&mut collector);
+    collector.map
+}

@@ -1,0 +1,237 @@
+//! Reading and writing weights: LFM's `.pth` files (torch zip pickles, read by a restricted unpickler),
+//! `.safetensors` in PyTorch layout, and our own format (safetensors with the model config in its metadata).
+
+mod apply;
+pub mod pickle;
+mod pth;
+mod tensor_map;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub use apply::{apply_weights, collect_weights, KeyMap, LoadReport};
+pub use pth::{dict_get, PthArchive};
+pub use tensor_map::{parameter_count, strip_module_prefix, HostData, HostTensor, TensorMap};
+
+use pickle::Value;
+
+/// Metadata key under which our own safetensors files keep the model configuration (JSON).
+pub const CONFIG_METADATA_KEY: &str = "lfm.config";
+
+/// Why weights could not be read, written or applied.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not a checkpoint of a supported kind, or is damaged.
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// The weights do not fit the model.
+    #[error("the weights do not match the model:\n{0}")]
+    Mismatch(LoadReport),
+}
+
+impl CheckpointError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        let hint = match source.kind() {
+            std::io::ErrorKind::NotFound => {
+                std::io::Error::new(source.kind(), "no such file; check the path")
+            }
+            _ => source,
+        };
+        Self::Io {
+            path: path.to_path_buf(),
+            source: hint,
+        }
+    }
+
+    fn invalid(path: &Path, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Weights read from a file, plus our own config when the file carries one.
+#[derive(Debug, Clone)]
+pub struct LoadedWeights {
+    /// The tensors, with any `module.` prefix removed.
+    pub tensors: TensorMap,
+    /// The `lfm.config` metadata of our own safetensors files.
+    pub config_json: Option<String>,
+}
+
+/// Reads a model's weights from `.safetensors` or a PyTorch `.pth`/`.pt`/`.bin` zip checkpoint — a bare state_dict
+/// (LFM's `model_<E>.pth`) or a dict holding one (`content.pth` → `model_dict`).
+pub fn read_weights(path: &Path) -> Result<LoadedWeights, CheckpointError> {
+    let bytes = std::fs::read(path).map_err(|e| CheckpointError::io(path, e))?;
+    if bytes.len() >= 4 && &bytes[..4] == b"PK\x03\x04" || bytes.first() == Some(&0x80) {
+        let archive = PthArchive::from_bytes(path, &bytes)?;
+        let map = state_dict_of(path, &archive)?;
+        return Ok(LoadedWeights {
+            tensors: strip_module_prefix(map),
+            config_json: None,
+        });
+    }
+    let (map, metadata) = read_safetensors_bytes(path, &bytes)?;
+    Ok(LoadedWeights {
+        tensors: strip_module_prefix(map),
+        config_json: metadata.and_then(|m| m.get(CONFIG_METADATA_KEY).cloned()),
+    })
+}
+
+fn state_dict_of(path: &Path, archive: &PthArchive) -> Result<TensorMap, CheckpointError> {
+    let Value::Dict(root) = &archive.root else {
+        return Err(CheckpointError::invalid(
+            path,
+            "the pickle does not hold a dict; expected a state_dict",
+        ));
+    };
+    let has_tensors = root.iter().any(|(_, v)| matches!(v, Value::Tensor(_)));
+    let dict = if has_tensors {
+        root
+    } else {
+        // Training snapshots keep the weights one level down.
+        let nested = ["model_dict", "state_dict", "model", "ema"]
+            .iter()
+            .find_map(|k| match dict_get(root, k) {
+                Some(Value::Dict(d)) => Some(d),
+                _ => None,
+            });
+        nested.ok_or_else(|| {
+            CheckpointError::invalid(
+                path,
+                "the checkpoint holds no tensors at the top level nor under model_dict/state_dict/model/ema",
+            )
+        })?
+    };
+    let map = archive
+        .tensors_of(dict)
+        .map_err(|e| CheckpointError::invalid(path, e))?;
+    if map.is_empty() {
+        return Err(CheckpointError::invalid(
+            path,
+            "the state_dict holds no tensors",
+        ));
+    }
+    Ok(map)
+}
+
+/// Reads every tensor and the metadata of a safetensors file.
+pub fn read_safetensors(
+    path: &Path,
+) -> Result<(TensorMap, Option<HashMap<String, String>>), CheckpointError> {
+    let bytes = std::fs::read(path).map_err(|e| CheckpointError::io(path, e))?;
+    read_safetensors_bytes(path, &bytes)
+}
+
+fn read_safetensors_bytes(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(TensorMap, Option<HashMap<String, String>>), CheckpointError> {
+    use safetensors::{tensor::Dtype, SafeTensors};
+    let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| {
+        CheckpointError::invalid(
+            path,
+            format!("not a readable .safetensors or PyTorch checkpoint ({e}); the file may be truncated"),
+        )
+    })?;
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| CheckpointError::invalid(path, format!("corrupt safetensors file: {e}")))?;
+    let mut map = TensorMap::new();
+    for (name, view) in st.tensors() {
+        let raw = view.data();
+        let chunks = |n: usize| raw.chunks_exact(n);
+        let data = match view.dtype() {
+            Dtype::F32 => HostData::F32(
+                chunks(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
+            Dtype::F64 => HostData::F64(
+                chunks(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
+            Dtype::F16 => HostData::F32(
+                chunks(2)
+                    .map(|c| half::f16::from_le_bytes(c.try_into().unwrap()).to_f32())
+                    .collect(),
+            ),
+            Dtype::BF16 => HostData::F32(
+                chunks(2)
+                    .map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f32())
+                    .collect(),
+            ),
+            Dtype::I64 => HostData::I64(
+                chunks(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
+            Dtype::I32 => HostData::I64(
+                chunks(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                    .collect(),
+            ),
+            Dtype::U8 | Dtype::BOOL => HostData::I64(raw.iter().map(|&b| b as i64).collect()),
+            Dtype::I8 => HostData::I64(raw.iter().map(|&b| b as i8 as i64).collect()),
+            other => {
+                return Err(CheckpointError::invalid(
+                    path,
+                    format!("tensor {name} has unsupported dtype {other:?}"),
+                ))
+            }
+        };
+        map.insert(
+            name,
+            HostTensor {
+                shape: view.shape().to_vec(),
+                data,
+                stored_dtype: format!("{:?}", view.dtype()),
+            },
+        );
+    }
+    Ok((map, metadata.metadata().clone()))
+}
+
+/// Writes tensors as safetensors, atomically (a temporary file in the same folder, then a rename).
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &TensorMap,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<(), CheckpointError> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let (dtype, bytes) = match &t.data {
+                HostData::F32(v) => (Dtype::F32, bytemuck::cast_slice(v).to_vec()),
+                HostData::F64(v) => (Dtype::F64, bytemuck::cast_slice(v).to_vec()),
+                HostData::I64(v) => (Dtype::I64, bytemuck::cast_slice(v).to_vec()),
+            };
+            (name.clone(), dtype, t.shape.clone(), bytes)
+        })
+        .collect();
+    let views = buffers
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            TensorView::new(*dtype, shape.clone(), bytes).map(|v| (name.clone(), v))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CheckpointError::invalid(path, format!("cannot serialise: {e}")))?;
+    let bytes = safetensors::serialize(views, metadata)
+        .map_err(|e| CheckpointError::invalid(path, format!("cannot serialise: {e}")))?;
+    crate::io::write_atomic(path, &bytes).map_err(|e| CheckpointError::io(path, e))
+}

@@ -1,0 +1,213 @@
+//! PyTorch's zip checkpoint format (`torch.save` since 1.6): `<stem>/data.pkl` plus one record per storage in
+//! `<stem>/data/<key>`. The pickle is decoded by the restricted [`super::pickle`] reader.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
+
+use super::pickle::{unpickle, StorageDType, TensorRef, Value};
+use super::tensor_map::{HostData, HostTensor, TensorMap};
+use super::CheckpointError;
+
+/// The decoded top-level object of a `.pth` file and the storages it references.
+pub struct PthArchive {
+    /// The unpickled object.
+    pub root: Value,
+    storages: HashMap<String, Vec<u8>>,
+}
+
+impl PthArchive {
+    /// Opens and decodes a `.pth` file.
+    pub fn open(path: &Path) -> Result<Self, CheckpointError> {
+        let bytes = std::fs::read(path).map_err(|e| CheckpointError::io(path, e))?;
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// Decodes a `.pth` file already in memory (`path` is only used in messages).
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self, CheckpointError> {
+        let invalid = |reason: String| CheckpointError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if bytes.len() >= 2 && bytes[0] == 0x80 {
+            return Err(invalid(
+                "this is PyTorch's legacy (pre-1.6, non-zip) format; re-save it with torch.save in a newer PyTorch, \
+                 or convert it to .safetensors"
+                    .into(),
+            ));
+        }
+        let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| {
+            invalid(format!("not a PyTorch zip checkpoint ({e}); the file may be truncated or of another format"))
+        })?;
+        let names: Vec<String> = zip.file_names().map(str::to_string).collect();
+        let pkl = names
+            .iter()
+            .find(|n| n.ends_with("/data.pkl") || n.as_str() == "data.pkl")
+            .ok_or_else(|| {
+                invalid("the archive has no data.pkl; it is not a torch.save checkpoint".into())
+            })?
+            .clone();
+        let prefix = pkl.trim_end_matches("data.pkl").to_string();
+        if let Some(order) = names.iter().find(|n| **n == format!("{prefix}byteorder")) {
+            let mut text = String::new();
+            zip.by_name(order)
+                .map_err(|e| invalid(e.to_string()))?
+                .read_to_string(&mut text)
+                .map_err(|e| invalid(e.to_string()))?;
+            if text.trim() != "little" {
+                return Err(invalid(format!(
+                    "byte order '{}' is not supported (only little-endian)",
+                    text.trim()
+                )));
+            }
+        }
+        let mut read = |name: &str| -> Result<Vec<u8>, CheckpointError> {
+            let mut file = zip
+                .by_name(name)
+                .map_err(|e| invalid(format!("record {name}: {e}")))?;
+            let mut buf = Vec::with_capacity(file.size() as usize);
+            file.read_to_end(&mut buf).map_err(|e| {
+                invalid(format!(
+                    "record {name} is unreadable ({e}); the file may be truncated"
+                ))
+            })?;
+            Ok(buf)
+        };
+        let root = unpickle(&read(&pkl)?).map_err(|e| invalid(e.to_string()))?;
+        let data_prefix = format!("{prefix}data/");
+        let mut storages = HashMap::new();
+        for name in names.iter().filter(|n| n.starts_with(&data_prefix)) {
+            let key = name[data_prefix.len()..].to_string();
+            if !key.is_empty() && !key.contains('/') {
+                storages.insert(key, read(name)?);
+            }
+        }
+        Ok(Self { root, storages })
+    }
+
+    /// Materialises a tensor view as a contiguous host tensor.
+    pub fn tensor(&self, t: &TensorRef) -> Result<HostTensor, String> {
+        let bytes = self.storages.get(&t.storage.key).ok_or_else(|| {
+            format!(
+                "storage record data/{} is missing from the archive",
+                t.storage.key
+            )
+        })?;
+        let size = t.storage.dtype.size();
+        let available = bytes.len() / size;
+        let numel: usize = t.shape.iter().product();
+        // Walk the strided view in row-major order.
+        let mut offsets = Vec::with_capacity(numel);
+        if numel > 0 {
+            let mut index = vec![0usize; t.shape.len()];
+            loop {
+                let off = t.offset
+                    + index
+                        .iter()
+                        .zip(&t.stride)
+                        .map(|(i, s)| i * s)
+                        .sum::<usize>();
+                if off >= available {
+                    return Err(format!(
+                        "tensor reads element {off} of a storage with {available} elements; the file is truncated \
+                         or corrupt"
+                    ));
+                }
+                offsets.push(off);
+                let mut d = t.shape.len();
+                loop {
+                    if d == 0 {
+                        break;
+                    }
+                    d -= 1;
+                    index[d] += 1;
+                    if index[d] < t.shape[d] {
+                        break;
+                    }
+                    index[d] = 0;
+                }
+                if index.iter().all(|&i| i == 0) {
+                    break;
+                }
+            }
+        }
+        let at = |o: usize| &bytes[o * size..(o + 1) * size];
+        let data = match t.storage.dtype {
+            StorageDType::F32 => HostData::F32(
+                offsets
+                    .iter()
+                    .map(|&o| f32::from_le_bytes(at(o).try_into().unwrap()))
+                    .collect(),
+            ),
+            StorageDType::F64 => HostData::F64(
+                offsets
+                    .iter()
+                    .map(|&o| f64::from_le_bytes(at(o).try_into().unwrap()))
+                    .collect(),
+            ),
+            StorageDType::F16 => HostData::F32(
+                offsets
+                    .iter()
+                    .map(|&o| half::f16::from_le_bytes(at(o).try_into().unwrap()).to_f32())
+                    .collect(),
+            ),
+            StorageDType::BF16 => HostData::F32(
+                offsets
+                    .iter()
+                    .map(|&o| half::bf16::from_le_bytes(at(o).try_into().unwrap()).to_f32())
+                    .collect(),
+            ),
+            StorageDType::I64 => HostData::I64(
+                offsets
+                    .iter()
+                    .map(|&o| i64::from_le_bytes(at(o).try_into().unwrap()))
+                    .collect(),
+            ),
+            StorageDType::I32 => HostData::I64(
+                offsets
+                    .iter()
+                    .map(|&o| i32::from_le_bytes(at(o).try_into().unwrap()) as i64)
+                    .collect(),
+            ),
+            StorageDType::I16 => HostData::I64(
+                offsets
+                    .iter()
+                    .map(|&o| i16::from_le_bytes(at(o).try_into().unwrap()) as i64)
+                    .collect(),
+            ),
+            StorageDType::I8 => {
+                HostData::I64(offsets.iter().map(|&o| at(o)[0] as i8 as i64).collect())
+            }
+            StorageDType::U8 | StorageDType::Bool => {
+                HostData::I64(offsets.iter().map(|&o| at(o)[0] as i64).collect())
+            }
+        };
+        Ok(HostTensor {
+            shape: t.shape.clone(),
+            data,
+            stored_dtype: format!("{:?}", t.storage.dtype),
+        })
+    }
+
+    /// Every tensor of a `{name: tensor}` dict, e.g. a state_dict.
+    pub fn tensors_of(&self, dict: &[(Value, Value)]) -> Result<TensorMap, String> {
+        let mut map = TensorMap::new();
+        for (k, v) in dict {
+            let (Value::Str(name), Value::Tensor(t)) = (k, v) else {
+                continue;
+            };
+            map.insert(
+                name.clone(),
+                self.tensor(t).map_err(|e| format!("{name}: {e}"))?,
+            );
+        }
+        Ok(map)
+    }
+}
+
+/// Looks a key up in a pickled dict.
+pub fn dict_get<'a>(dict: &'a [(Value, Value)], key: &str) -> Option<&'a Value> {
+    dict.iter()
+        .find(|(k, _)| matches!(k, Value::Str(s) if s == key))
+        .map(|(_, v)| v)
+}

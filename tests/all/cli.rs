@@ -1,0 +1,59 @@
+//! The `lfm` binary end to end: help, devices, and one-line errors for bad backends.
+
+use std::process::Command;
+
+fn lfm(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_lfm"))
+        .args(args)
+        .output()
+        .expect("run lfm");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn help_lists_the_commands() {
+    let (ok, stdout, _) = lfm(&["--help"]);
+    assert!(ok);
+    assert!(
+        stdout.contains("devices") && stdout.contains("--backend"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn devices_reports_what_auto_picks() {
+    let (ok, stdout, stderr) = lfm(&["devices"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("--backend auto picks:"), "{stdout}");
+    let (ok, stdout, stderr) = lfm(&["devices", "--json"]);
+    assert!(ok, "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(json["auto"].is_string() && json["wgpu_adapters"].is_array());
+}
+
+#[test]
+fn an_unknown_backend_is_one_clear_line() {
+    let (ok, _, stderr) = lfm(&["--backend", "tpu", "devices"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("unknown backend 'tpu': use auto, cpu, wgpu or cuda"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn cuda_without_a_driver_or_build_is_one_clear_error() {
+    let (ok, _, stderr) = lfm(&["--backend", "cuda", "devices"]);
+    if ok {
+        return; // a machine with a working NVIDIA driver
+    }
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(stderr.contains("CUDA"), "{stderr}");
+    assert!(stderr.contains("--backend wgpu/cpu"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

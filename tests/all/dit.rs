@@ -1,0 +1,162 @@
+//! DiT parity with `golden/dit_tiny` and `golden/dit_tiny_cond_cfg`, from `.pth` and `.safetensors`, cpu and wgpu.
+
+use burn::tensor::backend::Backend;
+use lfm::backend::{Cpu, Wgpu};
+use lfm::checkpoint::read_weights;
+use lfm::models::{DiT, DiTConfig};
+
+use crate::common::*;
+
+/// The DiT of a golden case, built from the constructor kwargs in its `config.json`.
+pub fn config(case: &str) -> DiTConfig {
+    let text = std::fs::read_to_string(fixture(&format!("{case}/config.json"))).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let c = &json["constructor"]["kwargs"];
+    let int = |k: &str| c[k].as_u64().unwrap() as usize;
+    DiTConfig {
+        input_size: int("img_resolution"),
+        patch_size: int("patch_size"),
+        in_channels: int("in_channels"),
+        hidden_size: int("hidden_size"),
+        depth: int("depth"),
+        num_heads: int("num_heads"),
+        mlp_ratio: c["mlp_ratio"].as_f64().unwrap(),
+        num_classes: int("num_classes"),
+        label_dropout: c["label_dropout"].as_f64().unwrap(),
+        learn_sigma: c["learn_sigma"].as_bool().unwrap(),
+    }
+}
+
+/// The golden DiT of `case` loaded from `file` (`model.pth` or `model.safetensors`).
+pub fn load<B: Backend>(case: &str, file: &str, device: &B::Device) -> DiT<B> {
+    let weights = read_weights(&fixture(&format!("{case}/{file}"))).unwrap();
+    DiT::load(&config(case), &weights.tensors, device).unwrap()
+}
+
+const REL: f64 = 1e-5;
+const ABS: f64 = 1e-6;
+
+fn unconditional<B: Backend>(device: &B::Device, file: &str, rel: f64) {
+    let io = io("dit_tiny");
+    let model = load::<B>("dit_tiny", file, device);
+    let x = tensor::<B, 4>(get(&io, "x"), device);
+    let t = tensor::<B, 1>(get(&io, "t"), device);
+    assert_close(
+        "t_emb",
+        &values(model.t_embedder.forward(t.clone())),
+        &get(&io, "debug.t_emb").to_f32(),
+        rel,
+        ABS,
+    );
+    assert_close(
+        "patch_tokens",
+        &values(model.x_embedder.forward(x.clone())),
+        &get(&io, "debug.patch_tokens").to_f32(),
+        rel,
+        ABS,
+    );
+    assert_close(
+        "v",
+        &values(model.forward(t, x.clone(), None)),
+        &get(&io, "v").to_f32(),
+        rel,
+        ABS,
+    );
+    let t_scalar = tensor::<B, 1>(get(&io, "t_scalar"), device);
+    assert_close(
+        "v_scalar_t",
+        &values(model.forward(t_scalar, x, None)),
+        &get(&io, "v_scalar_t").to_f32(),
+        rel,
+        ABS,
+    );
+}
+
+fn conditional<B: Backend>(device: &B::Device, file: &str, rel: f64) {
+    let io = io("dit_tiny_cond_cfg");
+    let model = load::<B>("dit_tiny_cond_cfg", file, device);
+    assert_eq!(model.config.label_rows(), 11);
+    let x = tensor::<B, 4>(get(&io, "x"), device);
+    let t = tensor::<B, 1>(get(&io, "t"), device);
+    let y = int_tensor::<B, 1>(get(&io, "y"), device);
+    assert_close(
+        "y_emb",
+        &values(model.y_embedder.forward(y.clone())),
+        &get(&io, "debug.y_emb").to_f32(),
+        rel,
+        ABS,
+    );
+    assert_close(
+        "v",
+        &values(model.forward(t, x, Some(y))),
+        &get(&io, "v").to_f32(),
+        rel,
+        ABS,
+    );
+    let cx = tensor::<B, 4>(get(&io, "cfg.x"), device);
+    let cy = int_tensor::<B, 1>(get(&io, "cfg.y"), device);
+    let ct = tensor::<B, 1>(get(&io, "cfg.t"), device);
+    let guided = model.forward_with_cfg(ct, cx, cy, 1.5);
+    assert_close(
+        "cfg.v",
+        &values(guided),
+        &get(&io, "cfg.v").to_f32(),
+        rel,
+        ABS,
+    );
+}
+
+#[test]
+fn dit_matches_reference_from_pth_on_cpu() {
+    unconditional::<Cpu>(&cpu(), "model.pth", REL);
+}
+
+#[test]
+fn dit_matches_reference_from_safetensors_on_cpu() {
+    unconditional::<Cpu>(&cpu(), "model.safetensors", REL);
+}
+
+#[test]
+fn conditional_dit_and_cfg_match_reference_on_cpu() {
+    conditional::<Cpu>(&cpu(), "model.pth", REL);
+    conditional::<Cpu>(&cpu(), "model.safetensors", REL);
+}
+
+#[test]
+fn dit_and_cfg_match_reference_on_wgpu() {
+    if let Some(device) = wgpu() {
+        unconditional::<Wgpu>(&device, "model.safetensors", 1e-4);
+        conditional::<Wgpu>(&device, "model.pth", 1e-4);
+    }
+}
+
+#[test]
+fn pos_embed_equals_the_constructor_table() {
+    // The stored pos_embed is the fixed sin-cos table; our init must compute the same one.
+    let weights = read_weights(&fixture("dit_tiny/model.safetensors")).unwrap();
+    let stored = weights.tensors["pos_embed"].to_f32();
+    let computed = values(config("dit_tiny").init::<Cpu>(&cpu()).pos_embed.val());
+    assert_close("pos_embed", &computed, &stored, 1e-6, 1e-7);
+}
+
+#[test]
+fn named_sizes_have_the_reference_parameter_counts() {
+    use burn::module::Module;
+    // LFM-REFERENCE.md §3.2 (analytic, without the frozen pos_embed): DiT-B/2 129.54M with 1 class and 130.30M
+    // with 1001 label rows (ImageNet); DiT-L/2 456.80M.
+    let millions = |cfg: DiTConfig| {
+        let pos_embed = cfg.num_tokens() * cfg.hidden_size;
+        (cfg.init::<Cpu>(&cpu()).num_params() - pos_embed) as f64 / 1e6
+    };
+    for (name, classes, dropout, want) in [
+        ("DiT-B/2", 1, 0.0, 129.54),
+        ("DiT-B/2", 1000, 0.1, 130.30),
+        ("DiT-L/2", 1, 0.0, 456.80),
+    ] {
+        let got = millions(DiTConfig::named(name, 32, 4, classes, dropout).unwrap());
+        assert!(
+            (got - want).abs() < 0.005,
+            "{name} with {classes} classes has {got:.3}M parameters, reference {want}M"
+        );
+    }
+}

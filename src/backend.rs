@@ -97,11 +97,9 @@ pub enum Device {
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Device::Cpu => write!(
-                f,
-                "cpu (ndarray, {} threads)",
-                std::thread::available_parallelism().map_or(1, |n| n.get())
-            ),
+            Device::Cpu => {
+                write!(f, "cpu (ndarray, {} threads)", std::thread::available_parallelism().map_or(1, |n| n.get()))
+            }
             Device::Wgpu(d) => write!(f, "wgpu {d:?}"),
             #[cfg(feature = "cuda")]
             Device::Cuda(i) => write!(f, "cuda:{i}"),
@@ -145,18 +143,14 @@ pub fn wgpu_adapters() -> Vec<AdapterReport> {
             let limits = adapter.limits();
             let hardware = matches!(
                 info.device_type,
-                wgpu::DeviceType::DiscreteGpu
-                    | wgpu::DeviceType::IntegratedGpu
-                    | wgpu::DeviceType::VirtualGpu
+                wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::VirtualGpu
             );
             AdapterReport {
                 name: info.name,
                 device_type: format!("{:?}", info.device_type),
                 api: format!("{:?}", info.backend),
-                driver: format!("{} {}", info.driver, info.driver_info)
-                    .trim()
-                    .to_string(),
-                max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size as u64,
+                driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
+                max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
                 max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
                 max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
                 hardware,
@@ -171,16 +165,12 @@ pub fn cuda_devices() -> Result<Vec<String>, BackendError> {
     {
         // Probe without touching CubeCL, which panics when libcuda is absent.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(BackendError::NoCudaDevice(
-                "libcuda.so (the NVIDIA driver) was not found".into(),
-            ));
+            return Err(BackendError::NoCudaDevice("libcuda.so (the NVIDIA driver) was not found".into()));
         }
         let count = cudarc::driver::CudaContext::device_count()
             .map_err(|e| BackendError::NoCudaDevice(format!("the driver reports {e:?}")))?;
         if count <= 0 {
-            return Err(BackendError::NoCudaDevice(
-                "the driver reports 0 devices".into(),
-            ));
+            return Err(BackendError::NoCudaDevice("the driver reports 0 devices".into()));
         }
         Ok((0..count as usize)
             .map(|i| {

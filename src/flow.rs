@@ -28,11 +28,7 @@ fn per_sample<B: Backend, const D: usize>(t: Tensor<B, 1>, like: &Tensor<B, D>) 
 }
 
 /// The interpolant `x_t = (1 − t)·z0 + (σ_min + (1 − σ_min)·t)·z1` for a per-sample `t` of shape `[N]`.
-pub fn interpolate<B: Backend, const D: usize>(
-    z0: Tensor<B, D>,
-    z1: Tensor<B, D>,
-    t: Tensor<B, 1>,
-) -> Tensor<B, D> {
+pub fn interpolate<B: Backend, const D: usize>(z0: Tensor<B, D>, z1: Tensor<B, D>, t: Tensor<B, 1>) -> Tensor<B, D> {
     let t = per_sample(t, &z0);
     // The constants are rounded to the state dtype, as PyTorch does with Python floats.
     let data_weight = t.clone().neg().add_scalar(1.0);
@@ -41,10 +37,7 @@ pub fn interpolate<B: Backend, const D: usize>(
 }
 
 /// The target velocity `u = (1 − σ_min)·z1 − z0` (it points from data towards noise).
-pub fn target_velocity<B: Backend, const D: usize>(
-    z0: Tensor<B, D>,
-    z1: Tensor<B, D>,
-) -> Tensor<B, D> {
+pub fn target_velocity<B: Backend, const D: usize>(z0: Tensor<B, D>, z1: Tensor<B, D>) -> Tensor<B, D> {
     z1.mul_scalar(1.0 - SIGMA_MIN) - z0
 }
 
@@ -73,8 +66,5 @@ pub fn path_sample<B: Backend, const D: usize>(
     z1: Tensor<B, D>,
     t: Tensor<B, 1>,
 ) -> PathSample<B, D> {
-    PathSample {
-        x_t: interpolate(z0.clone(), z1.clone(), t),
-        u: target_velocity(z0, z1),
-    }
+    PathSample { x_t: interpolate(z0.clone(), z1.clone(), t), u: target_velocity(z0, z1) }
 }

@@ -137,19 +137,13 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_> {
         };
         self.used.insert(key.clone());
         if host.shape != model_shape {
-            self.report
-                .shape_mismatches
-                .push((key, host.shape.clone(), model_shape));
+            self.report.shape_mismatches.push((key, host.shape.clone(), model_shape));
             return Param::from_mapped_value(id, tensor, mapper);
         }
         let require_grad = tensor.is_require_grad();
         let loaded = host_to_tensor::<B, D>(host, &tensor.device(), linear_weight);
         self.report.applied += 1;
-        let loaded = if require_grad {
-            loaded.require_grad()
-        } else {
-            loaded
-        };
+        let loaded = if require_grad { loaded.require_grad() } else { loaded };
         Param::from_mapped_value(id, loaded, mapper)
     }
 }
@@ -171,11 +165,7 @@ fn host_to_tensor<B: Backend, const D: usize>(
 
 /// Applies named host tensors to a module. Every parameter must be found with the right shape and every key must
 /// be used (apart from [`KeyMap::ignored_suffixes`]); otherwise nothing is returned but a precise report.
-pub fn apply_weights<B: Backend, M: Module<B>>(
-    module: M,
-    map: &TensorMap,
-    keys: KeyMap,
-) -> Result<M, CheckpointError> {
+pub fn apply_weights<B: Backend, M: Module<B>>(module: M, map: &TensorMap, keys: KeyMap) -> Result<M, CheckpointError> {
     let mut loader = Loader {
         map,
         keys,
@@ -186,11 +176,7 @@ pub fn apply_weights<B: Backend, M: Module<B>>(
     };
     let module = module.map(&mut loader);
     let mut report = loader.report;
-    report.unexpected = map
-        .keys()
-        .filter(|k| !loader.used.contains(*k) && !keys.ignored(k))
-        .cloned()
-        .collect();
+    report.unexpected = map.keys().filter(|k| !loader.used.contains(*k) && !keys.ignored(k)).cloned().collect();
     if report.is_clean() {
         Ok(module)
     } else {
@@ -220,17 +206,9 @@ impl<B: Backend> ModuleVisitor<B> for Collector {
         let linear_weight = self.path.last().is_some_and(|n| n == "weight")
             && self.containers.last().is_some_and(|c| c == "Struct:Linear");
         let tensor = param.val();
-        let tensor = if linear_weight {
-            tensor.transpose()
-        } else {
-            tensor
-        };
+        let tensor = if linear_weight { tensor.transpose() } else { tensor };
         let shape = tensor.dims().to_vec();
-        let values = tensor
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .expect("float tensor data");
+        let values = tensor.into_data().convert::<f32>().into_vec::<f32>().expect("float tensor data");
         let key = self.keys.key(&self.path.join("."));
         self.map.insert(key, HostTensor::f32(shape, values));
     }
@@ -238,12 +216,7 @@ impl<B: Backend> ModuleVisitor<B> for Collector {
 
 /// Every float parameter of a module, under its checkpoint key, in PyTorch layout.
 pub fn collect_weights<B: Backend, M: Module<B>>(module: &M, keys: KeyMap) -> TensorMap {
-    let mut collector = Collector {
-        keys,
-        path: Vec::new(),
-        containers: Vec::new(),
-        map: TensorMap::new(),
-    };
+    let mut collector = Collector { keys, path: Vec::new(), containers: Vec::new(), map: TensorMap::new() };
     module.visit(&mut collector);
     collector.map
 }

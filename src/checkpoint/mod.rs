@@ -45,22 +45,14 @@ pub enum CheckpointError {
 impl CheckpointError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         let hint = match source.kind() {
-            std::io::ErrorKind::NotFound => {
-                std::io::Error::new(source.kind(), "no such file; check the path")
-            }
+            std::io::ErrorKind::NotFound => std::io::Error::new(source.kind(), "no such file; check the path"),
             _ => source,
         };
-        Self::Io {
-            path: path.to_path_buf(),
-            source: hint,
-        }
+        Self::Io { path: path.to_path_buf(), source: hint }
     }
 
     fn invalid(path: &Path, reason: impl Into<String>) -> Self {
-        Self::Invalid {
-            path: path.to_path_buf(),
-            reason: reason.into(),
-        }
+        Self::Invalid { path: path.to_path_buf(), reason: reason.into() }
     }
 }
 
@@ -80,10 +72,7 @@ pub fn read_weights(path: &Path) -> Result<LoadedWeights, CheckpointError> {
     if bytes.len() >= 4 && &bytes[..4] == b"PK\x03\x04" || bytes.first() == Some(&0x80) {
         let archive = PthArchive::from_bytes(path, &bytes)?;
         let map = state_dict_of(path, &archive)?;
-        return Ok(LoadedWeights {
-            tensors: strip_module_prefix(map),
-            config_json: None,
-        });
+        return Ok(LoadedWeights { tensors: strip_module_prefix(map), config_json: None });
     }
     let (map, metadata) = read_safetensors_bytes(path, &bytes)?;
     Ok(LoadedWeights {
@@ -94,22 +83,17 @@ pub fn read_weights(path: &Path) -> Result<LoadedWeights, CheckpointError> {
 
 fn state_dict_of(path: &Path, archive: &PthArchive) -> Result<TensorMap, CheckpointError> {
     let Value::Dict(root) = &archive.root else {
-        return Err(CheckpointError::invalid(
-            path,
-            "the pickle does not hold a dict; expected a state_dict",
-        ));
+        return Err(CheckpointError::invalid(path, "the pickle does not hold a dict; expected a state_dict"));
     };
     let has_tensors = root.iter().any(|(_, v)| matches!(v, Value::Tensor(_)));
     let dict = if has_tensors {
         root
     } else {
         // Training snapshots keep the weights one level down.
-        let nested = ["model_dict", "state_dict", "model", "ema"]
-            .iter()
-            .find_map(|k| match dict_get(root, k) {
-                Some(Value::Dict(d)) => Some(d),
-                _ => None,
-            });
+        let nested = ["model_dict", "state_dict", "model", "ema"].iter().find_map(|k| match dict_get(root, k) {
+            Some(Value::Dict(d)) => Some(d),
+            _ => None,
+        });
         nested.ok_or_else(|| {
             CheckpointError::invalid(
                 path,
@@ -117,22 +101,15 @@ fn state_dict_of(path: &Path, archive: &PthArchive) -> Result<TensorMap, Checkpo
             )
         })?
     };
-    let map = archive
-        .tensors_of(dict)
-        .map_err(|e| CheckpointError::invalid(path, e))?;
+    let map = archive.tensors_of(dict).map_err(|e| CheckpointError::invalid(path, e))?;
     if map.is_empty() {
-        return Err(CheckpointError::invalid(
-            path,
-            "the state_dict holds no tensors",
-        ));
+        return Err(CheckpointError::invalid(path, "the state_dict holds no tensors"));
     }
     Ok(map)
 }
 
 /// Reads every tensor and the metadata of a safetensors file.
-pub fn read_safetensors(
-    path: &Path,
-) -> Result<(TensorMap, Option<HashMap<String, String>>), CheckpointError> {
+pub fn read_safetensors(path: &Path) -> Result<(TensorMap, Option<HashMap<String, String>>), CheckpointError> {
     let bytes = std::fs::read(path).map_err(|e| CheckpointError::io(path, e))?;
     read_safetensors_bytes(path, &bytes)
 }
@@ -155,52 +132,25 @@ fn read_safetensors_bytes(
         let raw = view.data();
         let chunks = |n: usize| raw.chunks_exact(n);
         let data = match view.dtype() {
-            Dtype::F32 => HostData::F32(
-                chunks(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-            ),
-            Dtype::F64 => HostData::F64(
-                chunks(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-            ),
-            Dtype::F16 => HostData::F32(
-                chunks(2)
-                    .map(|c| half::f16::from_le_bytes(c.try_into().unwrap()).to_f32())
-                    .collect(),
-            ),
-            Dtype::BF16 => HostData::F32(
-                chunks(2)
-                    .map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f32())
-                    .collect(),
-            ),
-            Dtype::I64 => HostData::I64(
-                chunks(8)
-                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-            ),
-            Dtype::I32 => HostData::I64(
-                chunks(4)
-                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
-                    .collect(),
-            ),
+            Dtype::F32 => HostData::F32(chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
+            Dtype::F64 => HostData::F64(chunks(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()),
+            Dtype::F16 => {
+                HostData::F32(chunks(2).map(|c| half::f16::from_le_bytes(c.try_into().unwrap()).to_f32()).collect())
+            }
+            Dtype::BF16 => {
+                HostData::F32(chunks(2).map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f32()).collect())
+            }
+            Dtype::I64 => HostData::I64(chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
+            Dtype::I32 => HostData::I64(chunks(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()),
             Dtype::U8 | Dtype::BOOL => HostData::I64(raw.iter().map(|&b| b as i64).collect()),
             Dtype::I8 => HostData::I64(raw.iter().map(|&b| b as i8 as i64).collect()),
             other => {
-                return Err(CheckpointError::invalid(
-                    path,
-                    format!("tensor {name} has unsupported dtype {other:?}"),
-                ))
+                return Err(CheckpointError::invalid(path, format!("tensor {name} has unsupported dtype {other:?}")))
             }
         };
         map.insert(
             name,
-            HostTensor {
-                shape: view.shape().to_vec(),
-                data,
-                stored_dtype: format!("{:?}", view.dtype()),
-            },
+            HostTensor { shape: view.shape().to_vec(), data, stored_dtype: format!("{:?}", view.dtype()) },
         );
     }
     Ok((map, metadata.metadata().clone()))
@@ -226,9 +176,7 @@ pub fn write_safetensors(
         .collect();
     let views = buffers
         .iter()
-        .map(|(name, dtype, shape, bytes)| {
-            TensorView::new(*dtype, shape.clone(), bytes).map(|v| (name.clone(), v))
-        })
+        .map(|(name, dtype, shape, bytes)| TensorView::new(*dtype, shape.clone(), bytes).map(|v| (name.clone(), v)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CheckpointError::invalid(path, format!("cannot serialise: {e}")))?;
     let bytes = safetensors::serialize(views, metadata)

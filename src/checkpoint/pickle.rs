@@ -155,14 +155,7 @@ const ALLOWED_GLOBALS: &[&str] = &[
 
 /// Decodes a pickle stream.
 pub fn unpickle(data: &[u8]) -> Result<Value, PickleError> {
-    Machine {
-        data,
-        pos: 0,
-        stack: Vec::new(),
-        marks: Vec::new(),
-        memo: HashMap::new(),
-    }
-    .run()
+    Machine { data, pos: 0, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() }.run()
 }
 
 struct Machine<'a> {
@@ -199,21 +192,15 @@ impl Machine<'_> {
 
     fn line(&mut self) -> Result<String, PickleError> {
         let rest = self.data.get(self.pos..).ok_or(PickleError::Truncated)?;
-        let end = rest
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or(PickleError::Truncated)?;
-        let text = String::from_utf8(rest[..end].to_vec())
-            .map_err(|_| malformed("non-UTF-8 global name"))?;
+        let end = rest.iter().position(|&b| b == b'\n').ok_or(PickleError::Truncated)?;
+        let text = String::from_utf8(rest[..end].to_vec()).map_err(|_| malformed("non-UTF-8 global name"))?;
         self.pos += end + 1;
         Ok(text)
     }
 
     fn text(&mut self, n: usize) -> Result<Value, PickleError> {
         let bytes = self.take(n)?.to_vec();
-        String::from_utf8(bytes)
-            .map(Value::Str)
-            .map_err(|_| malformed("invalid UTF-8 string"))
+        String::from_utf8(bytes).map(Value::Str).map_err(|_| malformed("invalid UTF-8 string"))
     }
 
     fn pop(&mut self) -> Result<Value, PickleError> {
@@ -229,9 +216,7 @@ impl Machine<'_> {
     }
 
     fn top(&mut self) -> Result<&mut Value, PickleError> {
-        self.stack
-            .last_mut()
-            .ok_or_else(|| malformed("stack underflow"))
+        self.stack.last_mut().ok_or_else(|| malformed("stack underflow"))
     }
 
     fn run(mut self) -> Result<Value, PickleError> {
@@ -269,11 +254,7 @@ impl Machine<'_> {
                         return Err(malformed("integer wider than 64 bits"));
                     }
                     let bytes = self.take(n)?;
-                    let mut buf = if bytes.last().is_some_and(|b| b & 0x80 != 0) {
-                        [0xff; 8]
-                    } else {
-                        [0; 8]
-                    };
+                    let mut buf = if bytes.last().is_some_and(|b| b & 0x80 != 0) { [0xff; 8] } else { [0; 8] };
                     buf[..n].copy_from_slice(bytes);
                     self.stack.push(Value::Int(i64::from_le_bytes(buf)))
                 }
@@ -382,20 +363,12 @@ impl Machine<'_> {
                 }
                 b'h' => {
                     let i = self.u8()? as u32;
-                    let v = self
-                        .memo
-                        .get(&i)
-                        .cloned()
-                        .ok_or_else(|| malformed("unknown memo index"))?;
+                    let v = self.memo.get(&i).cloned().ok_or_else(|| malformed("unknown memo index"))?;
                     self.stack.push(v)
                 }
                 b'j' => {
                     let i = self.u32()?;
-                    let v = self
-                        .memo
-                        .get(&i)
-                        .cloned()
-                        .ok_or_else(|| malformed("unknown memo index"))?;
+                    let v = self.memo.get(&i).cloned().ok_or_else(|| malformed("unknown memo index"))?;
                     self.stack.push(v)
                 }
                 b'c' => {
@@ -408,9 +381,7 @@ impl Machine<'_> {
                     let name = self.pop()?;
                     let module = self.pop()?;
                     match (module, name) {
-                        (Value::Str(m), Value::Str(n)) => {
-                            self.stack.push(global(format!("{m}.{n}"))?)
-                        }
+                        (Value::Str(m), Value::Str(n)) => self.stack.push(global(format!("{m}.{n}"))?),
                         _ => return Err(malformed("STACK_GLOBAL needs two strings")),
                     }
                 }
@@ -428,10 +399,7 @@ impl Machine<'_> {
                     let _args = self.pop()?;
                     match self.pop()? {
                         Value::Global(class) if class == "argparse.Namespace" => {
-                            self.stack.push(Value::Object {
-                                class,
-                                attributes: Vec::new(),
-                            })
+                            self.stack.push(Value::Object { class, attributes: Vec::new() })
                         }
                         Value::Global(class) => return Err(PickleError::ForbiddenGlobal(class)),
                         _ => return Err(malformed("NEWOBJ of a non-class")),
@@ -440,9 +408,7 @@ impl Machine<'_> {
                 b'b' => {
                     let state = self.pop()?;
                     match (self.top()?, state) {
-                        (Value::Object { attributes, .. }, Value::Dict(state)) => {
-                            attributes.extend(state)
-                        }
+                        (Value::Object { attributes, .. }, Value::Dict(state)) => attributes.extend(state),
                         // An OrderedDict's instance dict (`_metadata` of a state_dict) carries nothing we need.
                         (Value::Dict(_), _) => {}
                         // `_rebuild_parameter` and tensors may get a (None) state.
@@ -457,7 +423,7 @@ impl Machine<'_> {
 }
 
 fn pairs(items: Vec<Value>) -> Result<Vec<(Value, Value)>, PickleError> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err(malformed("odd number of dict items"));
     }
     let mut out = Vec::with_capacity(items.len() / 2);
@@ -481,19 +447,12 @@ fn persistent_load(pid: Value) -> Result<Value, PickleError> {
         return Err(malformed("persistent id is not a tuple"));
     };
     match items.as_slice() {
-        [Value::Str(kind), Value::Global(class), Value::Str(key), _location, _numel]
-            if kind == "storage" =>
-        {
+        [Value::Str(kind), Value::Global(class), Value::Str(key), _location, _numel] if kind == "storage" => {
             let dtype = StorageDType::from_storage_class(class)
                 .ok_or_else(|| malformed(&format!("unsupported storage type {class}")))?;
-            Ok(Value::Storage(StorageRef {
-                key: key.clone(),
-                dtype,
-            }))
+            Ok(Value::Storage(StorageRef { key: key.clone(), dtype }))
         }
-        _ => Err(malformed(
-            "unsupported persistent id (expected a torch storage)",
-        )),
+        _ => Err(malformed("unsupported persistent id (expected a torch storage)")),
     }
 }
 
@@ -520,8 +479,7 @@ fn reduce(callable: Value, args: Value) -> Result<Value, PickleError> {
     match name.as_str() {
         "collections.OrderedDict" => Ok(Value::Dict(Vec::new())),
         "torch._utils._rebuild_tensor_v2" => {
-            let [Value::Storage(storage), Value::Int(offset), shape, stride, ..] = args.as_slice()
-            else {
+            let [Value::Storage(storage), Value::Int(offset), shape, stride, ..] = args.as_slice() else {
                 return Err(malformed("unexpected _rebuild_tensor_v2 arguments"));
             };
             let shape = as_usizes(shape, "tensor size")?;
@@ -529,17 +487,11 @@ fn reduce(callable: Value, args: Value) -> Result<Value, PickleError> {
             if shape.len() != stride.len() || *offset < 0 {
                 return Err(malformed("tensor size and stride disagree"));
             }
-            Ok(Value::Tensor(TensorRef {
-                storage: storage.clone(),
-                offset: *offset as usize,
-                shape,
-                stride,
-            }))
+            Ok(Value::Tensor(TensorRef { storage: storage.clone(), offset: *offset as usize, shape, stride }))
         }
-        "torch._utils._rebuild_parameter" => args
-            .into_iter()
-            .next()
-            .ok_or_else(|| malformed("_rebuild_parameter without data")),
+        "torch._utils._rebuild_parameter" => {
+            args.into_iter().next().ok_or_else(|| malformed("_rebuild_parameter without data"))
+        }
         other => Err(PickleError::ForbiddenGlobal(other.to_string())),
     }
 }
@@ -552,18 +504,15 @@ mod tests {
     fn refuses_os_system() {
         // cos\nsystem\n(S'echo hi'\ntR.
         let evil = b"cos\nsystem\n(S'echo hi'\ntR.";
-        assert_eq!(
-            unpickle(evil),
-            Err(PickleError::ForbiddenGlobal("os.system".into()))
-        );
+        assert_eq!(unpickle(evil), Err(PickleError::ForbiddenGlobal("os.system".into())));
     }
 
     #[test]
     fn reads_a_small_dict() {
         // protocol 2: {'a': 1, 'b': [2.5]}
         let bytes = [
-            0x80, 2, b'}', b'q', 0, b'(', b'X', 1, 0, 0, 0, b'a', b'K', 1, b'X', 1, 0, 0, 0, b'b',
-            b']', b'G', 0x40, 0x04, 0, 0, 0, 0, 0, 0, b'a', b'u', b'.',
+            0x80, 2, b'}', b'q', 0, b'(', b'X', 1, 0, 0, 0, b'a', b'K', 1, b'X', 1, 0, 0, 0, b'b', b']', b'G', 0x40,
+            0x04, 0, 0, 0, 0, 0, 0, b'a', b'u', b'.',
         ];
         let v = unpickle(&bytes).unwrap();
         assert_eq!(

@@ -25,10 +25,7 @@ impl PthArchive {
 
     /// Decodes a `.pth` file already in memory (`path` is only used in messages).
     pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self, CheckpointError> {
-        let invalid = |reason: String| CheckpointError::Invalid {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let invalid = |reason: String| CheckpointError::Invalid { path: path.to_path_buf(), reason };
         if bytes.len() >= 2 && bytes[0] == 0x80 {
             return Err(invalid(
                 "this is PyTorch's legacy (pre-1.6, non-zip) format; re-save it with torch.save in a newer PyTorch, \
@@ -43,9 +40,7 @@ impl PthArchive {
         let pkl = names
             .iter()
             .find(|n| n.ends_with("/data.pkl") || n.as_str() == "data.pkl")
-            .ok_or_else(|| {
-                invalid("the archive has no data.pkl; it is not a torch.save checkpoint".into())
-            })?
+            .ok_or_else(|| invalid("the archive has no data.pkl; it is not a torch.save checkpoint".into()))?
             .clone();
         let prefix = pkl.trim_end_matches("data.pkl").to_string();
         if let Some(order) = names.iter().find(|n| **n == format!("{prefix}byteorder")) {
@@ -55,22 +50,14 @@ impl PthArchive {
                 .read_to_string(&mut text)
                 .map_err(|e| invalid(e.to_string()))?;
             if text.trim() != "little" {
-                return Err(invalid(format!(
-                    "byte order '{}' is not supported (only little-endian)",
-                    text.trim()
-                )));
+                return Err(invalid(format!("byte order '{}' is not supported (only little-endian)", text.trim())));
             }
         }
         let mut read = |name: &str| -> Result<Vec<u8>, CheckpointError> {
-            let mut file = zip
-                .by_name(name)
-                .map_err(|e| invalid(format!("record {name}: {e}")))?;
+            let mut file = zip.by_name(name).map_err(|e| invalid(format!("record {name}: {e}")))?;
             let mut buf = Vec::with_capacity(file.size() as usize);
-            file.read_to_end(&mut buf).map_err(|e| {
-                invalid(format!(
-                    "record {name} is unreadable ({e}); the file may be truncated"
-                ))
-            })?;
+            file.read_to_end(&mut buf)
+                .map_err(|e| invalid(format!("record {name} is unreadable ({e}); the file may be truncated")))?;
             Ok(buf)
         };
         let root = unpickle(&read(&pkl)?).map_err(|e| invalid(e.to_string()))?;
@@ -87,12 +74,10 @@ impl PthArchive {
 
     /// Materialises a tensor view as a contiguous host tensor.
     pub fn tensor(&self, t: &TensorRef) -> Result<HostTensor, String> {
-        let bytes = self.storages.get(&t.storage.key).ok_or_else(|| {
-            format!(
-                "storage record data/{} is missing from the archive",
-                t.storage.key
-            )
-        })?;
+        let bytes = self
+            .storages
+            .get(&t.storage.key)
+            .ok_or_else(|| format!("storage record data/{} is missing from the archive", t.storage.key))?;
         let size = t.storage.dtype.size();
         let available = bytes.len() / size;
         let numel: usize = t.shape.iter().product();
@@ -101,12 +86,7 @@ impl PthArchive {
         if numel > 0 {
             let mut index = vec![0usize; t.shape.len()];
             loop {
-                let off = t.offset
-                    + index
-                        .iter()
-                        .zip(&t.stride)
-                        .map(|(i, s)| i * s)
-                        .sum::<usize>();
+                let off = t.offset + index.iter().zip(&t.stride).map(|(i, s)| i * s).sum::<usize>();
                 if off >= available {
                     return Err(format!(
                         "tensor reads element {off} of a storage with {available} elements; the file is truncated \
@@ -133,60 +113,31 @@ impl PthArchive {
         }
         let at = |o: usize| &bytes[o * size..(o + 1) * size];
         let data = match t.storage.dtype {
-            StorageDType::F32 => HostData::F32(
-                offsets
-                    .iter()
-                    .map(|&o| f32::from_le_bytes(at(o).try_into().unwrap()))
-                    .collect(),
-            ),
-            StorageDType::F64 => HostData::F64(
-                offsets
-                    .iter()
-                    .map(|&o| f64::from_le_bytes(at(o).try_into().unwrap()))
-                    .collect(),
-            ),
+            StorageDType::F32 => {
+                HostData::F32(offsets.iter().map(|&o| f32::from_le_bytes(at(o).try_into().unwrap())).collect())
+            }
+            StorageDType::F64 => {
+                HostData::F64(offsets.iter().map(|&o| f64::from_le_bytes(at(o).try_into().unwrap())).collect())
+            }
             StorageDType::F16 => HostData::F32(
-                offsets
-                    .iter()
-                    .map(|&o| half::f16::from_le_bytes(at(o).try_into().unwrap()).to_f32())
-                    .collect(),
+                offsets.iter().map(|&o| half::f16::from_le_bytes(at(o).try_into().unwrap()).to_f32()).collect(),
             ),
             StorageDType::BF16 => HostData::F32(
-                offsets
-                    .iter()
-                    .map(|&o| half::bf16::from_le_bytes(at(o).try_into().unwrap()).to_f32())
-                    .collect(),
+                offsets.iter().map(|&o| half::bf16::from_le_bytes(at(o).try_into().unwrap()).to_f32()).collect(),
             ),
-            StorageDType::I64 => HostData::I64(
-                offsets
-                    .iter()
-                    .map(|&o| i64::from_le_bytes(at(o).try_into().unwrap()))
-                    .collect(),
-            ),
-            StorageDType::I32 => HostData::I64(
-                offsets
-                    .iter()
-                    .map(|&o| i32::from_le_bytes(at(o).try_into().unwrap()) as i64)
-                    .collect(),
-            ),
-            StorageDType::I16 => HostData::I64(
-                offsets
-                    .iter()
-                    .map(|&o| i16::from_le_bytes(at(o).try_into().unwrap()) as i64)
-                    .collect(),
-            ),
-            StorageDType::I8 => {
-                HostData::I64(offsets.iter().map(|&o| at(o)[0] as i8 as i64).collect())
+            StorageDType::I64 => {
+                HostData::I64(offsets.iter().map(|&o| i64::from_le_bytes(at(o).try_into().unwrap())).collect())
             }
-            StorageDType::U8 | StorageDType::Bool => {
-                HostData::I64(offsets.iter().map(|&o| at(o)[0] as i64).collect())
+            StorageDType::I32 => {
+                HostData::I64(offsets.iter().map(|&o| i32::from_le_bytes(at(o).try_into().unwrap()) as i64).collect())
             }
+            StorageDType::I16 => {
+                HostData::I64(offsets.iter().map(|&o| i16::from_le_bytes(at(o).try_into().unwrap()) as i64).collect())
+            }
+            StorageDType::I8 => HostData::I64(offsets.iter().map(|&o| at(o)[0] as i8 as i64).collect()),
+            StorageDType::U8 | StorageDType::Bool => HostData::I64(offsets.iter().map(|&o| at(o)[0] as i64).collect()),
         };
-        Ok(HostTensor {
-            shape: t.shape.clone(),
-            data,
-            stored_dtype: format!("{:?}", t.storage.dtype),
-        })
+        Ok(HostTensor { shape: t.shape.clone(), data, stored_dtype: format!("{:?}", t.storage.dtype) })
     }
 
     /// Every tensor of a `{name: tensor}` dict, e.g. a state_dict.
@@ -196,10 +147,7 @@ impl PthArchive {
             let (Value::Str(name), Value::Tensor(t)) = (k, v) else {
                 continue;
             };
-            map.insert(
-                name.clone(),
-                self.tensor(t).map_err(|e| format!("{name}: {e}"))?,
-            );
+            map.insert(name.clone(), self.tensor(t).map_err(|e| format!("{name}: {e}"))?);
         }
         Ok(map)
     }
@@ -207,7 +155,5 @@ impl PthArchive {
 
 /// Looks a key up in a pickled dict.
 pub fn dict_get<'a>(dict: &'a [(Value, Value)], key: &str) -> Option<&'a Value> {
-    dict.iter()
-        .find(|(k, _)| matches!(k, Value::Str(s) if s == key))
-        .map(|(_, v)| v)
+    dict.iter().find(|(k, _)| matches!(k, Value::Str(s) if s == key)).map(|(_, v)| v)
 }

@@ -27,11 +27,7 @@ pub struct HostTensor {
 impl HostTensor {
     /// An `f32` tensor.
     pub fn f32(shape: Vec<usize>, values: Vec<f32>) -> Self {
-        Self {
-            shape,
-            data: HostData::F32(values),
-            stored_dtype: "F32".into(),
-        }
+        Self { shape, data: HostData::F32(values), stored_dtype: "F32".into() }
     }
 
     /// Number of elements.
@@ -88,8 +84,5 @@ pub fn strip_module_prefix(map: TensorMap) -> TensorMap {
 
 /// Total number of elements of the floating-point tensors.
 pub fn parameter_count(map: &TensorMap) -> usize {
-    map.values()
-        .filter(|t| t.is_float())
-        .map(HostTensor::numel)
-        .sum()
+    map.values().filter(|t| t.is_float()).map(HostTensor::numel).sum()
 }

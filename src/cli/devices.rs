@@ -37,13 +37,7 @@ pub(crate) fn run(args: DevicesArgs, choice: BackendChoice) -> anyhow::Result<()
         println!("  none (install a Vulkan/Metal/DX12 driver; without a GPU, mesa-vulkan-drivers gives lavapipe)");
     }
     for (i, a) in adapters.iter().enumerate() {
-        println!(
-            "  [{i}] {} — {} via {}{}",
-            a.name,
-            a.device_type,
-            a.api,
-            if a.hardware { "" } else { " (software)" }
-        );
+        println!("  [{i}] {} — {} via {}{}", a.name, a.device_type, a.api, if a.hardware { "" } else { " (software)" });
         println!(
             "      driver: {}; max storage binding {} MiB, workgroup memory {} KiB, {} invocations/workgroup",
             if a.driver.is_empty() { "?" } else { &a.driver },
@@ -61,10 +55,7 @@ pub(crate) fn run(args: DevicesArgs, choice: BackendChoice) -> anyhow::Result<()
         }
         Err(e) => println!("CUDA: {e}"),
     }
-    println!(
-        "CPU: {} threads",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    );
+    println!("CPU: {} threads", std::thread::available_parallelism().map_or(1, |n| n.get()));
     println!("--backend auto picks: {auto}");
     if choice != BackendChoice::Auto {
         match selected {

@@ -22,8 +22,7 @@ pub struct Cli {
 }
 
 fn parse_backend(s: &str) -> Result<BackendChoice, String> {
-    s.parse()
-        .map_err(|e: crate::backend::BackendError| e.to_string())
+    s.parse().map_err(|e: crate::backend::BackendError| e.to_string())
 }
 
 /// `lfm` subcommands.

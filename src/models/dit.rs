@@ -18,11 +18,7 @@ use crate::nn::{gelu_tanh, layer_norm, modulate, silu};
 
 /// Renames between Burn field paths and LFM's DiT state_dict keys.
 pub const DIT_KEYS: KeyMap = KeyMap {
-    renames: &[
-        ("mlp_0", "mlp.0"),
-        ("mlp_2", "mlp.2"),
-        ("ada_ln_modulation", "adaLN_modulation.1"),
-    ],
+    renames: &[("mlp_0", "mlp.0"), ("mlp_2", "mlp.2"), ("ada_ln_modulation", "adaLN_modulation.1")],
     ignored_suffixes: &[],
 };
 
@@ -77,8 +73,7 @@ impl DiTConfig {
         num_classes: usize,
         label_dropout: f64,
     ) -> Option<Self> {
-        let (_, depth, hidden_size, num_heads, patch_size) =
-            DIT_SIZES.iter().find(|s| s.0 == name)?;
+        let (_, depth, hidden_size, num_heads, patch_size) = DIT_SIZES.iter().find(|s| s.0 == name)?;
         Some(Self {
             input_size,
             patch_size: *patch_size,
@@ -114,28 +109,20 @@ impl DiTConfig {
 
     /// Checks the sizes fit together; the message names the offending flag.
     pub fn validate(&self) -> Result<(), String> {
-        if self.patch_size == 0 || self.input_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.input_size.is_multiple_of(self.patch_size) {
             return Err(format!(
                 "the latent side {} is not divisible by the patch size {}",
                 self.input_size, self.patch_size
             ));
         }
-        if self.num_heads == 0 || self.hidden_size % self.num_heads != 0 {
-            return Err(format!(
-                "hidden_size {} is not divisible by num_heads {}",
-                self.hidden_size, self.num_heads
-            ));
+        if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) {
+            return Err(format!("hidden_size {} is not divisible by num_heads {}", self.hidden_size, self.num_heads));
         }
-        if self.hidden_size % 4 != 0 {
-            return Err(format!(
-                "hidden_size {} must be divisible by 4 (2-D sin-cos positions)",
-                self.hidden_size
-            ));
+        if !self.hidden_size.is_multiple_of(4) {
+            return Err(format!("hidden_size {} must be divisible by 4 (2-D sin-cos positions)", self.hidden_size));
         }
         if self.num_classes == 0 {
-            return Err(
-                "num_classes must be at least 1 (LFM uses 1 for unconditional models)".into(),
-            );
+            return Err("num_classes must be at least 1 (LFM uses 1 for unconditional models)".into());
         }
         if self.depth == 0 || self.in_channels == 0 {
             return Err("depth and in_channels must be at least 1".into());
@@ -150,21 +137,12 @@ impl DiTConfig {
         let p = self.patch_size;
         let grid = self.input_size / p;
         let table = sincos_2d_table(d, grid);
-        let pos_embed = Tensor::<B, 3>::from_data(
-            TensorData::new(table, [1, grid * grid, d]).convert::<B::FloatElem>(),
-            device,
-        );
+        let pos_embed =
+            Tensor::<B, 3>::from_data(TensorData::new(table, [1, grid * grid, d]).convert::<B::FloatElem>(), device);
         DiT {
             x_embedder: PatchEmbed {
                 proj: init::conv2d(
-                    ConvSpec {
-                        c_in: self.in_channels,
-                        c_out: d,
-                        kernel: p,
-                        stride: p,
-                        padding: 0,
-                        bias: true,
-                    },
+                    ConvSpec { c_in: self.in_channels, c_out: d, kernel: p, stride: p, padding: 0, bias: true },
                     Init::XavierUniform,
                     device,
                 ),
@@ -264,11 +242,7 @@ impl<B: Backend> Attention<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [n, t, d] = x.dims();
         let h = self.num_heads;
-        let qkv = self
-            .qkv
-            .forward(x)
-            .reshape([n, t, 3, h, d / h])
-            .permute([2, 0, 3, 1, 4]);
+        let qkv = self.qkv.forward(x).reshape([n, t, 3, h, d / h]).permute([2, 0, 3, 1, 4]);
         let part = |i: usize| qkv.clone().narrow(0, i, 1).squeeze_dim::<4>(0);
         let out = attention(part(0), part(1), part(2));
         self.proj.forward(out.swap_dims(1, 2).reshape([n, t, d]))
@@ -314,15 +288,9 @@ impl<B: Backend> DiTBlock<B> {
         let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp] =
             chunks::<B, 6>(self.ada_ln_modulation.forward(silu(c)));
         let x = x.clone()
-            + gate_msa.unsqueeze_dim::<3>(1)
-                * self
-                    .attn
-                    .forward(modulate(layer_norm(x, 1e-6), shift_msa, scale_msa));
+            + gate_msa.unsqueeze_dim::<3>(1) * self.attn.forward(modulate(layer_norm(x, 1e-6), shift_msa, scale_msa));
         x.clone()
-            + gate_mlp.unsqueeze_dim::<3>(1)
-                * self
-                    .mlp
-                    .forward(modulate(layer_norm(x, 1e-6), shift_mlp, scale_mlp))
+            + gate_mlp.unsqueeze_dim::<3>(1) * self.mlp.forward(modulate(layer_norm(x, 1e-6), shift_mlp, scale_mlp))
     }
 }
 
@@ -339,8 +307,7 @@ impl<B: Backend> FinalLayer<B> {
     /// `[N, T, D] → [N, T, p²·C]`.
     pub fn forward(&self, x: Tensor<B, 3>, c: Tensor<B, 2>) -> Tensor<B, 3> {
         let [shift, scale] = chunks::<B, 2>(self.ada_ln_modulation.forward(silu(c)));
-        self.linear
-            .forward(modulate(layer_norm(x, 1e-6), shift, scale))
+        self.linear.forward(modulate(layer_norm(x, 1e-6), shift, scale))
     }
 }
 
@@ -372,21 +339,13 @@ impl<B: Backend> DiT<B> {
 
     /// `v = model(t, x, y)`: `t` is `[N]` or one value for the whole batch, `x` is `[N, C, H, W]`, `y` is `[N]`
     /// (default: the last table row, as the reference).
-    pub fn forward(
-        &self,
-        t: Tensor<B, 1>,
-        x: Tensor<B, 4>,
-        y: Option<Tensor<B, 1, Int>>,
-    ) -> Tensor<B, 4> {
+    pub fn forward(&self, t: Tensor<B, 1>, x: Tensor<B, 4>, y: Option<Tensor<B, 1, Int>>) -> Tensor<B, 4> {
         let [n, _, h, w] = x.dims();
         let device = x.device();
         let y = y.unwrap_or_else(|| Tensor::full([n], self.default_label() as i64, &device));
         let tokens = self.x_embedder.forward(x) + self.pos_embed.val();
         let c = self.t_embedder.forward(t) + self.y_embedder.forward(y);
-        let tokens = self
-            .blocks
-            .iter()
-            .fold(tokens, |x, block| block.forward(x, c.clone()));
+        let tokens = self.blocks.iter().fold(tokens, |x, block| block.forward(x, c.clone()));
         let patches = self.final_layer.forward(tokens, c);
         self.unpatchify(patches, h, w)
     }
@@ -397,9 +356,7 @@ impl<B: Backend> DiT<B> {
         let p = self.config.patch_size;
         let c = self.config.out_channels();
         let (gh, gw) = (height / p, width / p);
-        x.reshape([n, gh, gw, p, p, c])
-            .permute([0, 5, 1, 3, 2, 4])
-            .reshape([n, c, gh * p, gw * p])
+        x.reshape([n, gh, gw, p, p, c]).permute([0, 5, 1, 3, 2, 4]).reshape([n, c, gh * p, gw * p])
     }
 
     /// LFM's `forward_with_cfg`: the batch is `[x; x]` with labels `[y; y_null]`; the first half is evaluated twice

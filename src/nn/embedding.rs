@@ -4,21 +4,12 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 /// Sinusoidal time embedding `[cos(t·f_i), sin(t·f_i)]` with `f_i = exp(−ln(max_period)·i/half)`, `half = dim/2`
 /// (GLIDE / guided-diffusion / DiT; raw t, no ×1000). An odd `dim` gets a zero column at the end.
-pub fn timestep_embedding<B: Backend>(
-    t: Tensor<B, 1>,
-    dim: usize,
-    max_period: f64,
-) -> Tensor<B, 2> {
+pub fn timestep_embedding<B: Backend>(t: Tensor<B, 1>, dim: usize, max_period: f64) -> Tensor<B, 2> {
     let half = dim / 2;
     let device = t.device();
     // The reference computes the frequencies in float32.
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| ((-(max_period.ln() as f32)) * i as f32 / half as f32).exp())
-        .collect();
-    let freqs = Tensor::<B, 1>::from_data(
-        TensorData::new(freqs, [half]).convert::<B::FloatElem>(),
-        &device,
-    );
+    let freqs: Vec<f32> = (0..half).map(|i| ((-(max_period.ln() as f32)) * i as f32 / half as f32).exp()).collect();
+    let freqs = Tensor::<B, 1>::from_data(TensorData::new(freqs, [half]).convert::<B::FloatElem>(), &device);
     let args = t.unsqueeze_dim::<2>(1) * freqs.unsqueeze_dim(0);
     let mut embedding = Tensor::cat(vec![args.clone().cos(), args.sin()], 1);
     if dim % 2 == 1 {
@@ -29,20 +20,11 @@ pub fn timestep_embedding<B: Backend>(
 }
 
 /// EDM's `PositionalEmbedding`: `[cos(t·f_i), sin(t·f_i)]` with `f_i = (1/max_positions)^(i/half)`.
-pub fn edm_positional_embedding<B: Backend>(
-    t: Tensor<B, 1>,
-    dim: usize,
-    max_positions: f64,
-) -> Tensor<B, 2> {
+pub fn edm_positional_embedding<B: Backend>(t: Tensor<B, 1>, dim: usize, max_positions: f64) -> Tensor<B, 2> {
     let half = dim / 2;
     let device = t.device();
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| (1.0f32 / max_positions as f32).powf(i as f32 / half as f32))
-        .collect();
-    let freqs = Tensor::<B, 1>::from_data(
-        TensorData::new(freqs, [half]).convert::<B::FloatElem>(),
-        &device,
-    );
+    let freqs: Vec<f32> = (0..half).map(|i| (1.0f32 / max_positions as f32).powf(i as f32 / half as f32)).collect();
+    let freqs = Tensor::<B, 1>::from_data(TensorData::new(freqs, [half]).convert::<B::FloatElem>(), &device);
     let args = t.unsqueeze_dim::<2>(1) * freqs.unsqueeze_dim(0);
     Tensor::cat(vec![args.clone().cos(), args.sin()], 1)
 }
@@ -51,14 +33,9 @@ pub fn edm_positional_embedding<B: Backend>(
 /// The first `dim/2` channels encode the column index, the last `dim/2` the row; each half is `[sin, cos]` with
 /// `ω_i = 10000^(−i/(dim/4))`, computed in f64 as numpy does.
 pub fn sincos_2d_table(dim: usize, grid: usize) -> Vec<f32> {
-    assert!(
-        dim % 4 == 0,
-        "the 2-D sin-cos table needs a width divisible by 4"
-    );
+    assert!(dim.is_multiple_of(4), "the 2-D sin-cos table needs a width divisible by 4");
     let quarter = dim / 4;
-    let omega: Vec<f64> = (0..quarter)
-        .map(|i| 1.0 / 10000f64.powf(i as f64 / quarter as f64))
-        .collect();
+    let omega: Vec<f64> = (0..quarter).map(|i| 1.0 / 10000f64.powf(i as f64 / quarter as f64)).collect();
     let mut table = Vec::with_capacity(grid * grid * dim);
     for row in 0..grid {
         for col in 0..grid {

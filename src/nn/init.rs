@@ -58,12 +58,7 @@ pub fn linear<B: Backend>(d_in: usize, d_out: usize, init: Init, device: &B::Dev
 }
 
 /// A `Linear(d_in → d_out)` without bias.
-pub fn linear_no_bias<B: Backend>(
-    d_in: usize,
-    d_out: usize,
-    init: Init,
-    device: &B::Device,
-) -> Linear<B> {
+pub fn linear_no_bias<B: Backend>(d_in: usize, d_out: usize, init: Init, device: &B::Device) -> Linear<B> {
     let mut layer = LinearConfig::new(d_in, d_out).with_bias(false).init(device);
     layer.weight = Param::from_tensor(weight([d_in, d_out], d_in, d_out, init, device));
     layer
@@ -89,14 +84,7 @@ pub struct ConvSpec {
 impl ConvSpec {
     /// A `k×k` convolution with stride 1 and "same" padding `k/2`, with bias.
     pub fn same(c_in: usize, c_out: usize, kernel: usize) -> Self {
-        Self {
-            c_in,
-            c_out,
-            kernel,
-            stride: 1,
-            padding: kernel / 2,
-            bias: true,
-        }
+        Self { c_in, c_out, kernel, stride: 1, padding: kernel / 2, bias: true }
     }
 }
 
@@ -110,13 +98,8 @@ pub fn conv2d<B: Backend>(spec: ConvSpec, init: Init, device: &B::Device) -> Con
         .init(device);
     let fan_in = spec.c_in * spec.kernel * spec.kernel;
     // xavier on the [out, in·k·k] view, as DiT initialises its patch embedding.
-    layer.weight = Param::from_tensor(weight(
-        [spec.c_out, spec.c_in, spec.kernel, spec.kernel],
-        fan_in,
-        spec.c_out,
-        init,
-        device,
-    ));
+    layer.weight =
+        Param::from_tensor(weight([spec.c_out, spec.c_in, spec.kernel, spec.kernel], fan_in, spec.c_out, init, device));
     if spec.bias {
         layer.bias = Some(Param::from_tensor(bias(spec.c_out, fan_in, init, device)));
     }
@@ -124,12 +107,7 @@ pub fn conv2d<B: Backend>(spec: ConvSpec, init: Init, device: &B::Device) -> Con
 }
 
 /// An embedding table `[rows, dim]`.
-pub fn embedding<B: Backend>(
-    rows: usize,
-    dim: usize,
-    init: Init,
-    device: &B::Device,
-) -> Embedding<B> {
+pub fn embedding<B: Backend>(rows: usize, dim: usize, init: Init, device: &B::Device) -> Embedding<B> {
     let mut layer = EmbeddingConfig::new(rows, dim).init(device);
     layer.weight = Param::from_tensor(weight([rows, dim], dim, rows, init, device));
     layer

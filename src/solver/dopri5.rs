@@ -30,17 +30,12 @@ impl<B: Backend, const D: usize> Interpolant<B, D> {
         t1: f64,
         p: TimePrecision,
     ) -> Self {
-        let terms: Vec<(&Tensor<B, D>, f64)> = k
-            .iter()
-            .zip(C_MID)
-            .map(|(k, c)| (k, p.mul(dt, p.round(c))))
-            .collect();
+        let terms: Vec<(&Tensor<B, D>, f64)> = k.iter().zip(C_MID).map(|(k, c)| (k, p.mul(dt, p.round(c)))).collect();
         let y_mid = combine(y0, &terms);
         let (f0, f1) = (&k[0], &k[6]);
         let s = |x: f64| p.round(x);
         // a = 2·dt·(f1 − f0) − 8·(y1 + y0) + 16·y_mid
-        let a = (f1.clone() - f0.clone()).mul_scalar(p.mul(2.0, dt))
-            - (y1.clone() + y0.clone()).mul_scalar(8.0)
+        let a = (f1.clone() - f0.clone()).mul_scalar(p.mul(2.0, dt)) - (y1.clone() + y0.clone()).mul_scalar(8.0)
             + y_mid.clone().mul_scalar(16.0);
         // b = dt·(5·f0 − 3·f1) + 18·y0 + 14·y1 − 32·y_mid
         let b = (f0.clone().mul_scalar(5.0) - f1.clone().mul_scalar(3.0)).mul_scalar(s(dt))
@@ -53,11 +48,7 @@ impl<B: Backend, const D: usize> Interpolant<B, D> {
             - y1.clone().mul_scalar(5.0)
             + y_mid.mul_scalar(16.0);
         let d = f0.clone().mul_scalar(s(dt));
-        Self {
-            t0,
-            t1,
-            coefficients: [y0.clone(), d, c, b, a],
-        }
+        Self { t0, t1, coefficients: [y0.clone(), d, c, b, a] }
     }
 
     /// torchdiffeq's `_interp_evaluate`: Horner-free power sum, `x` computed in f64 then rounded to the state dtype.
@@ -102,21 +93,15 @@ pub(crate) fn solve<B: Backend, const D: usize, V: Velocity<B, D> + ?Sized>(
         f.reserve(6, t)?;
         let t_next = t + direction * h;
         if t_next == t {
-            return Err(SolverError::StepUnderflow {
-                t,
-                dt: direction * h,
-            });
+            return Err(SolverError::StepUnderflow { t, dt: direction * h });
         }
         // Inside the step, t0, dt and t1 live in the state dtype.
         let (t0s, dts, t1s) = (p.round(t), p.round(direction * h), p.round(t_next));
         let mut k: [Tensor<B, D>; 7] = std::array::from_fn(|_| k_first.clone());
         let mut y_stage = y.clone();
         for (i, (alpha, beta)) in ALPHA.iter().zip(BETA).enumerate() {
-            let terms: Vec<(&Tensor<B, D>, f64)> = k[..=i]
-                .iter()
-                .zip(beta)
-                .map(|(k, b)| (k, p.mul(p.round(*b), dts)))
-                .collect();
+            let terms: Vec<(&Tensor<B, D>, f64)> =
+                k[..=i].iter().zip(beta).map(|(k, b)| (k, p.mul(p.round(*b), dts))).collect();
             y_stage = combine(&y, &terms);
             k[i + 1] = if *alpha == 1.0 {
                 // Stages at the step's end are evaluated one ulp inside the step (torchdiffeq's Perturb.PREV).
@@ -128,11 +113,8 @@ pub(crate) fn solve<B: Backend, const D: usize, V: Velocity<B, D> + ?Sized>(
         }
         // First-same-as-last: the 5th-order solution is the last stage's input.
         let y1 = y_stage;
-        let error_terms: Vec<(&Tensor<B, D>, f64)> = k
-            .iter()
-            .zip(C_ERROR)
-            .map(|(k, c)| (k, p.mul(dts, p.round(c))))
-            .collect();
+        let error_terms: Vec<(&Tensor<B, D>, f64)> =
+            k.iter().zip(C_ERROR).map(|(k, c)| (k, p.mul(dts, p.round(c)))).collect();
         let ratio = p.round(error_ratio(weighted_sum(&error_terms), &y, &y1, rtol, atol));
         if !ratio.is_finite() {
             return Err(SolverError::NonFinite { step: attempt, t });
@@ -167,11 +149,7 @@ fn initial_step<B: Backend, const D: usize, V: Velocity<B, D> + ?Sized>(
     let scale = y0.clone().abs().mul_scalar(rtol).add_scalar(atol);
     let d0 = p.round(rms(y0.clone() / scale.clone()));
     let d1 = p.round(rms(f0.clone() / scale.clone()));
-    let h0 = if d0 < 1e-5 || d1 < 1e-5 {
-        p.round(1e-6)
-    } else {
-        p.round(p.mul(0.01, d0) / d1)
-    };
+    let h0 = if d0 < 1e-5 || d1 < 1e-5 { p.round(1e-6) } else { p.round(p.mul(0.01, d0) / d1) };
     let y1 = combine(y0, &[(f0, direction * h0)]);
     let f1 = f.eval(t0 + direction * h0, y1);
     let d2 = p.round(p.round(rms((f1 - f0.clone()) / scale)) / h0);

@@ -18,13 +18,9 @@ pub(crate) fn time_grid(t0: f64, t1: f64, grid: Grid, p: TimePrecision) -> Vec<f
             let h = p.round(h);
             let span = p.sub(t1, t0).abs();
             let niters = p.add(p.round(span / h), 1.0).ceil() as usize;
-            (0..niters)
-                .map(|i| p.add(t0, direction * p.mul(i as f64, h)))
-                .collect::<Vec<_>>()
+            (0..niters).map(|i| p.add(t0, direction * p.mul(i as f64, h))).collect::<Vec<_>>()
         }
-        Grid::Steps(n) => (0..=n)
-            .map(|i| p.round(t0 + (t1 - t0) * i as f64 / n as f64))
-            .collect(),
+        Grid::Steps(n) => (0..=n).map(|i| p.round(t0 + (t1 - t0) * i as f64 / n as f64)).collect(),
     };
     if let Some(last) = times.last_mut() {
         *last = t1;
@@ -85,23 +81,12 @@ fn rk4_three_eighths<B: Backend, const D: usize, V: Velocity<B, D> + ?Sized>(
     let two_thirds = p.round(2.0 / 3.0);
     let k1 = f.eval(t0, y.clone());
     // y0 + dt·k1·(1/3)
-    let k2 = f.eval(
-        p.add(t0, p.mul(dt, third)),
-        y.clone() + k1.clone().mul_scalar(dt).mul_scalar(third),
-    );
+    let k2 = f.eval(p.add(t0, p.mul(dt, third)), y.clone() + k1.clone().mul_scalar(dt).mul_scalar(third));
     // y0 + dt·(k2 − k1·(1/3))
-    let k3 = f.eval(
-        p.add(t0, p.mul(dt, two_thirds)),
-        y.clone() + (k2.clone() - k1.clone().mul_scalar(third)).mul_scalar(dt),
-    );
+    let k3 = f
+        .eval(p.add(t0, p.mul(dt, two_thirds)), y.clone() + (k2.clone() - k1.clone().mul_scalar(third)).mul_scalar(dt));
     // y0 + dt·(k1 − k2 + k3)
-    let k4 = f.eval(
-        t1,
-        y.clone() + (k1.clone() - k2.clone() + k3.clone()).mul_scalar(dt),
-    );
+    let k4 = f.eval(t1, y.clone() + (k1.clone() - k2.clone() + k3.clone()).mul_scalar(dt));
     // (k1 + 3·(k2 + k3) + k4)·dt·0.125
-    y.clone()
-        + (k1 + (k2 + k3).mul_scalar(3.0) + k4)
-            .mul_scalar(dt)
-            .mul_scalar(0.125)
+    y.clone() + (k1 + (k2 + k3).mul_scalar(3.0) + k4).mul_scalar(dt).mul_scalar(0.125)
 }

@@ -9,7 +9,7 @@ mod dopri5;
 mod fixed;
 mod ops;
 mod precision;
-pub mod tableau;
+pub use lfm_kernels::tableau;
 
 use std::fmt;
 use std::str::FromStr;
@@ -51,13 +51,7 @@ pub enum Method {
 
 impl Method {
     /// Every method, in the order the CLI lists them.
-    pub const ALL: [Method; 5] = [
-        Method::Dopri5,
-        Method::Euler,
-        Method::Midpoint,
-        Method::Heun,
-        Method::Rk4,
-    ];
+    pub const ALL: [Method; 5] = [Method::Dopri5, Method::Euler, Method::Midpoint, Method::Heun, Method::Rk4];
 
     /// The method's name as the CLI and torchdiffeq spell it.
     pub fn name(self) -> &'static str {
@@ -254,26 +248,17 @@ pub fn solve<B: Backend, const D: usize, V: Velocity<B, D> + ?Sized>(
         Method::Dopri5 => dopri5::solve(&mut counter, x0, options)?,
         method => fixed::solve(&mut counter, x0, options, method)?,
     };
-    Ok(Solution {
-        state,
-        stats: counter.stats,
-    })
+    Ok(Solution { state, stats: counter.stats })
 }
 
 fn validate(options: &SolveOptions) -> Result<(), SolverError> {
     let bad = |msg: String| Err(SolverError::InvalidOptions(msg));
     if !options.t0.is_finite() || !options.t1.is_finite() {
-        return bad(format!(
-            "t0 = {} and t1 = {} must be finite",
-            options.t0, options.t1
-        ));
+        return bad(format!("t0 = {} and t1 = {} must be finite", options.t0, options.t1));
     }
     if options.method.is_adaptive() {
         if !(options.rtol >= 0.0 && options.atol >= 0.0 && options.rtol + options.atol > 0.0) {
-            return bad(format!(
-                "rtol = {} and atol = {} must be ≥ 0 and not both 0",
-                options.rtol, options.atol
-            ));
+            return bad(format!("rtol = {} and atol = {} must be ≥ 0 and not both 0", options.rtol, options.atol));
         }
         if let Some(h) = options.first_step {
             if !(h > 0.0 && h.is_finite()) {
@@ -318,11 +303,7 @@ impl<'a, B: Backend, const D: usize, V: Velocity<B, D> + ?Sized> Counter<'a, B, 
     pub(crate) fn reserve(&self, evaluations: usize, t: f64) -> Result<(), SolverError> {
         match self.max_nfe {
             Some(max_nfe) if self.stats.nfe + evaluations > max_nfe => {
-                Err(SolverError::MaxNfeExceeded {
-                    max_nfe,
-                    nfe: self.stats.nfe,
-                    t,
-                })
+                Err(SolverError::MaxNfeExceeded { max_nfe, nfe: self.stats.nfe, t })
             }
             _ => Ok(()),
         }

@@ -106,10 +106,7 @@ mod tests {
         let p = TimePrecision::F32;
         assert_eq!(p.next_after(1.0, 2.0), (1.0f32 + f32::EPSILON) as f64);
         assert_eq!(p.next_after(1.0, 0.0), (1.0f32 - f32::EPSILON / 2.0) as f64);
-        assert_eq!(
-            p.next_after(-1.0, 0.0),
-            (-1.0f32 + f32::EPSILON / 2.0) as f64
-        );
+        assert_eq!(p.next_after(-1.0, 0.0), (-1.0f32 + f32::EPSILON / 2.0) as f64);
         assert_eq!(TimePrecision::F64.next_after(0.0, -1.0), -f64::from_bits(1));
         assert_eq!(TimePrecision::F64.next_after(1.0, 2.0), 1.0 + f64::EPSILON);
     }

@@ -3,25 +3,15 @@
 use std::process::Command;
 
 fn lfm(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lfm"))
-        .args(args)
-        .output()
-        .expect("run lfm");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    let out = Command::new(env!("CARGO_BIN_EXE_lfm")).args(args).output().expect("run lfm");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
 #[test]
 fn help_lists_the_commands() {
     let (ok, stdout, _) = lfm(&["--help"]);
     assert!(ok);
-    assert!(
-        stdout.contains("devices") && stdout.contains("--backend"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("devices") && stdout.contains("--backend"), "{stdout}");
 }
 
 #[test]
@@ -39,10 +29,7 @@ fn devices_reports_what_auto_picks() {
 fn an_unknown_backend_is_one_clear_line() {
     let (ok, _, stderr) = lfm(&["--backend", "tpu", "devices"]);
     assert!(!ok);
-    assert!(
-        stderr.contains("unknown backend 'tpu': use auto, cpu, wgpu or cuda"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("unknown backend 'tpu': use auto, cpu, wgpu or cuda"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 

@@ -8,22 +8,17 @@ use lfm::checkpoint::{read_safetensors, HostTensor, TensorMap};
 
 /// Path of a file under `tests/fixtures`.
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
 }
 
 /// The tensors of a fixture's `io.safetensors`.
 pub fn io(case: &str) -> TensorMap {
-    read_safetensors(&fixture(&format!("{case}/io.safetensors")))
-        .expect("fixture io.safetensors")
-        .0
+    read_safetensors(&fixture(&format!("{case}/io.safetensors"))).expect("fixture io.safetensors").0
 }
 
 /// A named host tensor from a map.
 pub fn get<'a>(map: &'a TensorMap, name: &str) -> &'a HostTensor {
-    map.get(name)
-        .unwrap_or_else(|| panic!("fixture tensor {name} missing"))
+    map.get(name).unwrap_or_else(|| panic!("fixture tensor {name} missing"))
 }
 
 /// A host tensor on a device, as float.
@@ -33,10 +28,7 @@ pub fn tensor<B: Backend, const D: usize>(host: &HostTensor, device: &B::Device)
 }
 
 /// A host tensor on a device, as int.
-pub fn int_tensor<B: Backend, const D: usize>(
-    host: &HostTensor,
-    device: &B::Device,
-) -> Tensor<B, D, Int> {
+pub fn int_tensor<B: Backend, const D: usize>(host: &HostTensor, device: &B::Device) -> Tensor<B, D, Int> {
     let data = TensorData::new(host.to_i64(), host.shape.clone()).convert::<B::IntElem>();
     Tensor::from_data(data, device)
 }
@@ -49,27 +41,19 @@ pub fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 /// Asserts `|got − want| ≤ rel·max|want| + abs` elementwise, reporting the worst element.
 #[track_caller]
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f64, abs: f64) {
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "{what}: length {} vs {}",
-        got.len(),
-        want.len()
-    );
+    assert_eq!(got.len(), want.len(), "{what}: length {} vs {}", got.len(), want.len());
     let max_ref = want.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
     let bound = rel * max_ref + abs;
-    let (worst_i, worst) = got
-        .iter()
-        .zip(want)
-        .map(|(&g, &w)| ((g as f64) - (w as f64)).abs())
-        .enumerate()
-        .fold((0, 0f64), |acc, (i, d)| {
+    let (worst_i, worst) = got.iter().zip(want).map(|(&g, &w)| ((g as f64) - (w as f64)).abs()).enumerate().fold(
+        (0, 0f64),
+        |acc, (i, d)| {
             if d > acc.1 || d.is_nan() {
                 (i, d)
             } else {
                 acc
             }
-        });
+        },
+    );
     assert!(
         worst <= bound,
         "{what}: |got − ref| = {worst:e} at {worst_i} (got {}, ref {}) exceeds {bound:e} (rel {rel:e} of max {max_ref:e} + {abs:e})",
@@ -81,19 +65,9 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f64, abs: f64) {
 /// Asserts two f64 sequences agree to `tol` absolutely.
 #[track_caller]
 pub fn assert_close_f64(what: &str, got: &[f64], want: &[f64], tol: f64) {
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "{what}: length {} vs {} (got {got:?}, want {want:?})",
-        got.len(),
-        want.len()
-    );
+    assert_eq!(got.len(), want.len(), "{what}: length {} vs {} (got {got:?}, want {want:?})", got.len(), want.len());
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= tol,
-            "{what}[{i}]: got {g:.17}, want {w:.17} (|diff| {:e} > {tol:e})",
-            (g - w).abs()
-        );
+        assert!((g - w).abs() <= tol, "{what}[{i}]: got {g:.17}, want {w:.17} (|diff| {:e} > {tol:e})", (g - w).abs());
     }
 }
 

@@ -41,13 +41,7 @@ fn unconditional<B: Backend>(device: &B::Device, file: &str, rel: f64) {
     let model = load::<B>("dit_tiny", file, device);
     let x = tensor::<B, 4>(get(&io, "x"), device);
     let t = tensor::<B, 1>(get(&io, "t"), device);
-    assert_close(
-        "t_emb",
-        &values(model.t_embedder.forward(t.clone())),
-        &get(&io, "debug.t_emb").to_f32(),
-        rel,
-        ABS,
-    );
+    assert_close("t_emb", &values(model.t_embedder.forward(t.clone())), &get(&io, "debug.t_emb").to_f32(), rel, ABS);
     assert_close(
         "patch_tokens",
         &values(model.x_embedder.forward(x.clone())),
@@ -55,21 +49,9 @@ fn unconditional<B: Backend>(device: &B::Device, file: &str, rel: f64) {
         rel,
         ABS,
     );
-    assert_close(
-        "v",
-        &values(model.forward(t, x.clone(), None)),
-        &get(&io, "v").to_f32(),
-        rel,
-        ABS,
-    );
+    assert_close("v", &values(model.forward(t, x.clone(), None)), &get(&io, "v").to_f32(), rel, ABS);
     let t_scalar = tensor::<B, 1>(get(&io, "t_scalar"), device);
-    assert_close(
-        "v_scalar_t",
-        &values(model.forward(t_scalar, x, None)),
-        &get(&io, "v_scalar_t").to_f32(),
-        rel,
-        ABS,
-    );
+    assert_close("v_scalar_t", &values(model.forward(t_scalar, x, None)), &get(&io, "v_scalar_t").to_f32(), rel, ABS);
 }
 
 fn conditional<B: Backend>(device: &B::Device, file: &str, rel: f64) {
@@ -79,31 +61,13 @@ fn conditional<B: Backend>(device: &B::Device, file: &str, rel: f64) {
     let x = tensor::<B, 4>(get(&io, "x"), device);
     let t = tensor::<B, 1>(get(&io, "t"), device);
     let y = int_tensor::<B, 1>(get(&io, "y"), device);
-    assert_close(
-        "y_emb",
-        &values(model.y_embedder.forward(y.clone())),
-        &get(&io, "debug.y_emb").to_f32(),
-        rel,
-        ABS,
-    );
-    assert_close(
-        "v",
-        &values(model.forward(t, x, Some(y))),
-        &get(&io, "v").to_f32(),
-        rel,
-        ABS,
-    );
+    assert_close("y_emb", &values(model.y_embedder.forward(y.clone())), &get(&io, "debug.y_emb").to_f32(), rel, ABS);
+    assert_close("v", &values(model.forward(t, x, Some(y))), &get(&io, "v").to_f32(), rel, ABS);
     let cx = tensor::<B, 4>(get(&io, "cfg.x"), device);
     let cy = int_tensor::<B, 1>(get(&io, "cfg.y"), device);
     let ct = tensor::<B, 1>(get(&io, "cfg.t"), device);
     let guided = model.forward_with_cfg(ct, cx, cy, 1.5);
-    assert_close(
-        "cfg.v",
-        &values(guided),
-        &get(&io, "cfg.v").to_f32(),
-        rel,
-        ABS,
-    );
+    assert_close("cfg.v", &values(guided), &get(&io, "cfg.v").to_f32(), rel, ABS);
 }
 
 #[test]
@@ -148,11 +112,9 @@ fn named_sizes_have_the_reference_parameter_counts() {
         let pos_embed = cfg.num_tokens() * cfg.hidden_size;
         (cfg.init::<Cpu>(&cpu()).num_params() - pos_embed) as f64 / 1e6
     };
-    for (name, classes, dropout, want) in [
-        ("DiT-B/2", 1, 0.0, 129.54),
-        ("DiT-B/2", 1000, 0.1, 130.30),
-        ("DiT-L/2", 1, 0.0, 456.80),
-    ] {
+    for (name, classes, dropout, want) in
+        [("DiT-B/2", 1, 0.0, 129.54), ("DiT-B/2", 1000, 0.1, 130.30), ("DiT-L/2", 1, 0.0, 456.80)]
+    {
         let got = millions(DiTConfig::named(name, 32, 4, classes, dropout).unwrap());
         assert!(
             (got - want).abs() < 0.005,

@@ -12,20 +12,8 @@ fn check<B: Backend>(device: &B::Device) {
     let z1 = tensor::<B, 4>(get(&io, "z1"), device);
     let t = tensor::<B, 1>(get(&io, "t"), device);
     let path = flow::path_sample(z0, z1, t);
-    assert_close(
-        "x_t",
-        &values(path.x_t),
-        &get(&io, "x_t").to_f32(),
-        1e-6,
-        1e-7,
-    );
-    assert_close(
-        "u",
-        &values(path.u.clone()),
-        &get(&io, "u").to_f32(),
-        1e-6,
-        1e-7,
-    );
+    assert_close("x_t", &values(path.x_t), &get(&io, "x_t").to_f32(), 1e-6, 1e-7);
+    assert_close("u", &values(path.u.clone()), &get(&io, "u").to_f32(), 1e-6, 1e-7);
     let v = tensor::<B, 4>(get(&io, "v"), device);
     let loss = flow::loss(v, path.u);
     assert_close("loss", &values(loss), &get(&io, "loss").to_f32(), 1e-6, 0.0);
@@ -48,8 +36,5 @@ fn times_are_uniform_in_unit_interval() {
     let t = values(flow::sample_time::<Cpu>(4096, &cpu()));
     assert!(t.iter().all(|&x| (0.0..1.0).contains(&x)));
     let mean = t.iter().map(|&x| x as f64).sum::<f64>() / t.len() as f64;
-    assert!(
-        (mean - 0.5).abs() < 0.03,
-        "mean of U[0,1) samples is {mean}"
-    );
+    assert!((mean - 0.5).abs() < 0.03, "mean of U[0,1) samples is {mean}");
 }

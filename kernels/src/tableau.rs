@@ -1,6 +1,6 @@
 //! The Dormand–Prince 5(4) tableau, in one place for the generic solver and the fused kernels.
 //!
-//! Values are the exact rationals torchdiffeq uses (`dopri5.py`), evaluated in f64; the solver rounds them to
+//! Values are the exact rationals torchdiffeq uses (`dopri5.py`), evaluated in f64; solvers round them to
 //! the state dtype before use, as torchdiffeq does when it moves the tableau to the state's dtype.
 
 /// Stage times `c_i` of the six new stages of a step (the first stage reuses the previous step's last one).
@@ -11,40 +11,14 @@ pub const BETA: [&[f64]; 6] = [
     &[1.0 / 5.0],
     &[3.0 / 40.0, 9.0 / 40.0],
     &[44.0 / 45.0, -56.0 / 15.0, 32.0 / 9.0],
-    &[
-        19372.0 / 6561.0,
-        -25360.0 / 2187.0,
-        64448.0 / 6561.0,
-        -212.0 / 729.0,
-    ],
-    &[
-        9017.0 / 3168.0,
-        -355.0 / 33.0,
-        46732.0 / 5247.0,
-        49.0 / 176.0,
-        -5103.0 / 18656.0,
-    ],
-    &[
-        35.0 / 384.0,
-        0.0,
-        500.0 / 1113.0,
-        125.0 / 192.0,
-        -2187.0 / 6784.0,
-        11.0 / 84.0,
-    ],
+    &[19372.0 / 6561.0, -25360.0 / 2187.0, 64448.0 / 6561.0, -212.0 / 729.0],
+    &[9017.0 / 3168.0, -355.0 / 33.0, 46732.0 / 5247.0, 49.0 / 176.0, -5103.0 / 18656.0],
+    &[35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0],
 ];
 
 /// Weights of the 5th-order solution. They equal the last row of [`BETA`] (first-same-as-last), so the solution
 /// is the input of the last stage and costs no extra pass.
-pub const C_SOL: [f64; 7] = [
-    35.0 / 384.0,
-    0.0,
-    500.0 / 1113.0,
-    125.0 / 192.0,
-    -2187.0 / 6784.0,
-    11.0 / 84.0,
-    0.0,
-];
+pub const C_SOL: [f64; 7] = [35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0, 0.0];
 
 /// Weights of the error estimate: 5th-order minus 4th-order solution.
 pub const C_ERROR: [f64; 7] = [

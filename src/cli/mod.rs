@@ -1,6 +1,8 @@
 //! The `lfm` command line: argument structs and calls into the library, no maths.
 
 mod devices;
+mod inspect;
+mod velocity;
 
 use clap::{Parser, Subcommand};
 
@@ -30,11 +32,20 @@ fn parse_backend(s: &str) -> Result<BackendChoice, String> {
 pub enum Command {
     /// List the GPUs and CPU lfm can use, and which one `--backend auto` picks.
     Devices(devices::DevicesArgs),
+    /// Show a checkpoint's architecture (given or inferred), parameter count and tensors.
+    Inspect(inspect::InspectArgs),
+    /// Convert a checkpoint to lfm's format: safetensors with the model config in its metadata.
+    Convert(inspect::ConvertArgs),
+    /// Evaluate v = model(t, x, y) on tensors from a safetensors file (parity checks against PyTorch).
+    Velocity(velocity::VelocityArgs),
 }
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Devices(args) => devices::run(args, cli.backend),
+        Command::Inspect(args) => inspect::inspect(args),
+        Command::Convert(args) => inspect::convert(args),
+        Command::Velocity(args) => velocity::run(args, cli.backend),
     }
 }

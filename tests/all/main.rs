@@ -2,6 +2,7 @@
 
 mod checkpoint;
 mod cli;
+mod commands;
 mod common;
 mod dit;
 mod flow;

@@ -1,0 +1,69 @@
+//! `lfm inspect CKPT` and `lfm convert CKPT --out FILE`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::checkpoint::{parameter_count, write_safetensors, CONFIG_METADATA_KEY};
+use crate::models::weights_and_config;
+
+/// Arguments of `lfm inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// A checkpoint: LFM's model_<E>.pth, content.pth, or .safetensors.
+    pub checkpoint: PathBuf,
+    /// The model configuration (JSON, as `lfm convert` stores it); default: the file's own, else inferred.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// List every tensor.
+    #[arg(long)]
+    pub tensors: bool,
+}
+
+pub(crate) fn inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let (config, weights) = weights_and_config(&args.checkpoint, args.config.as_deref())?;
+    println!("{}", args.checkpoint.display());
+    println!("config: {}", serde_json::to_string_pretty(&config)?);
+    println!(
+        "parameters: {} ({:.2} M), {} tensors",
+        parameter_count(&weights),
+        parameter_count(&weights) as f64 / 1e6,
+        weights.len()
+    );
+    if args.tensors {
+        for (name, t) in &weights {
+            println!("  {name:60} {:?} {}", t.shape, t.stored_dtype);
+        }
+    }
+    Ok(())
+}
+
+/// Arguments of `lfm convert`.
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// A checkpoint: LFM's model_<E>.pth, content.pth, or .safetensors.
+    pub checkpoint: PathBuf,
+    /// Where to write the safetensors file (weights in PyTorch layout, config in its metadata).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The model configuration (JSON); default: inferred from the weights.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Overwrite an existing output file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub(crate) fn convert(args: ConvertArgs) -> anyhow::Result<()> {
+    if args.out.exists() && !args.force {
+        anyhow::bail!("{} exists; pass --force to overwrite it", args.out.display());
+    }
+    let (config, weights) = weights_and_config(&args.checkpoint, args.config.as_deref())?;
+    // Refuse weights that do not fit the config before writing anything.
+    crate::models::VelocityModel::<crate::backend::Cpu>::load(&config, &weights, &Default::default())?;
+    let metadata = HashMap::from([(CONFIG_METADATA_KEY.to_string(), config.to_json())]);
+    write_safetensors(&args.out, &weights, Some(metadata))?;
+    println!("wrote {} ({} tensors)", args.out.display(), weights.len());
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! `lfm velocity`: evaluate v = model(t, x, y) on tensors from a file, for parity checks against PyTorch.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use clap::Args;
+
+use crate::backend::{self, BackendChoice, OnBackend};
+use crate::checkpoint::{read_safetensors, write_safetensors, HostTensor, TensorMap};
+use crate::models::{weights_and_config, ModelConfig, VelocityModel};
+
+/// Arguments of `lfm velocity`.
+#[derive(Debug, Args)]
+pub struct VelocityArgs {
+    /// The model checkpoint.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// The model configuration (JSON); default: the file's own, else inferred.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// A safetensors file with `x` [N, C, H, W], `t` ([N] or [1]) and optionally integer labels `y` [N].
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Where to write `v`.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Classifier-free guidance: the input is LFM's doubled batch `[x; x]` with `[y; y_null]`.
+    #[arg(long)]
+    pub cfg_scale: Option<f64>,
+    /// Overwrite an existing output file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+struct Evaluate {
+    config: ModelConfig,
+    weights: TensorMap,
+    inputs: TensorMap,
+    cfg_scale: Option<f64>,
+}
+
+impl OnBackend for Evaluate {
+    type Output = anyhow::Result<HostTensor>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let model = VelocityModel::<B>::load(&self.config, &self.weights, &device)?;
+        let get =
+            |name: &str| self.inputs.get(name).ok_or_else(|| anyhow::anyhow!("the input file has no tensor `{name}`"));
+        let x = get("x")?;
+        let t = get("t")?;
+        anyhow::ensure!(x.shape.len() == 4, "`x` must be [N, C, H, W], got {:?}", x.shape);
+        let n = x.shape[0];
+        anyhow::ensure!(t.numel() == 1 || t.numel() == n, "`t` must hold 1 or {n} values, got {:?}", t.shape);
+        let float = |h: &HostTensor| TensorData::new(h.to_f32(), h.shape.clone()).convert::<B::FloatElem>();
+        let xt = Tensor::<B, 4>::from_data(float(x), &device);
+        let tt = Tensor::<B, 1>::from_data(TensorData::new(t.to_f32(), [t.numel()]).convert::<B::FloatElem>(), &device);
+        let y = match self.inputs.get("y") {
+            Some(y) => {
+                anyhow::ensure!(y.numel() == n, "`y` must hold {n} labels, got {:?}", y.shape);
+                Some(Tensor::<B, 1, Int>::from_data(TensorData::new(y.to_i64(), [n]).convert::<B::IntElem>(), &device))
+            }
+            None => None,
+        };
+        let v = match self.cfg_scale {
+            Some(scale) => {
+                anyhow::ensure!(n % 2 == 0, "with --cfg-scale the batch must be LFM's doubled [x; x] (even), got {n}");
+                let y = y.ok_or_else(|| anyhow::anyhow!("--cfg-scale needs labels `y` = [y; y_null] in the input"))?;
+                model.forward_with_cfg(tt, xt, y, scale)
+            }
+            None => model.forward(tt, xt, y),
+        };
+        let shape = v.dims().to_vec();
+        Ok(HostTensor::f32(
+            shape,
+            v.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?,
+        ))
+    }
+}
+
+pub(crate) fn run(args: VelocityArgs, choice: BackendChoice) -> anyhow::Result<()> {
+    if args.output.exists() && !args.force {
+        anyhow::bail!("{} exists; pass --force to overwrite it", args.output.display());
+    }
+    let (config, weights) = weights_and_config(&args.checkpoint, args.config.as_deref())?;
+    let (inputs, _) = read_safetensors(&args.input)?;
+    let device = backend::select(choice)?;
+    let v = backend::dispatch(&device, Evaluate { config, weights, inputs, cfg_scale: args.cfg_scale })?;
+    let out = TensorMap::from([("v".to_string(), v)]);
+    write_safetensors(&args.output, &out, Some(HashMap::from([("device".to_string(), device.to_string())])))?;
+    println!("wrote {}", args.output.display());
+    Ok(())
+}

@@ -63,33 +63,27 @@ fn convert_then_velocity_reproduces_the_reference_with_and_without_cfg() {
     assert!(ok, "{stderr}");
     assert!(read_weights(dir.path().join("tiny.safetensors").as_path()).unwrap().config_json.is_some());
     let input = fixture("dit_tiny/io.safetensors");
-    let (ok, _, stderr) = lfm(&[
-        "--backend",
-        "cpu",
-        "velocity",
-        "--checkpoint",
-        &p("tiny.safetensors"),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        &p("v.safetensors"),
-    ]);
+    let (checkpoint, output) = (p("tiny.safetensors"), p("v.safetensors"));
+    let evaluate = || {
+        lfm(&[
+            "--backend",
+            "cpu",
+            "velocity",
+            "--checkpoint",
+            &checkpoint,
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            &output,
+        ])
+    };
+    let (ok, _, stderr) = evaluate();
     assert!(ok, "{stderr}");
     let v = read_safetensors(&dir.path().join("v.safetensors")).unwrap().0;
     assert_close("v", &v["v"].to_f32(), &get(&io("dit_tiny"), "v").to_f32(), 1e-5, 1e-6);
 
     // An existing output is never overwritten without --force.
-    let (ok, _, stderr) = lfm(&[
-        "--backend",
-        "cpu",
-        "velocity",
-        "--checkpoint",
-        &p("tiny.safetensors"),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        &p("v.safetensors"),
-    ]);
+    let (ok, _, stderr) = evaluate();
     assert!(!ok && stderr.contains("exists; pass --force"), "{stderr}");
 
     // CFG: LFM's doubled batch in, forward_with_cfg out.

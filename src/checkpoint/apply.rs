@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor};
 
 use super::{CheckpointError, HostTensor, TensorMap};
 
@@ -98,37 +98,54 @@ fn torch_shape(burn_shape: &[usize], linear_weight: bool) -> Vec<usize> {
     }
 }
 
+/// The module path a visitor or mapper is at, and whether the parameter there is a `Linear` weight.
+#[derive(Default)]
+struct ModulePath {
+    names: Vec<String>,
+    containers: Vec<String>,
+}
+
+impl ModulePath {
+    fn enter(&mut self, name: &str, container_type: &str) {
+        self.names.push(name.to_string());
+        self.containers.push(container_type.to_string());
+    }
+
+    fn exit(&mut self) {
+        self.names.pop();
+        self.containers.pop();
+    }
+
+    /// The checkpoint key of the current path.
+    fn key(&self, keys: &KeyMap) -> String {
+        keys.key(&self.names.join("."))
+    }
+
+    /// Burn keeps `Linear` weights as `[in, out]`, PyTorch as `[out, in]`.
+    fn is_linear_weight(&self) -> bool {
+        self.names.last().is_some_and(|n| n == "weight") && self.containers.last().is_some_and(|c| c == "Struct:Linear")
+    }
+}
+
 struct Loader<'a> {
     map: &'a TensorMap,
     keys: KeyMap,
-    path: Vec<String>,
-    containers: Vec<String>,
+    path: ModulePath,
     used: BTreeSet<String>,
     report: LoadReport,
 }
 
-impl Loader<'_> {
-    fn current(&self) -> (String, bool) {
-        let path = self.path.join(".");
-        let linear_weight = self.path.last().is_some_and(|n| n == "weight")
-            && self.containers.last().is_some_and(|c| c == "Struct:Linear");
-        (self.keys.key(&path), linear_weight)
-    }
-}
-
 impl<B: Backend> ModuleMapper<B> for Loader<'_> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.push(name.to_string());
-        self.containers.push(container_type.to_string());
+        self.path.enter(name, container_type);
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-        self.containers.pop();
+        self.path.exit();
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (key, linear_weight) = self.current();
+        let (key, linear_weight) = (self.path.key(&self.keys), self.path.is_linear_weight());
         let (id, tensor, mapper) = param.consume();
         let model_shape = torch_shape(&tensor.dims(), linear_weight);
         let Some(host) = self.map.get(&key) else {
@@ -141,39 +158,19 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_> {
             return Param::from_mapped_value(id, tensor, mapper);
         }
         let require_grad = tensor.is_require_grad();
-        let loaded = host_to_tensor::<B, D>(host, &tensor.device(), linear_weight);
+        let loaded: Tensor<B, D> = host.to_tensor(&tensor.device());
+        let loaded = if linear_weight { loaded.transpose() } else { loaded };
         self.report.applied += 1;
         let loaded = if require_grad { loaded.require_grad() } else { loaded };
         Param::from_mapped_value(id, loaded, mapper)
     }
 }
 
-/// Builds a device tensor of rank `D` from a host tensor (transposing a PyTorch Linear weight to Burn's layout).
-fn host_to_tensor<B: Backend, const D: usize>(
-    host: &HostTensor,
-    device: &B::Device,
-    linear_weight: bool,
-) -> Tensor<B, D> {
-    let data = TensorData::new(host.to_f32(), host.shape.clone());
-    let tensor = Tensor::<B, D>::from_data(data.convert::<B::FloatElem>(), device);
-    if linear_weight {
-        tensor.transpose()
-    } else {
-        tensor
-    }
-}
-
 /// Applies named host tensors to a module. Every parameter must be found with the right shape and every key must
 /// be used (apart from [`KeyMap::ignored_suffixes`]); otherwise nothing is returned but a precise report.
 pub fn apply_weights<B: Backend, M: Module<B>>(module: M, map: &TensorMap, keys: KeyMap) -> Result<M, CheckpointError> {
-    let mut loader = Loader {
-        map,
-        keys,
-        path: Vec::new(),
-        containers: Vec::new(),
-        used: BTreeSet::new(),
-        report: LoadReport::default(),
-    };
+    let mut loader =
+        Loader { map, keys, path: ModulePath::default(), used: BTreeSet::new(), report: LoadReport::default() };
     let module = module.map(&mut loader);
     let mut report = loader.report;
     report.unexpected = map.keys().filter(|k| !loader.used.contains(*k) && !keys.ignored(k)).cloned().collect();
@@ -186,37 +183,31 @@ pub fn apply_weights<B: Backend, M: Module<B>>(module: M, map: &TensorMap, keys:
 
 struct Collector {
     keys: KeyMap,
-    path: Vec<String>,
-    containers: Vec<String>,
+    path: ModulePath,
     map: TensorMap,
 }
 
 impl<B: Backend> ModuleVisitor<B> for Collector {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.push(name.to_string());
-        self.containers.push(container_type.to_string());
+        self.path.enter(name, container_type);
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-        self.containers.pop();
+        self.path.exit();
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let linear_weight = self.path.last().is_some_and(|n| n == "weight")
-            && self.containers.last().is_some_and(|c| c == "Struct:Linear");
         let tensor = param.val();
-        let tensor = if linear_weight { tensor.transpose() } else { tensor };
+        let tensor = if self.path.is_linear_weight() { tensor.transpose() } else { tensor };
         let shape = tensor.dims().to_vec();
         let values = tensor.into_data().convert::<f32>().into_vec::<f32>().expect("float tensor data");
-        let key = self.keys.key(&self.path.join("."));
-        self.map.insert(key, HostTensor::f32(shape, values));
+        self.map.insert(self.path.key(&self.keys), HostTensor::f32(shape, values));
     }
 }
 
 /// Every float parameter of a module, under its checkpoint key, in PyTorch layout.
 pub fn collect_weights<B: Backend, M: Module<B>>(module: &M, keys: KeyMap) -> TensorMap {
-    let mut collector = Collector { keys, path: Vec::new(), containers: Vec::new(), map: TensorMap::new() };
+    let mut collector = Collector { keys, path: ModulePath::default(), map: TensorMap::new() };
     module.visit(&mut collector);
     collector.map
 }

@@ -13,7 +13,7 @@ pub use apply::{apply_weights, collect_weights, KeyMap, LoadReport};
 pub use pth::{dict_get, PthArchive};
 pub use tensor_map::{parameter_count, strip_module_prefix, HostData, HostTensor, TensorMap};
 
-use pickle::Value;
+use pickle::{StorageDType, Value};
 
 /// Metadata key under which our own safetensors files keep the model configuration (JSON).
 pub const CONFIG_METADATA_KEY: &str = "lfm.config";
@@ -129,25 +129,22 @@ fn read_safetensors_bytes(
         .map_err(|e| CheckpointError::invalid(path, format!("corrupt safetensors file: {e}")))?;
     let mut map = TensorMap::new();
     for (name, view) in st.tensors() {
-        let raw = view.data();
-        let chunks = |n: usize| raw.chunks_exact(n);
-        let data = match view.dtype() {
-            Dtype::F32 => HostData::F32(chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
-            Dtype::F64 => HostData::F64(chunks(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()),
-            Dtype::F16 => {
-                HostData::F32(chunks(2).map(|c| half::f16::from_le_bytes(c.try_into().unwrap()).to_f32()).collect())
-            }
-            Dtype::BF16 => {
-                HostData::F32(chunks(2).map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f32()).collect())
-            }
-            Dtype::I64 => HostData::I64(chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
-            Dtype::I32 => HostData::I64(chunks(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()),
-            Dtype::U8 | Dtype::BOOL => HostData::I64(raw.iter().map(|&b| b as i64).collect()),
-            Dtype::I8 => HostData::I64(raw.iter().map(|&b| b as i8 as i64).collect()),
+        let dtype = match view.dtype() {
+            Dtype::F32 => StorageDType::F32,
+            Dtype::F64 => StorageDType::F64,
+            Dtype::F16 => StorageDType::F16,
+            Dtype::BF16 => StorageDType::BF16,
+            Dtype::I64 => StorageDType::I64,
+            Dtype::I32 => StorageDType::I32,
+            Dtype::I16 => StorageDType::I16,
+            Dtype::I8 => StorageDType::I8,
+            Dtype::U8 => StorageDType::U8,
+            Dtype::BOOL => StorageDType::Bool,
             other => {
                 return Err(CheckpointError::invalid(path, format!("tensor {name} has unsupported dtype {other:?}")))
             }
         };
+        let data = dtype.decode(view.data());
         map.insert(
             name,
             HostTensor { shape: view.shape().to_vec(), data, stored_dtype: format!("{:?}", view.dtype()) },

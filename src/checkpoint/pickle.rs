@@ -76,6 +76,25 @@ impl StorageDType {
         }
     }
 
+    /// Decodes contiguous little-endian elements of this type; floats widen to `f32`/`f64`, integers to `i64`.
+    pub fn decode(self, bytes: &[u8]) -> crate::checkpoint::HostData {
+        use crate::checkpoint::HostData;
+        fn each<const N: usize, T>(bytes: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
+            bytes.chunks_exact(N).map(|c| f(c.try_into().unwrap())).collect()
+        }
+        match self {
+            Self::F32 => HostData::F32(each(bytes, f32::from_le_bytes)),
+            Self::F64 => HostData::F64(each(bytes, f64::from_le_bytes)),
+            Self::F16 => HostData::F32(each(bytes, |b| half::f16::from_le_bytes(b).to_f32())),
+            Self::BF16 => HostData::F32(each(bytes, |b| half::bf16::from_le_bytes(b).to_f32())),
+            Self::I64 => HostData::I64(each(bytes, i64::from_le_bytes)),
+            Self::I32 => HostData::I64(each(bytes, |b| i32::from_le_bytes(b) as i64)),
+            Self::I16 => HostData::I64(each(bytes, |b| i16::from_le_bytes(b) as i64)),
+            Self::I8 => HostData::I64(each(bytes, |b: [u8; 1]| b[0] as i8 as i64)),
+            Self::U8 | Self::Bool => HostData::I64(each(bytes, |b: [u8; 1]| b[0] as i64)),
+        }
+    }
+
     fn from_storage_class(name: &str) -> Option<Self> {
         Some(match name {
             "torch.FloatStorage" => Self::F32,

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 
-use super::pickle::{unpickle, StorageDType, TensorRef, Value};
-use super::tensor_map::{HostData, HostTensor, TensorMap};
+use super::pickle::{unpickle, TensorRef, Value};
+use super::tensor_map::{HostTensor, TensorMap};
 use super::CheckpointError;
 
 /// The decoded top-level object of a `.pth` file and the storages it references.
@@ -111,32 +111,8 @@ impl PthArchive {
                 }
             }
         }
-        let at = |o: usize| &bytes[o * size..(o + 1) * size];
-        let data = match t.storage.dtype {
-            StorageDType::F32 => {
-                HostData::F32(offsets.iter().map(|&o| f32::from_le_bytes(at(o).try_into().unwrap())).collect())
-            }
-            StorageDType::F64 => {
-                HostData::F64(offsets.iter().map(|&o| f64::from_le_bytes(at(o).try_into().unwrap())).collect())
-            }
-            StorageDType::F16 => HostData::F32(
-                offsets.iter().map(|&o| half::f16::from_le_bytes(at(o).try_into().unwrap()).to_f32()).collect(),
-            ),
-            StorageDType::BF16 => HostData::F32(
-                offsets.iter().map(|&o| half::bf16::from_le_bytes(at(o).try_into().unwrap()).to_f32()).collect(),
-            ),
-            StorageDType::I64 => {
-                HostData::I64(offsets.iter().map(|&o| i64::from_le_bytes(at(o).try_into().unwrap())).collect())
-            }
-            StorageDType::I32 => {
-                HostData::I64(offsets.iter().map(|&o| i32::from_le_bytes(at(o).try_into().unwrap()) as i64).collect())
-            }
-            StorageDType::I16 => {
-                HostData::I64(offsets.iter().map(|&o| i16::from_le_bytes(at(o).try_into().unwrap()) as i64).collect())
-            }
-            StorageDType::I8 => HostData::I64(offsets.iter().map(|&o| at(o)[0] as i8 as i64).collect()),
-            StorageDType::U8 | StorageDType::Bool => HostData::I64(offsets.iter().map(|&o| at(o)[0] as i64).collect()),
-        };
+        let gathered: Vec<u8> = offsets.iter().flat_map(|&o| &bytes[o * size..(o + 1) * size]).copied().collect();
+        let data = t.storage.dtype.decode(&gathered);
         Ok(HostTensor { shape: t.shape.clone(), data, stored_dtype: format!("{:?}", t.storage.dtype) })
     }
 

@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+
 /// Values of a host tensor. Floating-point formats are widened to `f32`/`f64`, integers to `i64`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum HostData {
@@ -60,6 +62,18 @@ impl HostTensor {
             HostData::F64(v) => v.iter().map(|&x| x as i64).collect(),
             HostData::I64(v) => v.clone(),
         }
+    }
+
+    /// The tensor on a device as floats, in the device's default float dtype.
+    pub fn to_tensor<B: Backend, const D: usize>(&self, device: &B::Device) -> Tensor<B, D> {
+        let data = TensorData::new(self.to_f32(), self.shape.clone()).convert::<B::FloatElem>();
+        Tensor::from_data(data, device)
+    }
+
+    /// The tensor on a device as integers.
+    pub fn to_int_tensor<B: Backend, const D: usize>(&self, device: &B::Device) -> Tensor<B, D, Int> {
+        let data = TensorData::new(self.to_i64(), self.shape.clone()).convert::<B::IntElem>();
+        Tensor::from_data(data, device)
     }
 
     /// Whether the values are floating point.

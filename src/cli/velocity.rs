@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor};
 use clap::Args;
 
 use crate::backend::{self, BackendChoice, OnBackend};
@@ -52,13 +52,14 @@ impl OnBackend for Evaluate {
         anyhow::ensure!(x.shape.len() == 4, "`x` must be [N, C, H, W], got {:?}", x.shape);
         let n = x.shape[0];
         anyhow::ensure!(t.numel() == 1 || t.numel() == n, "`t` must hold 1 or {n} values, got {:?}", t.shape);
-        let float = |h: &HostTensor| TensorData::new(h.to_f32(), h.shape.clone()).convert::<B::FloatElem>();
-        let xt = Tensor::<B, 4>::from_data(float(x), &device);
-        let tt = Tensor::<B, 1>::from_data(TensorData::new(t.to_f32(), [t.numel()]).convert::<B::FloatElem>(), &device);
+        // `t` and `y` may be stored as [N], [N, 1] or a scalar: read them flat.
+        let flat = |h: &HostTensor| HostTensor { shape: vec![h.numel()], ..h.clone() };
+        let xt: Tensor<B, 4> = x.to_tensor(&device);
+        let tt: Tensor<B, 1> = flat(t).to_tensor(&device);
         let y = match self.inputs.get("y") {
             Some(y) => {
                 anyhow::ensure!(y.numel() == n, "`y` must hold {n} labels, got {:?}", y.shape);
-                Some(Tensor::<B, 1, Int>::from_data(TensorData::new(y.to_i64(), [n]).convert::<B::IntElem>(), &device))
+                Some(flat(y).to_int_tensor(&device))
             }
             None => None,
         };

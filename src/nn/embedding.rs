@@ -19,16 +19,6 @@ pub fn timestep_embedding<B: Backend>(t: Tensor<B, 1>, dim: usize, max_period: f
     embedding
 }
 
-/// EDM's `PositionalEmbedding`: `[cos(t·f_i), sin(t·f_i)]` with `f_i = (1/max_positions)^(i/half)`.
-pub fn edm_positional_embedding<B: Backend>(t: Tensor<B, 1>, dim: usize, max_positions: f64) -> Tensor<B, 2> {
-    let half = dim / 2;
-    let device = t.device();
-    let freqs: Vec<f32> = (0..half).map(|i| (1.0f32 / max_positions as f32).powf(i as f32 / half as f32)).collect();
-    let freqs = Tensor::<B, 1>::from_data(TensorData::new(freqs, [half]).convert::<B::FloatElem>(), &device);
-    let args = t.unsqueeze_dim::<2>(1) * freqs.unsqueeze_dim(0);
-    Tensor::cat(vec![args.clone().cos(), args.sin()], 1)
-}
-
 /// MAE's fixed 2-D sin-cos positional table for a `grid × grid` token grid, `[grid², dim]`, row-major tokens.
 /// The first `dim/2` channels encode the column index, the last `dim/2` the row; each half is `[sin, cos]` with
 /// `ω_i = 10000^(−i/(dim/4))`, computed in f64 as numpy does.

@@ -1,11 +1,6 @@
 //! The `lfm` binary end to end: help, devices, and one-line errors for bad backends.
 
-use std::process::Command;
-
-fn lfm(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lfm")).args(args).output().expect("run lfm");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
+use crate::common::lfm;
 
 #[test]
 fn help_lists_the_commands() {

@@ -1,18 +1,11 @@
 //! `lfm inspect`, `lfm convert` and `lfm velocity` end to end, and architecture inference from weights.
 
-use std::process::Command;
-
 use lfm::backend::Cpu;
 use lfm::checkpoint::{collect_weights, read_safetensors, read_weights, write_safetensors, TensorMap};
 use lfm::models::dit::DIT_KEYS;
 use lfm::models::{DiTConfig, ModelConfig};
 
 use crate::common::*;
-
-fn lfm(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lfm")).args(args).output().expect("run lfm");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
 
 fn config_file(dir: &std::path::Path, case: &str) -> String {
     let path = dir.join(format!("{case}.json"));

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Int, Tensor};
 use lfm::backend::WgpuDevice;
 use lfm::checkpoint::{read_safetensors, HostTensor, TensorMap};
 
@@ -23,14 +23,18 @@ pub fn get<'a>(map: &'a TensorMap, name: &str) -> &'a HostTensor {
 
 /// A host tensor on a device, as float.
 pub fn tensor<B: Backend, const D: usize>(host: &HostTensor, device: &B::Device) -> Tensor<B, D> {
-    let data = TensorData::new(host.to_f32(), host.shape.clone()).convert::<B::FloatElem>();
-    Tensor::from_data(data, device)
+    host.to_tensor(device)
 }
 
 /// A host tensor on a device, as int.
 pub fn int_tensor<B: Backend, const D: usize>(host: &HostTensor, device: &B::Device) -> Tensor<B, D, Int> {
-    let data = TensorData::new(host.to_i64(), host.shape.clone()).convert::<B::IntElem>();
-    Tensor::from_data(data, device)
+    host.to_int_tensor(device)
+}
+
+/// Runs the `lfm` binary: (success, stdout, stderr).
+pub fn lfm(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lfm")).args(args).output().expect("run lfm");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
 /// The values of a device tensor.

@@ -7,11 +7,14 @@
 //! Data flows one way: files → tensors → velocity field → solver → autoencoder → images. Each stage is a module
 //! that knows nothing of its neighbours except their types.
 
+pub mod autoencoder;
 pub mod backend;
 pub mod checkpoint;
 pub mod cli;
 pub mod flow;
+pub mod image;
 pub mod io;
 pub mod models;
 pub mod nn;
+pub mod noise;
 pub mod solver;

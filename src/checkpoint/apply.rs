@@ -14,26 +14,45 @@ use burn::tensor::{backend::Backend, Tensor};
 use super::{CheckpointError, HostTensor, TensorMap};
 
 /// How a model's Burn field paths map to its checkpoint keys.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct KeyMap {
-    /// Whole-segment renames applied in order, e.g. `("mlp_0", "mlp.0")`.
-    pub renames: &'static [(&'static str, &'static str)],
+    /// Renames of whole dot-separated segment runs, applied in order, e.g. `("mlp_0", "mlp.0")` or, for a
+    /// `ModuleDict`, `("enc.0", "enc.8x8_conv")`.
+    pub renames: Vec<(String, String)>,
     /// Checkpoint keys (suffixes) the model computes itself and does not load, e.g. EDM's `resample_filter` buffers.
-    pub ignored_suffixes: &'static [&'static str],
+    pub ignored_suffixes: Vec<String>,
 }
 
 impl KeyMap {
+    /// A map with the given renames and nothing ignored.
+    pub fn new(renames: &[(&str, &str)]) -> Self {
+        Self { renames: renames.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(), ..Self::default() }
+    }
+
+    /// Adds one rename.
+    pub fn rename(mut self, from: impl Into<String>, to: impl Into<String>) -> Self {
+        self.renames.push((from.into(), to.into()));
+        self
+    }
+
+    /// Adds checkpoint key suffixes to skip.
+    pub fn ignoring(mut self, suffixes: &[&str]) -> Self {
+        self.ignored_suffixes.extend(suffixes.iter().map(|s| s.to_string()));
+        self
+    }
+
     /// The checkpoint key of a Burn field path.
     pub fn key(&self, path: &str) -> String {
         let mut padded = format!(".{path}.");
-        for (from, to) in self.renames {
+        for (from, to) in &self.renames {
             padded = padded.replace(&format!(".{from}."), &format!(".{to}."));
         }
         padded.trim_matches('.').to_string()
     }
 
-    fn ignored(&self, key: &str) -> bool {
-        self.ignored_suffixes.iter().any(|s| key.ends_with(s))
+    /// Whether a checkpoint key is one the model does not load.
+    pub fn ignored(&self, key: &str) -> bool {
+        self.ignored_suffixes.iter().any(|s| key.ends_with(s.as_str()))
     }
 }
 
@@ -107,6 +126,8 @@ struct ModulePath {
 
 impl ModulePath {
     fn enter(&mut self, name: &str, container_type: &str) {
+        // An enum module enters its variant by name; PyTorch has no such level, so it is left out of the key.
+        let name = if container_type.starts_with("Enum:") { "" } else { name };
         self.names.push(name.to_string());
         self.containers.push(container_type.to_string());
     }
@@ -118,7 +139,8 @@ impl ModulePath {
 
     /// The checkpoint key of the current path.
     fn key(&self, keys: &KeyMap) -> String {
-        keys.key(&self.names.join("."))
+        let path: Vec<&str> = self.names.iter().map(String::as_str).filter(|n| !n.is_empty()).collect();
+        keys.key(&path.join("."))
     }
 
     /// Burn keeps `Linear` weights as `[in, out]`, PyTorch as `[out, in]`.
@@ -129,7 +151,7 @@ impl ModulePath {
 
 struct Loader<'a> {
     map: &'a TensorMap,
-    keys: KeyMap,
+    keys: &'a KeyMap,
     path: ModulePath,
     used: BTreeSet<String>,
     report: LoadReport,
@@ -145,7 +167,7 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_> {
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (key, linear_weight) = (self.path.key(&self.keys), self.path.is_linear_weight());
+        let (key, linear_weight) = (self.path.key(self.keys), self.path.is_linear_weight());
         let (id, tensor, mapper) = param.consume();
         let model_shape = torch_shape(&tensor.dims(), linear_weight);
         let Some(host) = self.map.get(&key) else {
@@ -168,7 +190,11 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_> {
 
 /// Applies named host tensors to a module. Every parameter must be found with the right shape and every key must
 /// be used (apart from [`KeyMap::ignored_suffixes`]); otherwise nothing is returned but a precise report.
-pub fn apply_weights<B: Backend, M: Module<B>>(module: M, map: &TensorMap, keys: KeyMap) -> Result<M, CheckpointError> {
+pub fn apply_weights<B: Backend, M: Module<B>>(
+    module: M,
+    map: &TensorMap,
+    keys: &KeyMap,
+) -> Result<M, CheckpointError> {
     let mut loader =
         Loader { map, keys, path: ModulePath::default(), used: BTreeSet::new(), report: LoadReport::default() };
     let module = module.map(&mut loader);
@@ -181,13 +207,13 @@ pub fn apply_weights<B: Backend, M: Module<B>>(module: M, map: &TensorMap, keys:
     }
 }
 
-struct Collector {
-    keys: KeyMap,
+struct Collector<'a> {
+    keys: &'a KeyMap,
     path: ModulePath,
     map: TensorMap,
 }
 
-impl<B: Backend> ModuleVisitor<B> for Collector {
+impl<B: Backend> ModuleVisitor<B> for Collector<'_> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
         self.path.enter(name, container_type);
     }
@@ -201,12 +227,12 @@ impl<B: Backend> ModuleVisitor<B> for Collector {
         let tensor = if self.path.is_linear_weight() { tensor.transpose() } else { tensor };
         let shape = tensor.dims().to_vec();
         let values = tensor.into_data().convert::<f32>().into_vec::<f32>().expect("float tensor data");
-        self.map.insert(self.path.key(&self.keys), HostTensor::f32(shape, values));
+        self.map.insert(self.path.key(self.keys), HostTensor::f32(shape, values));
     }
 }
 
 /// Every float parameter of a module, under its checkpoint key, in PyTorch layout.
-pub fn collect_weights<B: Backend, M: Module<B>>(module: &M, keys: KeyMap) -> TensorMap {
+pub fn collect_weights<B: Backend, M: Module<B>>(module: &M, keys: &KeyMap) -> TensorMap {
     let mut collector = Collector { keys, path: ModulePath::default(), map: TensorMap::new() };
     module.visit(&mut collector);
     collector.map

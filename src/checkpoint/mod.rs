@@ -63,6 +63,8 @@ pub struct LoadedWeights {
     pub tensors: TensorMap,
     /// The `lfm.config` metadata of our own safetensors files.
     pub config_json: Option<String>,
+    /// LFM's training flags (`args`, an argparse Namespace) when the file is a `content.pth` snapshot.
+    pub lfm_args: Option<serde_json::Value>,
 }
 
 /// Reads a model's weights from `.safetensors` or a PyTorch `.pth`/`.pt`/`.bin` zip checkpoint — a bare state_dict
@@ -72,13 +74,47 @@ pub fn read_weights(path: &Path) -> Result<LoadedWeights, CheckpointError> {
     if bytes.len() >= 4 && &bytes[..4] == b"PK\x03\x04" || bytes.first() == Some(&0x80) {
         let archive = PthArchive::from_bytes(path, &bytes)?;
         let map = state_dict_of(path, &archive)?;
-        return Ok(LoadedWeights { tensors: strip_module_prefix(map), config_json: None });
+        let lfm_args = match &archive.root {
+            Value::Dict(root) => dict_get(root, "args").and_then(namespace_to_json),
+            _ => None,
+        };
+        return Ok(LoadedWeights { tensors: strip_module_prefix(map), config_json: None, lfm_args });
     }
     let (map, metadata) = read_safetensors_bytes(path, &bytes)?;
     Ok(LoadedWeights {
         tensors: strip_module_prefix(map),
         config_json: metadata.and_then(|m| m.get(CONFIG_METADATA_KEY).cloned()),
+        lfm_args: None,
     })
+}
+
+/// The plain attributes of a pickled `argparse.Namespace` as a JSON object (other values are skipped).
+fn namespace_to_json(value: &Value) -> Option<serde_json::Value> {
+    fn plain(v: &Value) -> Option<serde_json::Value> {
+        Some(match v {
+            Value::None => serde_json::Value::Null,
+            Value::Bool(b) => (*b).into(),
+            Value::Int(i) => (*i).into(),
+            Value::Float(f) => serde_json::Number::from_f64(*f)?.into(),
+            Value::Str(s) => s.clone().into(),
+            Value::List(items) | Value::Tuple(items) => items.iter().map(plain).collect::<Option<Vec<_>>>()?.into(),
+            _ => return None,
+        })
+    }
+    let Value::Object { attributes, .. } = value else { return None };
+    let attributes = match attributes.as_slice() {
+        // BUILD with a (dict, slots) pair or a plain dict.
+        [(Value::Str(_), _), ..] => attributes.clone(),
+        _ => return None,
+    };
+    let map: serde_json::Map<String, serde_json::Value> = attributes
+        .iter()
+        .filter_map(|(k, v)| match k {
+            Value::Str(k) => plain(v).map(|v| (k.clone(), v)),
+            _ => None,
+        })
+        .collect();
+    Some(serde_json::Value::Object(map))
 }
 
 fn state_dict_of(path: &Path, archive: &PthArchive) -> Result<TensorMap, CheckpointError> {

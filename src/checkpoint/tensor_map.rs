@@ -32,6 +32,11 @@ impl HostTensor {
         Self { shape, data: HostData::F32(values), stored_dtype: "F32".into() }
     }
 
+    /// An `i64` tensor (labels).
+    pub fn i64(shape: Vec<usize>, values: Vec<i64>) -> Self {
+        Self { shape, data: HostData::I64(values), stored_dtype: "I64".into() }
+    }
+
     /// Number of elements.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use super::ModelSource;
 use crate::checkpoint::{parameter_count, write_safetensors, CONFIG_METADATA_KEY};
 use crate::models::weights_and_config;
 
@@ -13,18 +14,25 @@ use crate::models::weights_and_config;
 pub struct InspectArgs {
     /// A checkpoint: LFM's model_<E>.pth, content.pth, or .safetensors.
     pub checkpoint: PathBuf,
-    /// The model configuration (JSON, as `lfm convert` stores it); default: the file's own, else inferred.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
+    /// Where the architecture comes from.
+    #[command(flatten)]
+    pub model: ModelSource,
     /// List every tensor.
     #[arg(long)]
     pub tensors: bool,
 }
 
 pub(crate) fn inspect(args: InspectArgs) -> anyhow::Result<()> {
-    let (config, weights) = weights_and_config(&args.checkpoint, args.config.as_deref())?;
+    let (config, weights, source) = weights_and_config(&args.checkpoint, args.model.choice())?;
     println!("{}", args.checkpoint.display());
+    println!("network: {} ({source})", config.family());
     println!("config: {}", serde_json::to_string_pretty(&config)?);
+    let side = config.latent_size();
+    let (c_in, c_out) = config.channels();
+    println!(
+        "latent: {c_in}×{side}×{side} in, {c_out} channels out; forward: {:.2} GFLOP per sample",
+        config.flops() / 1e9
+    );
     println!(
         "parameters: {} ({:.2} M), {} tensors",
         parameter_count(&weights),
@@ -47,9 +55,9 @@ pub struct ConvertArgs {
     /// Where to write the safetensors file (weights in PyTorch layout, config in its metadata).
     #[arg(long)]
     pub out: PathBuf,
-    /// The model configuration (JSON); default: inferred from the weights.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
+    /// Where the architecture comes from.
+    #[command(flatten)]
+    pub model: ModelSource,
     /// Overwrite an existing output file.
     #[arg(long)]
     pub force: bool,
@@ -59,7 +67,7 @@ pub(crate) fn convert(args: ConvertArgs) -> anyhow::Result<()> {
     if args.out.exists() && !args.force {
         anyhow::bail!("{} exists; pass --force to overwrite it", args.out.display());
     }
-    let (config, weights) = weights_and_config(&args.checkpoint, args.config.as_deref())?;
+    let (config, weights, _) = weights_and_config(&args.checkpoint, args.model.choice())?;
     // Refuse weights that do not fit the config before writing anything.
     crate::models::VelocityModel::<crate::backend::Cpu>::load(&config, &weights, &Default::default())?;
     let metadata = HashMap::from([(CONFIG_METADATA_KEY.to_string(), config.to_json())]);

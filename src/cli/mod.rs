@@ -1,12 +1,40 @@
 //! The `lfm` command line: argument structs and calls into the library, no maths.
 
+mod autoencode;
 mod devices;
 mod inspect;
 mod velocity;
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
 
 use crate::backend::BackendChoice;
+use crate::models::ConfigChoice;
+
+/// How a command learns a checkpoint's architecture.
+#[derive(Debug, Args)]
+pub struct ModelSource {
+    /// The model configuration: our JSON, LFM's flags as JSON/TOML (keys = LFM flag names), or the config.yaml LFM
+    /// saves. Default: the checkpoint's own, else inferred from its tensors.
+    #[arg(long, conflicts_with = "preset")]
+    pub config: Option<PathBuf>,
+    /// One of LFM's released experiments: celeb256_dit, ffhq_dit, bed_dit, church_dit, imnet_dit, celeb256_adm,
+    /// celeb512_adm, ffhq_adm, bed_adm, church_adm, imnet_adm.
+    #[arg(long)]
+    pub preset: Option<String>,
+}
+
+impl ModelSource {
+    /// The library's view of the choice.
+    pub fn choice(&self) -> ConfigChoice<'_> {
+        match (&self.config, &self.preset) {
+            (Some(path), _) => ConfigChoice::File(path),
+            (None, Some(name)) => ConfigChoice::Preset(name),
+            (None, None) => ConfigChoice::Detect,
+        }
+    }
+}
 
 /// Latent flow matching: sample, train and evaluate LFM models on any GPU or the CPU.
 #[derive(Debug, Parser)]
@@ -38,6 +66,10 @@ pub enum Command {
     Convert(inspect::ConvertArgs),
     /// Evaluate v = model(t, x, y) on tensors from a safetensors file (parity checks against PyTorch).
     Velocity(velocity::VelocityArgs),
+    /// Encode images into LFM latents (scaled) with the KL VAE or TAESD.
+    Encode(autoencode::EncodeArgs),
+    /// Decode LFM latents into images with the KL VAE or TAESD.
+    Decode(autoencode::DecodeArgs),
 }
 
 /// Runs a parsed command line.
@@ -47,5 +79,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::inspect(args),
         Command::Convert(args) => inspect::convert(args),
         Command::Velocity(args) => velocity::run(args, cli.backend),
+        Command::Encode(args) => autoencode::encode(args, cli.backend),
+        Command::Decode(args) => autoencode::decode(args, cli.backend),
     }
 }

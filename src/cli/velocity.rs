@@ -16,9 +16,9 @@ pub struct VelocityArgs {
     /// The model checkpoint.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// The model configuration (JSON); default: the file's own, else inferred.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
+    /// Where the architecture comes from.
+    #[command(flatten)]
+    pub model: super::ModelSource,
     /// A safetensors file with `x` [N, C, H, W], `t` ([N] or [1]) and optionally integer labels `y` [N].
     #[arg(long)]
     pub input: PathBuf,
@@ -56,18 +56,25 @@ impl OnBackend for Evaluate {
         let flat = |h: &HostTensor| HostTensor { shape: vec![h.numel()], ..h.clone() };
         let xt: Tensor<B, 4> = x.to_tensor(&device);
         let tt: Tensor<B, 1> = flat(t).to_tensor(&device);
-        let y = match self.inputs.get("y") {
+        let labels = match self.inputs.get("y") {
             Some(y) => {
                 anyhow::ensure!(y.numel() == n, "`y` must hold {n} labels, got {:?}", y.shape);
-                Some(flat(y).to_int_tensor(&device))
+                Some(y.to_i64())
             }
             None => None,
         };
+        model.check_labels(labels.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let y = self.inputs.get("y").map(|y| flat(y).to_int_tensor(&device));
         let v = match self.cfg_scale {
             Some(scale) => {
+                anyhow::ensure!(
+                    model.supports_cfg(),
+                    "classifier-free guidance is not defined for the guided-diffusion UNet (LFM has no \
+                     forward_with_cfg for it); drop --cfg-scale"
+                );
                 anyhow::ensure!(n % 2 == 0, "with --cfg-scale the batch must be LFM's doubled [x; x] (even), got {n}");
                 let y = y.ok_or_else(|| anyhow::anyhow!("--cfg-scale needs labels `y` = [y; y_null] in the input"))?;
-                model.forward_with_cfg(tt, xt, y, scale)
+                model.forward_with_cfg(tt, xt, y, scale)?
             }
             None => model.forward(tt, xt, y),
         };
@@ -83,7 +90,7 @@ pub(crate) fn run(args: VelocityArgs, choice: BackendChoice) -> anyhow::Result<(
     if args.output.exists() && !args.force {
         anyhow::bail!("{} exists; pass --force to overwrite it", args.output.display());
     }
-    let (config, weights) = weights_and_config(&args.checkpoint, args.config.as_deref())?;
+    let (config, weights, _) = weights_and_config(&args.checkpoint, args.model.choice())?;
     let (inputs, _) = read_safetensors(&args.input)?;
     let device = backend::select(choice)?;
     let v = backend::dispatch(&device, Evaluate { config, weights, inputs, cfg_scale: args.cfg_scale })?;

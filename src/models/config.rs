@@ -1,8 +1,11 @@
-//! Model configurations: our own (serialised with every converted checkpoint) and inference from weights.
+//! Model configurations: our own (stored with every converted checkpoint), LFM's command-line flags (JSON, TOML, or
+//! the `config.yaml` LFM saves), the released experiments' presets, and inference from weights.
 
 use serde::{Deserialize, Serialize};
 
 use super::dit::{DiTConfig, DIT_SIZES};
+use super::edm::EdmConfig;
+use super::unet::UNetConfig;
 use crate::checkpoint::TensorMap;
 
 /// Which network, with its hyper-parameters.
@@ -11,12 +14,61 @@ use crate::checkpoint::TensorMap;
 pub enum ModelConfig {
     /// A DiT.
     Dit(DiTConfig),
+    /// The guided-diffusion UNet (`--use_origin_adm`).
+    GuidedUnet(UNetConfig),
+    /// EDM's DhariwalUNet (`--model_type adm`).
+    EdmUnet(EdmConfig),
 }
 
 impl ModelConfig {
-    /// Reads our JSON configuration (what `lfm convert` stores in the safetensors metadata).
+    /// Reads a configuration file's text: our own JSON (with a `network` key), or LFM's flags as JSON, TOML or YAML
+    /// (LFM's saved `config.yaml`). `name` (the file name) picks the format by extension.
+    pub fn from_text(text: &str, name: &str) -> Result<Self, String> {
+        let lower = name.to_ascii_lowercase();
+        let (value, user_written): (serde_json::Value, bool) = if lower.ends_with(".toml") {
+            (toml::from_str(text).map_err(|e| format!("not valid TOML: {e}"))?, true)
+        } else if lower.ends_with(".yaml") || lower.ends_with(".yml") {
+            (serde_yaml::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?, false)
+        } else {
+            (serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?, true)
+        };
+        Self::from_value(value, user_written)
+    }
+
+    /// Reads our JSON configuration (what `lfm convert` stores in the safetensors metadata) or LFM flags as JSON.
     pub fn from_json(text: &str) -> Result<Self, String> {
-        serde_json::from_str(text).map_err(|e| format!("not an lfm model config: {e}"))
+        Self::from_text(text, "config.json")
+    }
+
+    /// LFM's training flags as saved in a `content.pth` (`args`) or `config.yaml`.
+    pub fn from_lfm_args(args: serde_json::Value) -> Result<Self, String> {
+        Self::from_value(args, false)
+    }
+
+    fn from_value(value: serde_json::Value, user_written: bool) -> Result<Self, String> {
+        let serde_json::Value::Object(map) = &value else {
+            return Err("a model config must be a table of keys".into());
+        };
+        if map.contains_key("network") {
+            return serde_json::from_value(value).map_err(|e| format!("not an lfm model config: {e}"));
+        }
+        if user_written {
+            // LFM's own config.yaml holds every training flag; a hand-written file should only hold model flags.
+            let unknown: Vec<&str> =
+                map.keys().map(String::as_str).filter(|k| !LfmFlags::KEYS.contains(k) && *k != "preset").collect();
+            if !unknown.is_empty() {
+                tracing::warn!("config keys not used by the model (typos?): {}", unknown.join(", "));
+            }
+        }
+        if let Some(preset) = map.get("preset") {
+            let name = preset.as_str().ok_or("`preset` must be a string")?;
+            if map.len() > 1 {
+                return Err("a config with `preset` must not set other keys".into());
+            }
+            return Preset::find(name).map(|p| p.model());
+        }
+        let flags: LfmFlags = serde_json::from_value(value).map_err(|e| format!("bad LFM flag: {e}"))?;
+        flags.to_model()
     }
 
     /// The configuration as JSON.
@@ -24,13 +76,46 @@ impl ModelConfig {
         serde_json::to_string(self).expect("configs serialise")
     }
 
+    /// A short name of the network family.
+    pub fn family(&self) -> &'static str {
+        match self {
+            Self::Dit(_) => "DiT",
+            Self::GuidedUnet(_) => "guided-diffusion UNet",
+            Self::EdmUnet(_) => "EDM DhariwalUNet",
+        }
+    }
+
+    /// Latent channels the network reads and writes: (input, output).
+    pub fn channels(&self) -> (usize, usize) {
+        match self {
+            Self::Dit(c) => (c.in_channels, c.out_channels()),
+            Self::GuidedUnet(c) => (c.in_channels, c.out_channels),
+            Self::EdmUnet(c) => (c.in_channels, c.out_channels),
+        }
+    }
+
+    /// Side of the latent the network was built for.
+    pub fn latent_size(&self) -> usize {
+        match self {
+            Self::Dit(c) => c.input_size,
+            Self::GuidedUnet(c) => c.image_size,
+            Self::EdmUnet(c) => c.img_resolution,
+        }
+    }
+
     /// Infers the architecture from parameter names and shapes, where they determine it.
     pub fn infer(weights: &TensorMap) -> Result<Self, String> {
         if weights.contains_key("x_embedder.proj.weight") {
             return infer_dit(weights).map(Self::Dit);
         }
-        Err("cannot tell the architecture from the tensor names (no `x_embedder.proj.weight`): only DiT checkpoints \
-             are recognised so far; pass --config"
+        if weights.contains_key("time_embed.0.weight") && weights.contains_key("input_blocks.0.0.weight") {
+            return infer_guided(weights).map(Self::GuidedUnet);
+        }
+        if weights.contains_key("map_layer0.weight") && weights.keys().any(|k| k.starts_with("enc.")) {
+            return infer_edm(weights).map(Self::EdmUnet);
+        }
+        Err("cannot tell the architecture from the tensor names: expected DiT (`x_embedder.*`), guided-diffusion UNet \
+             (`time_embed.*`, `input_blocks.*`) or EDM DhariwalUNet (`map_layer0.*`, `enc.*`) weights; pass --config"
             .into())
     }
 
@@ -38,12 +123,404 @@ impl ModelConfig {
     pub fn validate(&self) -> Result<(), String> {
         match self {
             Self::Dit(c) => c.validate(),
+            Self::GuidedUnet(c) => c.validate(),
+            Self::EdmUnet(c) => c.validate(),
         }
+    }
+}
+
+/// LFM's model flags (`train_flow_latent.py` / `test_flow_latent.py`), with argparse's defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LfmFlags {
+    /// `adm`, `DiT-B/2`, … or `DiT` for a custom DiT size.
+    pub model_type: String,
+    /// The guided-diffusion UNet instead of EDM's.
+    pub use_origin_adm: bool,
+    /// Image side in pixels.
+    pub image_size: usize,
+    /// Autoencoder downsampling factor.
+    pub f: usize,
+    /// Network input channels.
+    pub num_in_channels: usize,
+    /// Network output channels.
+    pub num_out_channels: usize,
+    /// Base width.
+    pub nf: usize,
+    /// Width multipliers.
+    pub ch_mult: Vec<usize>,
+    /// Attention: downsample factors (guided UNet) or resolutions (EDM).
+    pub attn_resolutions: Vec<usize>,
+    /// Residual blocks per level.
+    pub num_res_blocks: usize,
+    /// Attention heads (guided UNet; custom DiT).
+    pub num_heads: usize,
+    /// Channels per head, −1 = use `num_heads`.
+    pub num_head_channels: i64,
+    /// Decoder heads, −1 = `num_heads`.
+    pub num_head_upsample: i64,
+    /// Dropout.
+    pub dropout: f64,
+    /// Classes (DiT, guided UNet).
+    pub num_classes: Option<usize>,
+    /// One-hot label width (EDM), 0 = unconditional.
+    pub label_dim: usize,
+    /// Label dropout for CFG training.
+    pub label_dropout: f64,
+    /// FiLM conditioning in the guided UNet.
+    pub use_scale_shift_norm: bool,
+    /// Residual up/down blocks in the guided UNet.
+    pub resblock_updown: bool,
+    /// `QKVAttention` instead of the legacy order.
+    pub use_new_attention_order: bool,
+    /// Learned resampling convolutions in the guided UNet.
+    pub resamp_with_conv: bool,
+    /// LFM's `UNetModelAttn` (layout-to-image); not supported.
+    pub layout: bool,
+    /// Custom DiT depth.
+    pub depth: Option<usize>,
+    /// Custom DiT width.
+    pub hidden_size: Option<usize>,
+    /// Custom DiT patch size.
+    pub patch_size: Option<usize>,
+    /// Custom DiT MLP ratio.
+    pub mlp_ratio: Option<f64>,
+}
+
+impl Default for LfmFlags {
+    fn default() -> Self {
+        Self {
+            model_type: "adm".into(),
+            use_origin_adm: false,
+            image_size: 32,
+            f: 8,
+            num_in_channels: 3,
+            num_out_channels: 3,
+            nf: 256,
+            ch_mult: vec![1, 1, 2, 2, 4, 4],
+            attn_resolutions: vec![16],
+            num_res_blocks: 2,
+            num_heads: 4,
+            num_head_channels: -1,
+            num_head_upsample: -1,
+            dropout: 0.0,
+            num_classes: None,
+            label_dim: 0,
+            label_dropout: 0.0,
+            use_scale_shift_norm: true,
+            resblock_updown: false,
+            use_new_attention_order: false,
+            resamp_with_conv: true,
+            layout: false,
+            depth: None,
+            hidden_size: None,
+            patch_size: None,
+            mlp_ratio: None,
+        }
+    }
+}
+
+impl LfmFlags {
+    /// The keys a model config may hold.
+    pub const KEYS: &'static [&'static str] = &[
+        "model_type",
+        "use_origin_adm",
+        "image_size",
+        "f",
+        "num_in_channels",
+        "num_out_channels",
+        "nf",
+        "ch_mult",
+        "attn_resolutions",
+        "num_res_blocks",
+        "num_heads",
+        "num_head_channels",
+        "num_head_upsample",
+        "dropout",
+        "num_classes",
+        "label_dim",
+        "label_dropout",
+        "use_scale_shift_norm",
+        "resblock_updown",
+        "use_new_attention_order",
+        "resamp_with_conv",
+        "layout",
+        "depth",
+        "hidden_size",
+        "patch_size",
+        "mlp_ratio",
+    ];
+
+    fn latent_side(&self, f: usize) -> Result<usize, String> {
+        if f == 0 || !self.image_size.is_multiple_of(f) {
+            return Err(format!("image_size {} is not divisible by the autoencoder factor {f}", self.image_size));
+        }
+        Ok(self.image_size / f)
+    }
+
+    /// The network LFM's `create_network` builds from these flags.
+    pub fn to_model(&self) -> Result<ModelConfig, String> {
+        let per_head = |v: i64| (v > 0).then_some(v as usize);
+        if self.use_origin_adm {
+            if self.layout {
+                return Err(
+                    "--layout (UNetModelAttn, layout-to-image) is not supported: no released LFM model uses it".into(),
+                );
+            }
+            return Ok(ModelConfig::GuidedUnet(UNetConfig {
+                // get_flow_model hard-codes the factor 8.
+                image_size: self.latent_side(8)?,
+                in_channels: self.num_in_channels,
+                model_channels: self.nf,
+                out_channels: self.num_out_channels,
+                num_res_blocks: self.num_res_blocks,
+                attention_resolutions: self.attn_resolutions.clone(),
+                dropout: self.dropout,
+                channel_mult: self.ch_mult.clone(),
+                conv_resample: self.resamp_with_conv,
+                num_classes: self.num_classes,
+                num_heads: self.num_heads,
+                num_head_channels: per_head(self.num_head_channels),
+                num_heads_upsample: per_head(self.num_head_upsample),
+                use_scale_shift_norm: self.use_scale_shift_norm,
+                resblock_updown: self.resblock_updown,
+                use_new_attention_order: self.use_new_attention_order,
+            }));
+        }
+        if self.model_type.starts_with("DiT") {
+            return self.to_dit().map(ModelConfig::Dit);
+        }
+        match self.model_type.as_str() {
+            "adm" => Ok(ModelConfig::EdmUnet(EdmConfig {
+                img_resolution: self.latent_side(self.f)?,
+                in_channels: self.num_in_channels,
+                out_channels: self.num_out_channels,
+                label_dim: self.label_dim,
+                model_channels: self.nf,
+                channel_mult: self.ch_mult.clone(),
+                channel_mult_emb: 4,
+                num_blocks: self.num_res_blocks,
+                attn_resolutions: self.attn_resolutions.clone(),
+                dropout: self.dropout,
+                label_dropout: self.label_dropout,
+            })),
+            "ncsn++" | "ddpm++" | "adm_context" => Err(format!(
+                "model_type {} (EDM's SongUNet / context UNet) is not supported: no released LFM model uses it; \
+                 supported are adm (with or without use_origin_adm) and the DiT sizes",
+                self.model_type
+            )),
+            other => Err(format!(
+                "unknown model_type `{other}`: use adm, DiT-S|B|L|XL/2|4|8, or DiT with depth, hidden_size, \
+                 patch_size and num_heads"
+            )),
+        }
+    }
+
+    fn to_dit(&self) -> Result<DiTConfig, String> {
+        let input_size = self.latent_side(self.f)?;
+        let num_classes = self
+            .num_classes
+            .ok_or("a DiT needs num_classes (LFM uses --num_classes 1 --label_dropout 0 for unconditional models)")?;
+        let custom = [self.depth, self.hidden_size, self.patch_size];
+        if let Some(named) =
+            DiTConfig::named(&self.model_type, input_size, self.num_in_channels, num_classes, self.label_dropout)
+        {
+            let fixed = [named.depth, named.hidden_size, named.patch_size];
+            for ((given, fixed), name) in custom.iter().zip(fixed).zip(["depth", "hidden_size", "patch_size"]) {
+                if given.is_some_and(|g| g != fixed) {
+                    return Err(format!(
+                        "{} has {name} {fixed}; use model_type DiT for a custom size",
+                        self.model_type
+                    ));
+                }
+            }
+            return Ok(named);
+        }
+        if self.model_type != "DiT" {
+            let names: Vec<&str> = DIT_SIZES.iter().map(|s| s.0).collect();
+            return Err(format!(
+                "unknown DiT size `{}`: use one of {} or DiT with depth, hidden_size, patch_size, num_heads",
+                self.model_type,
+                names.join(", ")
+            ));
+        }
+        let missing: Vec<&str> =
+            [("depth", self.depth), ("hidden_size", self.hidden_size), ("patch_size", self.patch_size)]
+                .iter()
+                .filter(|(_, v)| v.is_none())
+                .map(|(name, _)| *name)
+                .collect();
+        if !missing.is_empty() {
+            return Err(format!("a custom DiT (model_type DiT) needs {}", missing.join(", ")));
+        }
+        let need = |v: Option<usize>| v.unwrap_or_default();
+        Ok(DiTConfig {
+            input_size,
+            patch_size: need(self.patch_size),
+            in_channels: self.num_in_channels,
+            hidden_size: need(self.hidden_size),
+            depth: need(self.depth),
+            num_heads: self.num_heads,
+            mlp_ratio: self.mlp_ratio.unwrap_or(4.0),
+            num_classes,
+            label_dropout: self.label_dropout,
+            learn_sigma: false,
+        })
+    }
+}
+
+/// One of LFM's released experiments (README table and `test_args/`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preset {
+    /// Name as in LFM's `test_args/` (`celeb256_dit`, …).
+    pub name: &'static str,
+    /// LFM's `--dataset`.
+    pub dataset: &'static str,
+    /// LFM's experiment folder.
+    pub exp: &'static str,
+    /// The released checkpoint file.
+    pub checkpoint: &'static str,
+    /// The classifier-free guidance scale LFM samples with.
+    pub cfg_scale: Option<f64>,
+    /// FID reported in LFM's README.
+    pub fid: f64,
+    network: PresetNetwork,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum PresetNetwork {
+    /// DiT size, classes, label dropout.
+    Dit(&'static str, usize, f64),
+    /// Guided UNet: image size, ch_mult, attention downsample factors.
+    Guided(usize, &'static [usize], &'static [usize]),
+    /// EDM UNet: ch_mult, attention resolutions, label_dim.
+    Edm(&'static [usize], &'static [usize], usize),
+}
+
+/// LFM's released experiments (LFM-REFERENCE.md §7): all on the f8 SD VAE latents, nf 256, two blocks per level.
+pub const PRESETS: &[Preset] = &[
+    Preset::new("celeb256_dit", "celeba_256", "celeb_f8_dit", "model_475.pth", None, 5.26, dit("DiT-L/2")),
+    Preset::new("ffhq_dit", "ffhq_256", "ffhq_f8_dit", "model_475.pth", None, 4.55, dit("DiT-L/2")),
+    Preset::new("bed_dit", "lsun_bedroom", "bed_f8_dit", "model_550.pth", None, 4.92, dit("DiT-L/2")),
+    Preset::new("church_dit", "lsun_church", "church_f8_dit", "model_575.pth", None, 5.54, dit("DiT-L/2")),
+    Preset::new(
+        "imnet_dit",
+        "imagenet_256",
+        "imnet_f8_ditb2",
+        "model_875.pth",
+        Some(1.5),
+        4.46,
+        PresetNetwork::Dit("DiT-B/2", 1000, 0.1),
+    ),
+    Preset::new(
+        "celeb256_adm",
+        "celeba_256",
+        "celeb256_f8_adm",
+        "model_480.pth",
+        None,
+        5.67,
+        PresetNetwork::Guided(256, &[1, 2, 2, 2], &[16, 8]),
+    ),
+    Preset::new(
+        "celeb512_adm",
+        "celeba_512",
+        "celeb512_f8_adm",
+        "model_425.pth",
+        None,
+        6.35,
+        PresetNetwork::Guided(512, &[1, 2, 2, 2, 4], &[16, 8]),
+    ),
+    Preset::new("ffhq_adm", "ffhq_256", "ffhq_f8_adm", "model_325.pth", None, 6.12, edm(0)),
+    Preset::new("bed_adm", "lsun_bedroom", "bed_f8_adm", "model_425.pth", None, 7.05, edm(0)),
+    Preset::new(
+        "church_adm",
+        "lsun_church",
+        "church_f8_adm",
+        "model_425.pth",
+        None,
+        7.7,
+        PresetNetwork::Guided(256, &[1, 2, 3, 4], &[16, 8]),
+    ),
+    Preset::new("imnet_adm", "imagenet_256", "imnet_f8_adm", "model_1125.pth", Some(1.25), 8.58, edm(1000)),
+];
+
+const fn dit(size: &'static str) -> PresetNetwork {
+    PresetNetwork::Dit(size, 1, 0.0)
+}
+
+const fn edm(label_dim: usize) -> PresetNetwork {
+    PresetNetwork::Edm(&[1, 2, 3, 4], &[16, 8, 4], label_dim)
+}
+
+impl Preset {
+    const fn new(
+        name: &'static str,
+        dataset: &'static str,
+        exp: &'static str,
+        checkpoint: &'static str,
+        cfg_scale: Option<f64>,
+        fid: f64,
+        network: PresetNetwork,
+    ) -> Self {
+        Self { name, dataset, exp, checkpoint, cfg_scale, fid, network }
+    }
+
+    /// The preset called `name`, or an error listing them all.
+    pub fn find(name: &str) -> Result<&'static Preset, String> {
+        PRESETS.iter().find(|p| p.name == name).ok_or_else(|| {
+            let names: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
+            format!("unknown preset `{name}`; the presets are {}", names.join(", "))
+        })
+    }
+
+    /// The flags LFM's scripts pass for this experiment.
+    pub fn flags(&self) -> LfmFlags {
+        let base = LfmFlags {
+            image_size: 256,
+            num_in_channels: 4,
+            num_out_channels: 4,
+            nf: 256,
+            num_res_blocks: 2,
+            ..LfmFlags::default()
+        };
+        match self.network {
+            PresetNetwork::Dit(size, classes, dropout) => {
+                LfmFlags { model_type: size.into(), num_classes: Some(classes), label_dropout: dropout, ..base }
+            }
+            PresetNetwork::Guided(image_size, ch_mult, attn) => LfmFlags {
+                use_origin_adm: true,
+                image_size,
+                ch_mult: ch_mult.to_vec(),
+                attn_resolutions: attn.to_vec(),
+                ..base
+            },
+            PresetNetwork::Edm(ch_mult, attn, label_dim) => LfmFlags {
+                ch_mult: ch_mult.to_vec(),
+                attn_resolutions: attn.to_vec(),
+                label_dim,
+                num_classes: (label_dim > 0).then_some(label_dim),
+                ..base
+            },
+        }
+    }
+
+    /// The network of this experiment.
+    pub fn model(&self) -> ModelConfig {
+        self.flags().to_model().expect("presets are valid")
     }
 }
 
 fn shape<'a>(weights: &'a TensorMap, key: &str) -> Result<&'a [usize], String> {
     weights.get(key).map(|t| t.shape.as_slice()).ok_or_else(|| format!("the checkpoint has no `{key}`"))
+}
+
+/// The largest index `i` of keys `{prefix}{i}.…`, plus one.
+fn count_indexed(weights: &TensorMap, prefix: &str) -> usize {
+    weights
+        .keys()
+        .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
+        .max()
+        .map_or(0, |m| m + 1)
 }
 
 fn infer_dit(w: &TensorMap) -> Result<DiTConfig, String> {
@@ -55,11 +532,7 @@ fn infer_dit(w: &TensorMap) -> Result<DiTConfig, String> {
     if grid * grid != tokens {
         return Err(format!("pos_embed has {tokens} tokens, not a square grid"));
     }
-    let depth = w
-        .keys()
-        .filter_map(|k| k.strip_prefix("blocks.")?.split('.').next()?.parse::<usize>().ok())
-        .max()
-        .map_or(0, |m| m + 1);
+    let depth = count_indexed(w, "blocks.");
     let &[mlp_hidden, _] = shape(w, "blocks.0.mlp.fc1.weight")? else { return Err("fc1 is not 2-D".into()) };
     let &[rows, _] = shape(w, "y_embedder.embedding_table.weight")? else {
         return Err("label table is not 2-D".into());
@@ -84,5 +557,130 @@ fn infer_dit(w: &TensorMap) -> Result<DiTConfig, String> {
         num_classes,
         label_dropout,
         learn_sigma: out == 2 * p * p * in_channels,
+    })
+}
+
+/// The guided UNet's structure follows from its keys; the latent size, the heads and the attention order do not,
+/// so they take LFM's values (32×32 latents, 4 heads, legacy order); `--config` overrides them.
+fn infer_guided(w: &TensorMap) -> Result<UNetConfig, String> {
+    let &[_, model_channels] = shape(w, "time_embed.0.weight")? else {
+        return Err("time_embed.0.weight is not 2-D".into());
+    };
+    let &[_, in_channels, _, _] = shape(w, "input_blocks.0.0.weight")? else {
+        return Err("input_blocks.0.0.weight is not 4-D".into());
+    };
+    let &[out_channels, ..] = shape(w, "out.2.weight")? else { return Err("out.2.weight has no shape".into()) };
+    let has = |key: String| w.contains_key(&key);
+    let inputs = count_indexed(w, "input_blocks.");
+    let outputs = count_indexed(w, "output_blocks.");
+    // An output block whose second or third layer is a residual block upsamples with it (resblock_updown).
+    let updown_levels =
+        (0..outputs).filter(|i| (1..3).any(|j| has(format!("output_blocks.{i}.{j}.in_layers.0.weight")))).count();
+    let resblock_updown = updown_levels > 0;
+    let downsamplers = if resblock_updown {
+        updown_levels
+    } else {
+        // A Downsample is a strided conv (`op`) or, without conv_resample, a parameterless average pool.
+        (1..inputs)
+            .filter(|i| {
+                has(format!("input_blocks.{i}.0.op.weight"))
+                    || !w.keys().any(|k| k.starts_with(&format!("input_blocks.{i}.")))
+            })
+            .count()
+    };
+    let levels = downsamplers + 1;
+    if inputs == 0 || !inputs.is_multiple_of(levels) || inputs / levels < 2 {
+        return Err(format!("{inputs} input blocks do not form {levels} levels of residual blocks"));
+    }
+    let num_res_blocks = inputs / levels - 1;
+    let mut channel_mult = Vec::with_capacity(levels);
+    let mut attention_resolutions = Vec::new();
+    for level in 0..levels {
+        let first = 1 + level * (num_res_blocks + 1);
+        let &[c, ..] = shape(w, &format!("input_blocks.{first}.0.in_layers.2.weight"))? else {
+            return Err(format!("input_blocks.{first}.0.in_layers.2.weight has no shape"));
+        };
+        if !c.is_multiple_of(model_channels) {
+            return Err(format!("level {level} has {c} channels, not a multiple of nf = {model_channels}"));
+        }
+        channel_mult.push(c / model_channels);
+        if has(format!("input_blocks.{first}.1.qkv.weight")) {
+            attention_resolutions.push(1 << level);
+        }
+    }
+    let &[emb_out, _] = shape(w, "input_blocks.1.0.emb_layers.1.weight")? else {
+        return Err("input_blocks.1.0.emb_layers.1.weight is not 2-D".into());
+    };
+    Ok(UNetConfig {
+        image_size: 32,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,
+        dropout: 0.0,
+        conv_resample: resblock_updown || levels == 1 || w.keys().any(|k| k.ends_with(".op.weight")),
+        num_classes: w.get("label_emb.weight").map(|t| t.shape[0]),
+        num_heads: 4,
+        num_head_channels: None,
+        num_heads_upsample: None,
+        use_scale_shift_norm: emb_out == 2 * channel_mult[0] * model_channels,
+        resblock_updown,
+        use_new_attention_order: false,
+        channel_mult,
+    })
+}
+
+fn infer_edm(w: &TensorMap) -> Result<EdmConfig, String> {
+    let &[emb, model_channels] = shape(w, "map_layer0.weight")? else {
+        return Err("map_layer0.weight is not 2-D".into());
+    };
+    // The encoder's keys carry the resolutions: `enc.{R}x{R}_conv` is the first level.
+    let conv_key = w
+        .keys()
+        .find(|k| k.starts_with("enc.") && k.ends_with("_conv.weight"))
+        .ok_or("the checkpoint has no `enc.{R}x{R}_conv.weight`")?;
+    let res_text = conv_key.trim_start_matches("enc.").split('x').next().unwrap_or_default();
+    let img_resolution: usize = res_text.parse().map_err(|_| format!("cannot read the resolution of `{conv_key}`"))?;
+    let &[_, in_channels, _, _] = shape(w, conv_key)? else { return Err(format!("{conv_key} is not 4-D")) };
+    let &[out_channels, ..] = shape(w, "out_conv.weight")? else { return Err("out_conv.weight has no shape".into()) };
+    let mut channel_mult = Vec::new();
+    let mut num_blocks = 0;
+    let mut attn_resolutions = Vec::new();
+    let mut res = img_resolution;
+    loop {
+        let blocks = (0..).take_while(|i| w.contains_key(&format!("enc.{res}x{res}_block{i}.conv0.weight"))).count();
+        if blocks == 0 {
+            break;
+        }
+        num_blocks = blocks;
+        let &[c, ..] = shape(w, &format!("enc.{res}x{res}_block0.conv0.weight"))? else { unreachable!() };
+        channel_mult.push(c / model_channels);
+        if w.contains_key(&format!("enc.{res}x{res}_block0.qkv.weight"))
+            || w.contains_key(&format!("dec.{res}x{res}_block0.qkv.weight"))
+        {
+            attn_resolutions.push(res);
+        }
+        if res < 2 || !w.contains_key(&format!("enc.{}x{}_down.conv0.weight", res / 2, res / 2)) {
+            break;
+        }
+        res /= 2;
+    }
+    if channel_mult.is_empty() {
+        return Err(format!("no encoder blocks `enc.{img_resolution}x{img_resolution}_block0.*` found"));
+    }
+    let label_dim = w.get("map_label.weight").map_or(0, |t| t.shape[1]);
+    Ok(EdmConfig {
+        img_resolution,
+        in_channels,
+        out_channels,
+        label_dim,
+        model_channels,
+        channel_mult,
+        channel_mult_emb: emb / model_channels,
+        num_blocks,
+        attn_resolutions,
+        dropout: 0.0,
+        label_dropout: 0.0,
     })
 }

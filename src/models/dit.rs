@@ -2,7 +2,7 @@
 //!
 //! Read top to bottom like the reference `models/DiT.py`: embedders, the adaLN-Zero block, the final layer, the
 //! network, then the named sizes. Field names are the reference's attribute names, so checkpoint keys map one to
-//! one; the Sequential indices Rust cannot spell are renamed in [`DIT_KEYS`].
+//! one; the Sequential indices Rust cannot spell are renamed in [`dit_keys`].
 
 use burn::module::{Module, Param};
 use burn::nn::conv::Conv2d;
@@ -17,10 +17,9 @@ use crate::nn::init::{self, ConvSpec, Init};
 use crate::nn::{gelu_tanh, layer_norm, modulate, silu};
 
 /// Renames between Burn field paths and LFM's DiT state_dict keys.
-pub const DIT_KEYS: KeyMap = KeyMap {
-    renames: &[("mlp_0", "mlp.0"), ("mlp_2", "mlp.2"), ("ada_ln_modulation", "adaLN_modulation.1")],
-    ignored_suffixes: &[],
-};
+pub fn dit_keys() -> KeyMap {
+    KeyMap::new(&[("mlp_0", "mlp.0"), ("mlp_2", "mlp.2"), ("ada_ln_modulation", "adaLN_modulation.1")])
+}
 
 /// Hyper-parameters of a DiT, with the reference's constructor names.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -220,6 +219,19 @@ pub struct LabelEmbedder<B: Backend> {
 }
 
 impl<B: Backend> LabelEmbedder<B> {
+    /// Training-time label dropout (the reference's `token_drop`): each label becomes the null class (the last
+    /// row) with probability `prob`.
+    pub fn drop_labels(&self, labels: Tensor<B, 1, Int>, prob: f64) -> Tensor<B, 1, Int> {
+        if prob <= 0.0 {
+            return labels;
+        }
+        let null = self.embedding_table.weight.dims()[0] as i64 - 1;
+        let n = labels.dims()[0];
+        let drop = Tensor::<B, 1>::random([n], burn::tensor::Distribution::Bernoulli(prob), &labels.device())
+            .greater_elem(0.5);
+        labels.mask_fill(drop, null)
+    }
+
     /// `[N] → [N, D]`.
     pub fn forward(&self, labels: Tensor<B, 1, Int>) -> Tensor<B, 2> {
         self.embedding_table.weight.val().select(0, labels)
@@ -395,6 +407,6 @@ impl<B: Backend> DiT<B> {
         weights: &crate::checkpoint::TensorMap,
         device: &B::Device,
     ) -> Result<Self, crate::checkpoint::CheckpointError> {
-        crate::checkpoint::apply_weights(config.init(device), weights, DIT_KEYS)
+        crate::checkpoint::apply_weights(config.init(device), weights, &dit_keys())
     }
 }

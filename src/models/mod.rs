@@ -2,19 +2,30 @@
 
 pub mod config;
 pub mod dit;
+pub mod edm;
+mod flops;
+pub mod unet;
 
 use burn::tensor::{backend::Backend, Int, Tensor};
 
-pub use config::ModelConfig;
+pub use config::{LfmFlags, ModelConfig, Preset, PRESETS};
 pub use dit::{DiT, DiTConfig};
+pub use edm::{EdmConfig, EdmUNet};
+pub use unet::{UNetConfig, UNetModel};
 
 use crate::checkpoint::{CheckpointError, TensorMap};
 
 /// A loaded velocity network of any supported architecture.
+// Built once per run; the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum VelocityModel<B: Backend> {
     /// A DiT.
     Dit(DiT<B>),
+    /// The guided-diffusion UNet.
+    GuidedUnet(UNetModel<B>),
+    /// EDM's DhariwalUNet.
+    EdmUnet(EdmUNet<B>),
 }
 
 impl<B: Backend> VelocityModel<B> {
@@ -22,6 +33,52 @@ impl<B: Backend> VelocityModel<B> {
     pub fn load(config: &ModelConfig, weights: &TensorMap, device: &B::Device) -> Result<Self, CheckpointError> {
         match config {
             ModelConfig::Dit(c) => DiT::load(c, weights, device).map(Self::Dit),
+            ModelConfig::GuidedUnet(c) => UNetModel::load(c, weights, device).map(Self::GuidedUnet),
+            ModelConfig::EdmUnet(c) => EdmUNet::load(c, weights, device).map(Self::EdmUnet),
+        }
+    }
+
+    /// A freshly initialised network (the reference's initialisation), for training from scratch.
+    pub fn init(config: &ModelConfig, device: &B::Device) -> Self {
+        match config {
+            ModelConfig::Dit(c) => Self::Dit(c.init(device)),
+            ModelConfig::GuidedUnet(c) => Self::GuidedUnet(c.init(device)),
+            ModelConfig::EdmUnet(c) => Self::EdmUnet(c.init(device)),
+        }
+    }
+
+    /// The labels the network accepts: `None` for an unconditional network, else the number of valid labels
+    /// (DiT: its table rows, including the null class; UNets: their classes).
+    pub fn label_count(&self) -> Option<usize> {
+        match self {
+            Self::Dit(m) => (m.config.num_classes > 1 || m.config.label_dropout > 0.0).then(|| m.config.label_rows()),
+            Self::GuidedUnet(m) => m.config.num_classes,
+            Self::EdmUnet(m) => (m.config.label_dim > 0).then_some(m.config.label_dim),
+        }
+    }
+
+    /// Checks labels before a forward pass: a class-conditional UNet needs them, an unconditional one takes none,
+    /// and every label must be a valid row. (The DiT falls back to its last row, as the reference does.)
+    pub fn check_labels(&self, labels: Option<&[i64]>) -> Result<(), String> {
+        let count = self.label_count();
+        match (labels, count, self) {
+            (None, Some(_), Self::GuidedUnet(_) | Self::EdmUnet(_)) => {
+                Err("this model is class-conditional: pass labels `y`".into())
+            }
+            (Some(_), None, Self::GuidedUnet(_) | Self::EdmUnet(_)) => {
+                Err("this model is unconditional: it takes no labels `y`".into())
+            }
+            (Some(ys), _, _) => {
+                let rows = match self {
+                    Self::Dit(m) => m.config.label_rows(),
+                    _ => count.unwrap_or(0),
+                };
+                match ys.iter().find(|&&y| y < 0 || y as usize >= rows) {
+                    Some(bad) => Err(format!("label {bad} is out of range: the model has labels 0..{}", rows - 1)),
+                    None => Ok(()),
+                }
+            }
+            _ => Ok(()),
         }
     }
 
@@ -29,13 +86,42 @@ impl<B: Backend> VelocityModel<B> {
     pub fn forward(&self, t: Tensor<B, 1>, x: Tensor<B, 4>, y: Option<Tensor<B, 1, Int>>) -> Tensor<B, 4> {
         match self {
             Self::Dit(m) => m.forward(t, x, y),
+            Self::GuidedUnet(m) => m.forward(t, x, y),
+            Self::EdmUnet(m) => m.forward(t, x, y),
         }
     }
 
-    /// LFM's `forward_with_cfg` on a doubled batch `[x; x]` with labels `[y; y_null]`.
-    pub fn forward_with_cfg(&self, t: Tensor<B, 1>, x: Tensor<B, 4>, y: Tensor<B, 1, Int>, scale: f64) -> Tensor<B, 4> {
+    /// LFM's `forward_with_cfg` on a doubled batch `[x; x]` with labels `[y; y_null]` (DiT: `y_null` is the null
+    /// row; EDM: any, the second half's one-hot is zeroed). The guided UNet has no CFG in LFM.
+    pub fn forward_with_cfg(
+        &self,
+        t: Tensor<B, 1>,
+        x: Tensor<B, 4>,
+        y: Tensor<B, 1, Int>,
+        scale: f64,
+    ) -> Result<Tensor<B, 4>, ModelError> {
         match self {
-            Self::Dit(m) => m.forward_with_cfg(t, x, y, scale),
+            Self::Dit(m) => Ok(m.forward_with_cfg(t, x, y, scale)),
+            Self::EdmUnet(m) => Ok(m.forward_with_cfg(t, x, y, scale)),
+            Self::GuidedUnet(_) => Err(ModelError::Config(
+                "classifier-free guidance is not defined for the guided-diffusion UNet (LFM has no forward_with_cfg \
+                 for it); drop --cfg-scale"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Whether LFM defines classifier-free guidance for this network (DiT and EDM; not the guided UNet).
+    pub fn supports_cfg(&self) -> bool {
+        !matches!(self, Self::GuidedUnet(_))
+    }
+
+    /// The configuration the network was built from.
+    pub fn config(&self) -> ModelConfig {
+        match self {
+            Self::Dit(m) => ModelConfig::Dit(m.config.clone()),
+            Self::GuidedUnet(m) => ModelConfig::GuidedUnet(m.config.clone()),
+            Self::EdmUnet(m) => ModelConfig::EdmUnet(m.config.clone()),
         }
     }
 }
@@ -51,24 +137,48 @@ pub enum ModelError {
     Config(String),
 }
 
-/// A checkpoint's weights with the configuration that describes them: from `--config` if given, else from the
-/// file's own `lfm.config` metadata, else inferred from names and shapes.
+/// Reads a model configuration file: our JSON, LFM flags as JSON/TOML, or LFM's saved `config.yaml`.
+pub fn read_config(path: &std::path::Path) -> Result<ModelConfig, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    ModelConfig::from_text(&text, &name).map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))
+}
+
+/// Where a checkpoint's configuration comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum ConfigChoice<'a> {
+    /// The file's own `lfm.config` metadata, else the `args` of an LFM `content.pth`, else inferred from the
+    /// tensor names and shapes.
+    Detect,
+    /// A configuration file (see [`read_config`]).
+    File(&'a std::path::Path),
+    /// One of LFM's released experiments ([`PRESETS`]).
+    Preset(&'a str),
+}
+
+/// A checkpoint's weights with the configuration that describes them and a note of where it came from.
 pub fn weights_and_config(
     checkpoint: &std::path::Path,
-    config_file: Option<&std::path::Path>,
-) -> Result<(ModelConfig, TensorMap), ModelError> {
+    choice: ConfigChoice<'_>,
+) -> Result<(ModelConfig, TensorMap, String), ModelError> {
     let weights = crate::checkpoint::read_weights(checkpoint)?;
-    let config = match (config_file, &weights.config_json) {
-        (Some(path), _) => {
-            let text =
-                std::fs::read_to_string(path).map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))?;
-            ModelConfig::from_json(&text).map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))?
+    let at = |what: &str, e: String| ModelError::Config(format!("{}: {what}{e}", checkpoint.display()));
+    let (config, source) = match (choice, &weights.config_json, &weights.lfm_args) {
+        (ConfigChoice::File(path), _, _) => (read_config(path)?, format!("from {}", path.display())),
+        (ConfigChoice::Preset(name), _, _) => {
+            (Preset::find(name).map_err(ModelError::Config)?.model(), format!("preset {name}"))
         }
-        (None, Some(json)) => ModelConfig::from_json(json)
-            .map_err(|e| ModelError::Config(format!("{}: metadata: {e}", checkpoint.display())))?,
-        (None, None) => ModelConfig::infer(&weights.tensors)
-            .map_err(|e| ModelError::Config(format!("{}: {e}", checkpoint.display())))?,
+        (ConfigChoice::Detect, Some(json), _) => {
+            (ModelConfig::from_json(json).map_err(|e| at("metadata: ", e))?, "from the file's metadata".into())
+        }
+        (ConfigChoice::Detect, None, Some(args)) => (
+            ModelConfig::from_lfm_args(args.clone()).map_err(|e| at("args: ", e))?,
+            "from the LFM training flags saved in the file".into(),
+        ),
+        (ConfigChoice::Detect, None, None) => {
+            (ModelConfig::infer(&weights.tensors).map_err(|e| at("", e))?, "inferred from the weights".into())
+        }
     };
     config.validate().map_err(ModelError::Config)?;
-    Ok((config, weights.tensors))
+    Ok((config, weights.tensors, source))
 }

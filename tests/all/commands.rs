@@ -2,7 +2,7 @@
 
 use lfm::backend::Cpu;
 use lfm::checkpoint::{collect_weights, read_safetensors, read_weights, write_safetensors, TensorMap};
-use lfm::models::dit::DIT_KEYS;
+use lfm::models::dit::dit_keys;
 use lfm::models::{DiTConfig, ModelConfig};
 
 use crate::common::*;
@@ -16,10 +16,10 @@ fn config_file(dir: &std::path::Path, case: &str) -> String {
 #[test]
 fn dit_architecture_is_inferred_from_names_and_shapes() {
     let config = DiTConfig::named("DiT-S/4", 16, 4, 10, 0.1).unwrap();
-    let weights = collect_weights(&config.init::<Cpu>(&cpu()), DIT_KEYS);
+    let weights = collect_weights(&config.init::<Cpu>(&cpu()), &dit_keys());
     assert_eq!(ModelConfig::infer(&weights).unwrap(), ModelConfig::Dit(config));
     let unconditional = DiTConfig::named("DiT-S/2", 8, 4, 1, 0.0).unwrap();
-    let weights = collect_weights(&unconditional.init::<Cpu>(&cpu()), DIT_KEYS);
+    let weights = collect_weights(&unconditional.init::<Cpu>(&cpu()), &dit_keys());
     assert_eq!(ModelConfig::infer(&weights).unwrap(), ModelConfig::Dit(unconditional));
 }
 
@@ -111,4 +111,60 @@ fn a_missing_checkpoint_is_one_clear_line() {
     let (ok, _, stderr) = lfm(&["inspect", "/no/such/model_475.pth"]);
     assert!(!ok);
     assert!(stderr.starts_with("error: /no/such/model_475.pth: no such file"), "{stderr}");
+}
+
+/// Both UNets need no flags at all: their architecture is inferred from the `.pth`, and `lfm velocity` reproduces
+/// the reference; labels are refused for an unconditional UNet and CFG for the guided one.
+#[test]
+fn unet_checkpoints_evaluate_with_no_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    for (case, family) in [("adm_origin_tiny", "guided-diffusion UNet"), ("adm_edm_tiny", "EDM DhariwalUNet")] {
+        let ckpt = fixture(&format!("{case}/model.pth"));
+        let (ok, stdout, stderr) = lfm(&["inspect", ckpt.to_str().unwrap()]);
+        assert!(ok, "{stderr}");
+        assert!(stdout.contains(&format!("network: {family} (inferred from the weights)")), "{stdout}");
+        let output = dir.path().join(format!("{case}.safetensors"));
+        let input = fixture(&format!("{case}/io.safetensors"));
+        let velocity = |extra: &[&str]| {
+            let mut args = vec![
+                "--backend",
+                "cpu",
+                "velocity",
+                "--checkpoint",
+                ckpt.to_str().unwrap(),
+                "--input",
+                input.to_str().unwrap(),
+                "--output",
+                output.to_str().unwrap(),
+                "--force",
+            ];
+            args.extend_from_slice(extra);
+            lfm(&args)
+        };
+        let (ok, _, stderr) = velocity(&[]);
+        assert!(ok, "{stderr}");
+        let v = read_safetensors(&output).unwrap().0;
+        assert_close(case, &v["v"].to_f32(), &get(&io(case), "v").to_f32(), 1e-5, 1e-6);
+        if case == "adm_origin_tiny" {
+            let (ok, _, stderr) = velocity(&["--cfg-scale", "2"]);
+            assert!(!ok && stderr.contains("not defined for the guided-diffusion UNet"), "{stderr}");
+        }
+    }
+    // Labels for an unconditional UNet.
+    let mut inputs = io("adm_edm_tiny");
+    inputs.insert("y".into(), lfm::checkpoint::HostTensor::i64(vec![2], vec![0, 1]));
+    let labelled = dir.path().join("labelled.safetensors");
+    write_safetensors(&labelled, &inputs, None).unwrap();
+    let (ok, _, stderr) = lfm(&[
+        "--backend",
+        "cpu",
+        "velocity",
+        "--checkpoint",
+        fixture("adm_edm_tiny/model.pth").to_str().unwrap(),
+        "--input",
+        labelled.to_str().unwrap(),
+        "--output",
+        dir.path().join("never.safetensors").to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("unconditional: it takes no labels"), "{stderr}");
 }

@@ -94,3 +94,31 @@ pub fn wgpu() -> Option<WgpuDevice> {
     eprintln!("skipping the wgpu half of this test: no wgpu adapter (apt-get install mesa-vulkan-drivers)");
     None
 }
+
+/// A file from the shared read-only reference folder (`../shared/…`: golden tensors, real weights that may not be
+/// committed). `None` (with a message) when absent; under `CI=true` absence is a failure.
+pub fn shared(rel: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared").join(rel);
+    if path.exists() {
+        return Some(path);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{} is missing under CI=true", path.display());
+    }
+    eprintln!("skipping: {} is not present", path.display());
+    None
+}
+
+/// The constructor kwargs of a golden case's `config.json`.
+pub fn constructor_kwargs(case: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture(&format!("{case}/config.json"))).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["constructor"]["kwargs"].clone()
+}
+
+/// The LFM command-line flags of a golden case's `config.json`, as a JSON object.
+pub fn lfm_flags(case: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture(&format!("{case}/config.json"))).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["lfm_flags"].clone()
+}

@@ -122,3 +122,17 @@ fn named_sizes_have_the_reference_parameter_counts() {
         );
     }
 }
+
+#[test]
+fn label_dropout_replaces_labels_by_the_null_row() {
+    let model = load::<Cpu>("dit_tiny_cond_cfg", "model.pth", &cpu());
+    let labels = || burn::tensor::Tensor::<Cpu, 1, burn::tensor::Int>::from_ints([0, 3, 9, 5, 1, 2, 7, 8], &cpu());
+    let int_values =
+        |t: burn::tensor::Tensor<Cpu, 1, burn::tensor::Int>| t.into_data().convert::<i64>().to_vec::<i64>().unwrap();
+    assert_eq!(int_values(model.y_embedder.drop_labels(labels(), 0.0)), vec![0, 3, 9, 5, 1, 2, 7, 8]);
+    assert_eq!(int_values(model.y_embedder.drop_labels(labels(), 1.0)), vec![10; 8]);
+    let half: Vec<i64> = (0..64).flat_map(|_| int_values(model.y_embedder.drop_labels(labels(), 0.5))).collect();
+    let dropped = half.iter().filter(|&&y| y == 10).count() as f64 / half.len() as f64;
+    assert!((dropped - 0.5).abs() < 0.08, "dropped {dropped:.3} of the labels with p = 0.5");
+    assert!(half.iter().all(|y| (0..=10).contains(y)));
+}

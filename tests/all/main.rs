@@ -1,9 +1,13 @@
 //! lfm's integration tests, in one binary (each test binary re-monomorphises Burn, so one keeps CI fast).
 
+mod autoencoder;
 mod checkpoint;
 mod cli;
 mod commands;
 mod common;
 mod dit;
+mod edm;
 mod flow;
+mod model_config;
 mod solver;
+mod unet;

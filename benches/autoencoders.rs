@@ -1,0 +1,59 @@
+//! Decoding a batch of 8 LFM latents (4×32×32, i.e. 256-px images) with the KL decoder (sd-vae-ft-mse's
+//! configuration, random weights) and with TAESD, on cpu and wgpu, in images/s.
+//!
+//! A plain harness (a KL decode of 8 images takes many seconds on a CPU): one warm-up, then `LFM_BENCH_REPS`
+//! (default 3) timed runs, median reported. Run: `cargo bench --features cuda --profile dev --bench autoencoders`.
+
+use std::time::{Duration, Instant};
+
+use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor};
+use lfm::autoencoder::{Autoencoder, AutoencoderKLConfig, Taesd};
+use lfm::backend::{Cpu, Wgpu, WgpuDevice};
+
+const BATCH: usize = 8;
+
+fn time<B: Backend>(model: &dyn Autoencoder<B>, z: &Tensor<B, 4>, reps: usize) -> Duration {
+    let run = || {
+        let images = model.decode_sliced(z.clone(), BATCH);
+        let _: f32 = images.slice([0..1, 0..1, 0..1, 0..1]).into_scalar().elem();
+    };
+    run();
+    let mut times: Vec<Duration> = (0..reps)
+        .map(|_| {
+            let start = Instant::now();
+            run();
+            start.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn bench_backend<B: Backend>(backend: &str, device: &B::Device, reps: usize) {
+    let z = Tensor::<B, 4>::random([BATCH, 4, 32, 32], Distribution::Normal(0.0, 1.0), device);
+    let kl = AutoencoderKLConfig::sd_vae_ft_mse().init::<B>(device);
+    let taesd = Taesd::<B>::init(device);
+    let kl_time = time::<B>(&kl, &z, reps);
+    let taesd_time = time::<B>(&taesd, &z, reps);
+    for (name, t) in [("KL (sd-vae-ft-mse)", kl_time), ("TAESD", taesd_time)] {
+        println!(
+            "{backend:5} decode {BATCH}×4×32×32 {name:18}: {:9.1} ms  {:8.2} images/s",
+            t.as_secs_f64() * 1e3,
+            BATCH as f64 / t.as_secs_f64()
+        );
+    }
+    println!(
+        "{backend:5} TAESD is {:.1}× faster than the KL decoder",
+        kl_time.as_secs_f64() / taesd_time.as_secs_f64()
+    );
+}
+
+fn main() {
+    let reps = std::env::var("LFM_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    bench_backend::<Cpu>("cpu", &Default::default(), reps);
+    if lfm::backend::wgpu_adapters().is_empty() {
+        println!("wgpu: no adapter, skipped");
+    } else {
+        bench_backend::<Wgpu>("wgpu", &WgpuDevice::DefaultDevice, reps);
+    }
+}

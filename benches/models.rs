@@ -1,0 +1,66 @@
+//! Forward-pass throughput of DiT-B/2 and of the celeb256 guided-diffusion UNet on 4×32×32 latents, batch 1 and 8,
+//! on cpu and wgpu, in GFLOP/s from the analytic FLOP count (`ModelConfig::flops`: 2 per multiply-add of every
+//! convolution, linear layer and attention matmul).
+//!
+//! A full-size forward pass takes seconds on a CPU, so this is a plain harness rather than criterion: one warm-up
+//! pass, then `LFM_BENCH_REPS` (default 3) timed passes; the median is reported.
+//! Run: `cargo bench --features cuda --profile dev --bench models` (`--release` for publishable numbers).
+
+use std::time::{Duration, Instant};
+
+use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor};
+use lfm::backend::{Cpu, Wgpu, WgpuDevice};
+use lfm::models::{DiTConfig, ModelConfig, Preset, VelocityModel};
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn bench_model<B: Backend>(backend: &str, name: &str, config: &ModelConfig, device: &B::Device, reps: usize) {
+    let model = VelocityModel::<B>::init(config, device);
+    let side = config.latent_size();
+    for batch in [1usize, 8] {
+        let x = Tensor::<B, 4>::random([batch, 4, side, side], Distribution::Normal(0.0, 1.0), device);
+        let t = Tensor::<B, 1>::from_floats([0.5], device);
+        let run = || {
+            let v = model.forward(t.clone(), x.clone(), None);
+            // Reading one value back waits for the device.
+            let _: f32 = v.slice([0..1, 0..1, 0..1, 0..1]).into_scalar().elem();
+        };
+        run();
+        let times: Vec<Duration> = (0..reps)
+            .map(|_| {
+                let start = Instant::now();
+                run();
+                start.elapsed()
+            })
+            .collect();
+        let time = median(times);
+        let gflop = config.flops() * batch as f64 / 1e9;
+        println!(
+            "{backend:5} {name:22} batch {batch}: {:9.1} ms  {:7.1} GFLOP  {:7.1} GFLOP/s",
+            time.as_secs_f64() * 1e3,
+            gflop,
+            gflop / time.as_secs_f64()
+        );
+    }
+}
+
+fn bench_backend<B: Backend>(backend: &str, device: &B::Device, reps: usize) {
+    let dit = ModelConfig::Dit(DiTConfig::named("DiT-B/2", 32, 4, 1, 0.0).expect("named size"));
+    let unet = Preset::find("celeb256_adm").expect("preset").model();
+    bench_model::<B>(backend, "DiT-B/2", &dit, device, reps);
+    bench_model::<B>(backend, "celeb256 guided UNet", &unet, device, reps);
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a name filter is not supported by this harness.
+    let reps = std::env::var("LFM_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    bench_backend::<Cpu>("cpu", &Default::default(), reps);
+    if lfm::backend::wgpu_adapters().is_empty() {
+        println!("wgpu: no adapter, skipped");
+    } else {
+        bench_backend::<Wgpu>("wgpu", &WgpuDevice::DefaultDevice, reps);
+    }
+}

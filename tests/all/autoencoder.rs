@@ -1,0 +1,168 @@
+//! The KL VAE against `golden/vae_tiny` (diffusers), TAESD's real weights on a real photograph, the CPU im2col
+//! convolution against Burn's, and `lfm encode` / `lfm decode`.
+
+use burn::tensor::{backend::Backend, Distribution, Tensor};
+use lfm::autoencoder::{Autoencoder, AutoencoderKL, AutoencoderKLConfig, AutoencoderKind, AutoencoderWeights};
+use lfm::backend::{Cpu, Wgpu};
+use lfm::checkpoint::{read_weights, CheckpointError};
+
+use crate::common::*;
+
+fn vae_config() -> AutoencoderKLConfig {
+    AutoencoderKLConfig::from_json(&constructor_kwargs("vae_tiny").to_string()).unwrap()
+}
+
+fn vae<B: Backend>(device: &B::Device) -> AutoencoderKL<B> {
+    let weights = read_weights(&fixture("vae_tiny/model.safetensors")).unwrap().tensors;
+    AutoencoderKL::load(&vae_config(), &weights, device).unwrap()
+}
+
+fn vae_parity<B: Backend>(device: &B::Device, rel: f64) {
+    let io = io("vae_tiny");
+    let model = vae::<B>(device);
+    let x = tensor::<B, 4>(get(&io, "x"), device);
+    let close = |what: &str, got: Tensor<B, 4>, want: &str| {
+        assert_close(what, &values(got), &get(&io, want).to_f32(), rel, 1e-6)
+    };
+    close("moments", model.moments(x.clone()), "moments");
+    let posterior = model.posterior(x.clone());
+    close("mean", posterior.mean.clone(), "mean");
+    close("logvar", posterior.logvar.clone(), "logvar");
+    let eps = tensor::<B, 4>(get(&io, "eps"), device);
+    close("latent_sample", posterior.sample_with(eps.clone()), "latent_sample");
+    // Through the trait: LFM's scaled z, and back.
+    close("latent_scaled", Autoencoder::encode(&model, x, Some(eps)), "latent_scaled");
+    close("decoded", model.decode_unscaled(tensor(get(&io, "z"), device)), "decoded");
+    let scaled = tensor::<B, 4>(get(&io, "latent_scaled"), device);
+    close("decoded_from_sample", Autoencoder::decode(&model, scaled.clone()), "debug.decoded_from_sample");
+    close("sliced", model.decode_sliced(scaled, 1), "debug.decoded_from_sample");
+}
+
+#[test]
+fn kl_vae_matches_diffusers_on_cpu() {
+    vae_parity::<Cpu>(&cpu(), 1e-5);
+}
+
+#[test]
+fn kl_vae_matches_diffusers_on_wgpu() {
+    let Some(device) = wgpu() else { return };
+    vae_parity::<Wgpu>(&device, 1e-4);
+}
+
+#[test]
+fn cpu_im2col_convolution_equals_burns_convolution() {
+    for (c_in, c_out, k, h, w) in [(3, 5, 3, 7, 9), (8, 4, 1, 5, 3), (4, 6, 3, 1, 1)] {
+        let x = Tensor::<Cpu, 4>::random([2, c_in, h, w], Distribution::Normal(0.0, 1.0), &cpu());
+        let weight = Tensor::<Cpu, 4>::random([c_out, c_in, k, k], Distribution::Normal(0.0, 1.0), &cpu());
+        let bias = Tensor::<Cpu, 1>::random([c_out], Distribution::Normal(0.0, 1.0), &cpu());
+        let options = burn::tensor::ops::ConvOptions::new([1, 1], [k / 2, k / 2], [1, 1], 1);
+        let want = burn::tensor::module::conv2d(x.clone(), weight.clone(), Some(bias.clone()), options);
+        let got = lfm::nn::conv2d_im2col(x, weight, Some(bias));
+        assert_close(&format!("{c_in}→{c_out} k{k} {h}×{w}"), &values(got), &values(want), 1e-5, 1e-5);
+    }
+}
+
+fn taesd_weights() -> Option<AutoencoderWeights> {
+    let dir = shared("assets/taesd")?;
+    Some(AutoencoderWeights::read(AutoencoderKind::Taesd, &dir, None).unwrap())
+}
+
+/// PSNR in dB between two 8-bit images.
+fn psnr(a: &[u8], b: &[u8]) -> f64 {
+    let mse = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>() / a.len() as f64;
+    10.0 * (255.0f64.powi(2) / mse).log10()
+}
+
+fn taesd_round_trip<B: Backend>(device: &B::Device) -> f64 {
+    let Some(weights) = taesd_weights() else { return f64::INFINITY };
+    let model = weights.load::<B>(device).unwrap();
+    let photo = lfm::image::read_rgb(&fixture("astronaut_256.png")).unwrap();
+    let x = lfm::image::to_tensor::<B>(std::slice::from_ref(&photo), device).unwrap();
+    let z = model.encode(x, None);
+    assert_eq!(z.dims(), [1, 4, 32, 32]);
+    let back = lfm::image::from_tensor(model.decode(z));
+    let db = psnr(&back[0].pixels, &photo.pixels);
+    eprintln!("TAESD round trip of the 256-px astronaut: {db:.2} dB PSNR");
+    db
+}
+
+#[test]
+fn taesd_reconstructs_a_photograph_on_cpu() {
+    let db = taesd_round_trip::<Cpu>(&cpu());
+    assert!(db >= 22.0, "TAESD round trip PSNR {db:.2} dB < 22 dB");
+}
+
+#[test]
+fn taesd_reconstructs_a_photograph_on_wgpu() {
+    let Some(device) = wgpu() else { return };
+    let db = taesd_round_trip::<Wgpu>(&device);
+    assert!(db >= 22.0, "TAESD round trip PSNR {db:.2} dB < 22 dB");
+}
+
+#[test]
+fn weights_of_the_wrong_model_are_refused_by_name_and_shape() {
+    let Some(dir) = shared("assets/taesd") else { return };
+    // TAESD's decoder file given as a KL VAE.
+    let file = dir.join("taesd_decoder.safetensors");
+    let as_kl = AutoencoderWeights::read(AutoencoderKind::Kl, &file, None).unwrap();
+    let err = as_kl.load::<Cpu>(&cpu()).unwrap_err();
+    let lfm::autoencoder::AutoencoderError::Checkpoint(CheckpointError::Mismatch(report)) = &err else {
+        panic!("{err}")
+    };
+    assert!(
+        report.missing.iter().any(|k| k == "encoder.conv_in.weight")
+            && report.unexpected.iter().any(|k| k == "1.weight")
+    );
+    // The VAE's weights in place of TAESD's halves.
+    let tmp = tempfile::tempdir().unwrap();
+    for half in ["taesd_encoder", "taesd_decoder"] {
+        std::fs::copy(fixture("vae_tiny/model.safetensors"), tmp.path().join(format!("{half}.safetensors"))).unwrap();
+    }
+    let err =
+        AutoencoderWeights::read(AutoencoderKind::Taesd, tmp.path(), None).unwrap().load::<Cpu>(&cpu()).unwrap_err();
+    assert!(err.to_string().contains("missing from the file"), "{err}");
+    // A folder with no weights.
+    let err = AutoencoderWeights::read(AutoencoderKind::Taesd, &fixture("dit_tiny"), None).unwrap_err();
+    assert!(err.to_string().contains("no taesd_encoder.safetensors or taesd_encoder.pth"), "{err}");
+}
+
+#[test]
+fn encode_and_decode_commands_round_trip() {
+    let Some(weights) = shared("assets/taesd") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let latents = dir.path().join("latents.safetensors");
+    let photo = fixture("astronaut_256.png");
+    let taesd = ["--autoencoder", "taesd", "--weights", weights.to_str().unwrap()];
+    let mut encode = vec!["--backend", "cpu", "encode", photo.to_str().unwrap(), photo.to_str().unwrap(), "--out"];
+    encode.push(latents.to_str().unwrap());
+    encode.extend_from_slice(&taesd);
+    let (ok, _, stderr) = lfm(&encode);
+    assert!(ok, "{stderr}");
+    let z = lfm::checkpoint::read_safetensors(&latents).unwrap().0;
+    assert_eq!(z["latents"].shape, vec![2, 4, 32, 32]);
+    let (ok, _, stderr) = lfm(&encode);
+    assert!(!ok && stderr.contains("exists; pass --force"), "{stderr}");
+
+    let out = dir.path().join("images");
+    let mut decode = vec!["--backend", "cpu", "decode", latents.to_str().unwrap(), "--out-dir", out.to_str().unwrap()];
+    decode.extend_from_slice(&taesd);
+    let (ok, _, stderr) = lfm(&decode);
+    assert!(ok, "{stderr}");
+    let image = lfm::image::read_rgb(&out.join("00001.png")).unwrap();
+    assert_eq!((image.width, image.height), (256, 256));
+    let original = lfm::image::read_rgb(&photo).unwrap();
+    assert!(psnr(&image.pixels, &original.pixels) >= 22.0);
+    let (ok, _, stderr) = lfm(&decode);
+    assert!(!ok && stderr.contains("pass --force"), "{stderr}");
+
+    // An image whose sides are not multiples of 8.
+    let odd = dir.path().join("odd.png");
+    lfm::image::write_rgb(&odd, &lfm::image::RgbImage { width: 20, height: 12, pixels: vec![128; 20 * 12 * 3] })
+        .unwrap();
+    let mut encode = vec!["--backend", "cpu", "encode", odd.to_str().unwrap(), "--out"];
+    let other = dir.path().join("odd.safetensors");
+    encode.push(other.to_str().unwrap());
+    encode.extend_from_slice(&taesd);
+    let (ok, _, stderr) = lfm(&encode);
+    assert!(!ok && stderr.contains("divisible by 8"), "{stderr}");
+}

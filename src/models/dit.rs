@@ -381,16 +381,10 @@ impl<B: Backend> DiT<B> {
         y: Tensor<B, 1, Int>,
         cfg_scale: f64,
     ) -> Tensor<B, 4> {
-        let n = x.dims()[0];
-        let half = x.narrow(0, 0, n / 2);
-        let out = self.forward(t, Tensor::cat(vec![half.clone(), half], 0), Some(y));
+        let out = self.forward(t, super::cfg_batch(x), Some(y));
         let c_in = self.config.in_channels;
         let c_out = self.config.out_channels();
-        let eps = out.clone().narrow(1, 0, c_in);
-        let cond = eps.clone().narrow(0, 0, n / 2);
-        let uncond = eps.narrow(0, n / 2, n / 2);
-        let guided = uncond.clone() + (cond - uncond).mul_scalar(cfg_scale);
-        let eps = Tensor::cat(vec![guided.clone(), guided], 0);
+        let eps = super::cfg_combine(out.clone().narrow(1, 0, c_in), cfg_scale);
         if c_out > c_in {
             Tensor::cat(vec![eps, out.narrow(1, c_in, c_out - c_in)], 1)
         } else {

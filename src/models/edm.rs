@@ -466,13 +466,8 @@ impl<B: Backend> EdmUNet<B> {
         y: Tensor<B, 1, Int>,
         cfg_scale: f64,
     ) -> Tensor<B, 4> {
-        let n = x.dims()[0];
-        let half = x.narrow(0, 0, n / 2);
-        let out = self.forward_inner(t, Tensor::cat(vec![half.clone(), half], 0), Some(y), true);
-        let cond = out.clone().narrow(0, 0, n / 2);
-        let uncond = out.narrow(0, n / 2, n / 2);
-        let guided = uncond.clone() + (cond - uncond).mul_scalar(cfg_scale);
-        Tensor::cat(vec![guided.clone(), guided], 0)
+        let out = self.forward_inner(t, super::cfg_batch(x), Some(y), true);
+        super::cfg_combine(out, cfg_scale)
     }
 
     /// Builds the network of `config` and fills it from a state_dict (keys without `module.`).

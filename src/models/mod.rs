@@ -126,6 +126,22 @@ impl<B: Backend> VelocityModel<B> {
     }
 }
 
+/// LFM's CFG batch: the first half of `[x; x]`, twice (the second half of the input is ignored, as in LFM).
+pub(crate) fn cfg_batch<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let n = x.dims()[0];
+    let half = x.narrow(0, 0, n / 2);
+    Tensor::cat(vec![half.clone(), half], 0)
+}
+
+/// From outputs on a CFG batch (conditional half, then unconditional half): `v_u + s·(v_c − v_u)`, for both halves.
+pub(crate) fn cfg_combine<B: Backend>(out: Tensor<B, 4>, scale: f64) -> Tensor<B, 4> {
+    let n = out.dims()[0];
+    let cond = out.clone().narrow(0, 0, n / 2);
+    let uncond = out.narrow(0, n / 2, n / 2);
+    let guided = uncond.clone() + (cond - uncond).mul_scalar(scale);
+    Tensor::cat(vec![guided.clone(), guided], 0)
+}
+
 /// Why a model could not be prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

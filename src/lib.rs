@@ -17,4 +17,5 @@ pub mod io;
 pub mod models;
 pub mod nn;
 pub mod noise;
+pub mod sample;
 pub mod solver;

@@ -3,6 +3,7 @@
 mod autoencode;
 mod devices;
 mod inspect;
+mod sample;
 mod velocity;
 
 use std::path::PathBuf;
@@ -66,6 +67,8 @@ pub enum Command {
     Convert(inspect::ConvertArgs),
     /// Evaluate v = model(t, x, y) on tensors from a safetensors file (parity checks against PyTorch).
     Velocity(velocity::VelocityArgs),
+    /// Sample images (or latents) from a checkpoint: noise → ODE (dopri5/euler/midpoint/heun/rk4) → autoencoder.
+    Sample(Box<sample::SampleArgs>),
     /// Encode images into LFM latents (scaled) with the KL VAE or TAESD.
     Encode(autoencode::EncodeArgs),
     /// Decode LFM latents into images with the KL VAE or TAESD.
@@ -79,6 +82,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::inspect(args),
         Command::Convert(args) => inspect::convert(args),
         Command::Velocity(args) => velocity::run(args, cli.backend),
+        Command::Sample(args) => sample::run(*args, cli.backend),
         Command::Encode(args) => autoencode::encode(args, cli.backend),
         Command::Decode(args) => autoencode::decode(args, cli.backend),
     }

@@ -94,6 +94,40 @@ impl ModelConfig {
         }
     }
 
+    /// The labels the network accepts: `None` for an unconditional network, else the number of valid labels
+    /// (DiT: its table rows, including the null class; UNets: their classes).
+    pub fn label_count(&self) -> Option<usize> {
+        match self {
+            Self::Dit(c) => (c.num_classes > 1 || c.label_dropout > 0.0).then(|| c.label_rows()),
+            Self::GuidedUnet(c) => c.num_classes,
+            Self::EdmUnet(c) => (c.label_dim > 0).then_some(c.label_dim),
+        }
+    }
+
+    /// The number of real classes of a class-conditional network (DiT: without the null row), `None` if
+    /// unconditional.
+    pub fn classes(&self) -> Option<usize> {
+        match self {
+            Self::Dit(c) => self.label_count().map(|_| c.num_classes),
+            _ => self.label_count(),
+        }
+    }
+
+    /// The label of the "unconditional" half of a CFG batch: DiT's null row (only with label dropout), EDM's 0
+    /// (whose one-hot is zeroed); `None` when the network has no CFG.
+    pub fn null_label(&self) -> Option<i64> {
+        match self {
+            Self::Dit(c) => (c.label_dropout > 0.0).then_some(c.num_classes as i64),
+            Self::EdmUnet(c) => (c.label_dim > 0).then_some(0),
+            Self::GuidedUnet(_) => None,
+        }
+    }
+
+    /// Whether LFM defines classifier-free guidance for this network (DiT and EDM; not the guided UNet).
+    pub fn supports_cfg(&self) -> bool {
+        !matches!(self, Self::GuidedUnet(_))
+    }
+
     /// Side of the latent the network was built for.
     pub fn latent_size(&self) -> usize {
         match self {

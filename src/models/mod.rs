@@ -47,20 +47,25 @@ impl<B: Backend> VelocityModel<B> {
         }
     }
 
-    /// The labels the network accepts: `None` for an unconditional network, else the number of valid labels
-    /// (DiT: its table rows, including the null class; UNets: their classes).
-    pub fn label_count(&self) -> Option<usize> {
-        match self {
-            Self::Dit(m) => (m.config.num_classes > 1 || m.config.label_dropout > 0.0).then(|| m.config.label_rows()),
-            Self::GuidedUnet(m) => m.config.num_classes,
-            Self::EdmUnet(m) => (m.config.label_dim > 0).then_some(m.config.label_dim),
-        }
+    /// See [`ModelConfig::classes`].
+    pub fn classes(&self) -> Option<usize> {
+        self.config().classes()
+    }
+
+    /// See [`ModelConfig::null_label`].
+    pub fn null_label(&self) -> Option<i64> {
+        self.config().null_label()
+    }
+
+    /// See [`ModelConfig::supports_cfg`].
+    pub fn supports_cfg(&self) -> bool {
+        self.config().supports_cfg()
     }
 
     /// Checks labels before a forward pass: a class-conditional UNet needs them, an unconditional one takes none,
     /// and every label must be a valid row. (The DiT falls back to its last row, as the reference does.)
     pub fn check_labels(&self, labels: Option<&[i64]>) -> Result<(), String> {
-        let count = self.label_count();
+        let count = self.config().label_count();
         match (labels, count, self) {
             (None, Some(_), Self::GuidedUnet(_) | Self::EdmUnet(_)) => {
                 Err("this model is class-conditional: pass labels `y`".into())
@@ -109,11 +114,6 @@ impl<B: Backend> VelocityModel<B> {
                     .into(),
             )),
         }
-    }
-
-    /// Whether LFM defines classifier-free guidance for this network (DiT and EDM; not the guided UNet).
-    pub fn supports_cfg(&self) -> bool {
-        !matches!(self, Self::GuidedUnet(_))
     }
 
     /// The configuration the network was built from.

@@ -9,5 +9,6 @@ mod dit;
 mod edm;
 mod flow;
 mod model_config;
+mod sample;
 mod solver;
 mod unet;

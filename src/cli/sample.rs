@@ -1,0 +1,524 @@
+//! `lfm sample`: checkpoint → noise → ODE → latents → images.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::ModelSource;
+use crate::autoencoder::{Autoencoder, AutoencoderKind, AutoencoderWeights};
+use crate::backend::{self, BackendChoice, OnBackend};
+use crate::checkpoint::{read_safetensors, write_safetensors, HostTensor, TensorMap};
+use crate::image::{read_rgb, write_rgb, RgbImage};
+use crate::models::{weights_and_config, ConfigChoice, ModelConfig, Preset, VelocityModel};
+use crate::sample::{labels, noise, sample_batch, BatchInput, ClassChoice, Guidance, Summary};
+use crate::solver::{Grid, Method, SolveOptions};
+
+/// Arguments of `lfm sample`.
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    /// The velocity network's checkpoint (LFM's model_<E>.pth, content.pth, or lfm's .safetensors).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Where the architecture comes from (a preset also sets LFM's CFG scale).
+    #[command(flatten)]
+    pub model: ModelSource,
+    /// Number of samples.
+    #[arg(short = 'n', long, default_value_t = 16)]
+    pub num_samples: usize,
+    /// Samples per ODE solve (the adaptive error norm runs over the whole batch, as in LFM).
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Seed: sample i gets the same noise and label for a seed, whatever the batch size.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// A safetensors file with the initial noise `x1` [N, C, h, w] and optionally labels `y` [N].
+    #[arg(long)]
+    pub noise: Option<PathBuf>,
+    /// ODE solver.
+    #[arg(long, default_value = "dopri5", value_parser = parse_method)]
+    pub solver: Method,
+    /// Relative tolerance of dopri5.
+    #[arg(long, default_value_t = 1e-5)]
+    pub rtol: f64,
+    /// Absolute tolerance of dopri5.
+    #[arg(long, default_value_t = 1e-5)]
+    pub atol: f64,
+    /// Fixed-step solvers: number of steps.
+    #[arg(long, conflicts_with = "step_size")]
+    pub steps: Option<usize>,
+    /// Fixed-step solvers: step size on torchdiffeq's grid (LFM's --step_size, default 0.01).
+    #[arg(long)]
+    pub step_size: Option<f64>,
+    /// Give up after this many velocity evaluations per batch.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_nfe: usize,
+    /// Class-conditional models: a class index, `random` (LFM's choice) or `uniform` (i mod classes).
+    #[arg(long, default_value = "random")]
+    pub class: ClassChoice,
+    /// Classifier-free guidance scale (DiT, EDM UNet; applied when > 1 as in LFM). Default: the preset's.
+    #[arg(long)]
+    pub cfg_scale: Option<f64>,
+    /// Inpainting: the image (its size must be 8× the latent's).
+    #[arg(long, requires = "mask")]
+    pub image: Option<PathBuf>,
+    /// Inpainting: the mask as in LFM's evaluation set, black = region to generate, white = kept.
+    #[arg(long, requires = "image")]
+    pub mask: Option<PathBuf>,
+    /// Inpainting: read the mask as white = region to generate.
+    #[arg(long)]
+    pub mask_white_is_hole: bool,
+    /// The autoencoder that decodes the latents.
+    #[arg(long, value_enum, default_value = "kl")]
+    pub autoencoder: AutoencoderKind,
+    /// Autoencoder weights (see `lfm decode --help`); required unless --latents-only.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// KL only: a diffusers config.json for the autoencoder.
+    #[arg(long)]
+    pub vae_config: Option<PathBuf>,
+    /// Images per decoder pass.
+    #[arg(long, default_value_t = 4)]
+    pub decode_batch: usize,
+    /// Do not decode: only write the latents (needs --save-latents).
+    #[arg(long)]
+    pub latents_only: bool,
+    /// Write the final latents `x0` (and labels `y`) with the run's statistics in the metadata.
+    #[arg(long)]
+    pub save_latents: Option<PathBuf>,
+    /// Write all samples as one PNG grid.
+    #[arg(long)]
+    pub grid: Option<PathBuf>,
+    /// Images per grid row (default: ⌈√n⌉).
+    #[arg(long)]
+    pub nrow: Option<usize>,
+    /// Write one image per sample into this folder (00000.png, …).
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+    /// Image format of --out-dir.
+    #[arg(long, default_value = "png", value_parser = ["png", "jpg"])]
+    pub format: String,
+    /// Numeric precision of the network (only f32 is built in this version).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+    pub precision: String,
+    /// Overwrite existing outputs.
+    #[arg(long)]
+    pub force: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_method(s: &str) -> Result<Method, String> {
+    s.parse().map_err(|e: crate::solver::SolverError| e.to_string())
+}
+
+/// The inpainting inputs, on the host.
+struct Inpaint {
+    image: RgbImage,
+    /// 1 = generate, 0 = keep, per pixel.
+    hole: Vec<f32>,
+}
+
+struct Job {
+    config: ModelConfig,
+    weights: TensorMap,
+    autoencoder: Option<AutoencoderWeights>,
+    noise: Option<(HostTensor, Option<Vec<i64>>)>,
+    inpaint: Option<Inpaint>,
+    args: SampleArgs,
+    cfg_scale: Option<f64>,
+}
+
+/// What a run produced.
+struct Output {
+    summary: Summary,
+    latents: HostTensor,
+    labels: Option<Vec<i64>>,
+    images: Vec<RgbImage>,
+}
+
+fn bar(n: usize) -> ProgressBar {
+    let bar = ProgressBar::new(n as u64);
+    bar.set_style(
+        ProgressStyle::with_template("sampling {bar:30} {pos}/{len} samples {msg} [{elapsed} < {eta}]")
+            .expect("valid template"),
+    );
+    bar
+}
+
+fn host_f32<B: Backend>(t: Tensor<B, 4>) -> anyhow::Result<HostTensor> {
+    let shape = t.dims().to_vec();
+    Ok(HostTensor::f32(shape, t.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?))
+}
+
+impl OnBackend for Job {
+    type Output = anyhow::Result<Output>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let args = &self.args;
+        let model = VelocityModel::<B>::load(&self.config, &self.weights, &device)?;
+        let autoencoder = self.autoencoder.as_ref().map(|w| w.load::<B>(&device)).transpose()?;
+        let side = self.config.latent_size();
+        let (c_in, c_out) = self.config.channels();
+        let extra = c_in - c_out;
+        if let Some(ae) = &autoencoder {
+            anyhow::ensure!(
+                ae.latent_channels() == c_out,
+                "the autoencoder has {} latent channels but the model produces {c_out}: they do not belong together",
+                ae.latent_channels()
+            );
+        }
+        let n = self.noise.as_ref().map_or(args.num_samples, |(x1, _)| x1.shape[0]);
+        let classes = model.classes();
+        let guidance = Guidance { cfg_scale: self.cfg_scale, null_label: model.null_label().unwrap_or(0) };
+        let options = solve_options(args);
+        // Inpainting: the masked image's latent and the ±1 mask on the latent grid, the same for every sample.
+        let condition = match (&self.inpaint, &autoencoder) {
+            (Some(inpaint), Some(ae)) => {
+                let f = ae.factor();
+                let (w, h) = (inpaint.image.width, inpaint.image.height);
+                let image = crate::image::to_tensor::<B>(std::slice::from_ref(&inpaint.image), &device)?;
+                let hole = Tensor::<B, 4>::from_data(
+                    TensorData::new(inpaint.hole.clone(), [1, 1, h, w]).convert::<B::FloatElem>(),
+                    &device,
+                );
+                // LFM: masked = (1 − hole)·image in [0, 1], then to [-1, 1]; mask ±1, nearest-resized.
+                let masked = (image.add_scalar(1.0).div_scalar(2.0) * hole.clone().neg().add_scalar(1.0))
+                    .mul_scalar(2.0)
+                    .sub_scalar(1.0);
+                let eps = noise::<B>(args.seed ^ 0xC0DE, 0, 1, [c_out, h / f, w / f], &device);
+                let latent = ae.encode(masked, Some(eps));
+                let mask = hole.mul_scalar(2.0).sub_scalar(1.0);
+                let [_, _, lh, lw] = latent.dims();
+                let mask_small =
+                    mask.reshape([1, 1, lh, f, lw, f]).narrow(3, 0, 1).narrow(5, 0, 1).reshape([1, 1, lh, lw]);
+                Some(Tensor::cat(vec![latent, mask_small], 1))
+            }
+            _ => None,
+        };
+        if let Some(c) = &condition {
+            anyhow::ensure!(
+                c.dims()[1] == extra,
+                "the model reads {c_in} channels: {c_out} latent + {extra} conditioning, but inpainting supplies {}",
+                c.dims()[1]
+            );
+        } else {
+            anyhow::ensure!(
+                extra == 0,
+                "the model reads {c_in} channels ({extra} beyond its {c_out} output): it is a conditional model; \
+                 inpainting models (9 channels) need --image and --mask"
+            );
+        }
+        let progress = bar(n);
+        let mut summary = Summary::default();
+        let mut latents = Vec::with_capacity(n * c_out * side * side);
+        let mut all_labels = classes.map(|_| Vec::with_capacity(n));
+        let mut images = Vec::new();
+        let batch = args.batch_size.max(1);
+        for first in (0..n).step_by(batch) {
+            let count = batch.min(n - first);
+            let x1 = match &self.noise {
+                Some((x1, _)) => {
+                    let per = x1.numel() / x1.shape[0];
+                    let values = x1.to_f32()[first * per..(first + count) * per].to_vec();
+                    let shape = [count, x1.shape[1], x1.shape[2], x1.shape[3]];
+                    Tensor::from_data(TensorData::new(values, shape).convert::<B::FloatElem>(), &device)
+                }
+                None => noise::<B>(args.seed, first, count, [c_out, side, side], &device),
+            };
+            let batch_labels = match (classes, &self.noise) {
+                (None, _) => None,
+                (Some(_), Some((_, Some(y)))) => Some(y[first..first + count].to_vec()),
+                (Some(k), _) => Some(labels(args.class, k, args.seed, first, count)),
+            };
+            model.check_labels(batch_labels.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+            if let (Some(all), Some(y)) = (all_labels.as_mut(), &batch_labels) {
+                all.extend_from_slice(y);
+            }
+            let condition = condition.clone().map(|c| c.repeat_dim(0, count));
+            let input = BatchInput { noise: x1, labels: batch_labels, condition };
+            let mut on_eval = |t: f64, nfe: usize| progress.set_message(format!("t={t:.4} nfe={nfe}"));
+            let out = sample_batch(&model, input, &guidance, &options, &mut on_eval)?;
+            summary.add(count, &out.stats, out.seconds);
+            if let Some(ae) = &autoencoder {
+                let decoded = ae.decode_sliced(out.latents.clone(), args.decode_batch);
+                let mut batch_images = crate::image::from_tensor(decoded);
+                if let Some(inpaint) = &self.inpaint {
+                    for image in &mut batch_images {
+                        composite(image, &inpaint.image, &inpaint.hole);
+                    }
+                }
+                if let Some(dir) = &args.out_dir {
+                    for (i, image) in batch_images.iter().enumerate() {
+                        write_rgb(&dir.join(format!("{:05}.{}", first + i, args.format)), image)?;
+                    }
+                }
+                if args.grid.is_some() {
+                    images.extend(batch_images);
+                }
+            }
+            latents.extend(host_f32(out.latents)?.to_f32());
+            progress.inc(count as u64);
+        }
+        progress.finish_and_clear();
+        Ok(Output {
+            summary,
+            latents: HostTensor::f32(vec![n, c_out, side, side], latents),
+            labels: all_labels,
+            images,
+        })
+    }
+}
+
+/// LFM's composite: generated pixels in the hole, the original elsewhere.
+fn composite(generated: &mut RgbImage, original: &RgbImage, hole: &[f32]) {
+    for (p, &m) in hole.iter().enumerate() {
+        for c in 0..3 {
+            let (g, o) = (generated.pixels[3 * p + c] as f32, original.pixels[3 * p + c] as f32);
+            generated.pixels[3 * p + c] = (g * m + o * (1.0 - m)).round() as u8;
+        }
+    }
+}
+
+fn solve_options(args: &SampleArgs) -> SolveOptions {
+    SolveOptions {
+        method: args.solver,
+        rtol: args.rtol,
+        atol: args.atol,
+        grid: match (args.steps, args.step_size) {
+            (Some(steps), _) => Grid::Steps(steps),
+            (None, Some(h)) => Grid::StepSize(h),
+            (None, None) => Grid::StepSize(0.01),
+        },
+        max_nfe: Some(args.max_nfe),
+        ..SolveOptions::default()
+    }
+}
+
+/// torchvision's `make_grid`: `nrow` images per row, 2-pixel black padding.
+pub fn grid(images: &[RgbImage], nrow: usize) -> RgbImage {
+    let (w, h) = (images[0].width, images[0].height);
+    let pad = 2;
+    let cols = nrow.min(images.len()).max(1);
+    let rows = images.len().div_ceil(cols);
+    let (gw, gh) = (cols * (w + pad) + pad, rows * (h + pad) + pad);
+    let mut pixels = vec![0u8; gw * gh * 3];
+    for (i, image) in images.iter().enumerate() {
+        let (x0, y0) = (pad + (i % cols) * (w + pad), pad + (i / cols) * (h + pad));
+        for y in 0..h {
+            let src = &image.pixels[y * w * 3..(y + 1) * w * 3];
+            let at = ((y0 + y) * gw + x0) * 3;
+            pixels[at..at + w * 3].copy_from_slice(src);
+        }
+    }
+    RgbImage { width: gw, height: gh, pixels }
+}
+
+fn refuse_existing(path: &Path, force: bool) -> anyhow::Result<()> {
+    if path.exists() && !force {
+        anyhow::bail!("{} exists; pass --force to overwrite it", path.display());
+    }
+    Ok(())
+}
+
+fn read_inpaint(image: &Path, mask: &Path, white_is_hole: bool) -> anyhow::Result<Inpaint> {
+    let image = read_rgb(image)?;
+    let mask_image = read_rgb(mask)?;
+    anyhow::ensure!(
+        (mask_image.width, mask_image.height) == (image.width, image.height),
+        "the mask is {}×{} but the image is {}×{}: they must have one size",
+        mask_image.width,
+        mask_image.height,
+        image.width,
+        image.height
+    );
+    // LFM: mask = 1 − png/255 (black = hole). Grey levels are kept as they are, as in the reference.
+    let hole = mask_image
+        .pixels
+        .chunks(3)
+        .map(|p| {
+            let white = p[0] as f32 / 255.0;
+            if white_is_hole {
+                white
+            } else {
+                1.0 - white
+            }
+        })
+        .collect();
+    Ok(Inpaint { image, hole })
+}
+
+pub(crate) fn run(args: SampleArgs, choice: BackendChoice) -> anyhow::Result<()> {
+    if args.precision != "f32" {
+        anyhow::bail!(
+            "--precision {} is not available in this build: the networks run in f32 on every backend (f16/bf16 \
+             backends are not compiled in yet)",
+            args.precision
+        );
+    }
+    if args.latents_only {
+        anyhow::ensure!(args.save_latents.is_some(), "--latents-only writes nothing without --save-latents FILE");
+        anyhow::ensure!(
+            args.grid.is_none() && args.out_dir.is_none(),
+            "--latents-only does not decode: drop --grid/--out-dir or --latents-only"
+        );
+        anyhow::ensure!(args.image.is_none(), "inpainting composites decoded images: drop --latents-only");
+    } else {
+        anyhow::ensure!(
+            args.grid.is_some() || args.out_dir.is_some() || args.save_latents.is_some(),
+            "nothing to write: pass --grid FILE, --out-dir DIR and/or --save-latents FILE"
+        );
+    }
+    for path in [&args.grid, &args.save_latents].into_iter().flatten() {
+        refuse_existing(path, args.force)?;
+    }
+    if let Some(dir) = &args.out_dir {
+        let first = dir.join(format!("00000.{}", args.format));
+        if first.exists() && !args.force {
+            anyhow::bail!("{} already holds samples; pass --force to overwrite them", dir.display());
+        }
+    }
+    anyhow::ensure!(args.num_samples > 0, "-n must be at least 1");
+
+    let (config, weights, source) = weights_and_config(&args.checkpoint, args.model.choice())?;
+    tracing::info!("model: {} ({source})", config.family());
+    let preset_cfg = match args.model.choice() {
+        ConfigChoice::Preset(name) => Preset::find(name).map_err(|e| anyhow::anyhow!(e))?.cfg_scale,
+        _ => None,
+    };
+    let cfg_scale = args.cfg_scale.or(preset_cfg);
+
+    let side = config.latent_size();
+    let (c_in, c_out) = config.channels();
+    let noise = match &args.noise {
+        Some(path) => {
+            let (tensors, _) = read_safetensors(path)?;
+            let x1 = tensors
+                .get("x1")
+                .ok_or_else(|| anyhow::anyhow!("{}: no `x1` tensor (the noise at t = 1)", path.display()))?
+                .clone();
+            anyhow::ensure!(
+                x1.shape.len() == 4 && x1.shape[1..] == [c_out, side, side],
+                "{}: x1 is {:?}, the model samples [N, {c_out}, {side}, {side}]",
+                path.display(),
+                x1.shape
+            );
+            Some((x1, tensors.get("y").map(|y| y.to_i64())))
+        }
+        None => None,
+    };
+    let autoencoder = if args.latents_only {
+        None
+    } else {
+        let weights = args.weights.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("decoding needs --weights PATH of the autoencoder (or --latents-only --save-latents FILE)")
+        })?;
+        Some(AutoencoderWeights::read(args.autoencoder, weights, args.vae_config.as_deref())?)
+    };
+    let inpaint = match (&args.image, &args.mask) {
+        (Some(image), Some(mask)) => {
+            let inpaint = read_inpaint(image, mask, args.mask_white_is_hole)?;
+            anyhow::ensure!(
+                inpaint.image.width == side * 8 && inpaint.image.height == side * 8,
+                "the image is {}×{} but the model's {side}×{side} latent decodes to {}×{}",
+                inpaint.image.width,
+                inpaint.image.height,
+                side * 8,
+                side * 8
+            );
+            Some(inpaint)
+        }
+        _ => None,
+    };
+    if c_in > c_out && inpaint.is_none() {
+        anyhow::bail!(
+            "the model reads {c_in} channels for {c_out} output channels: it is a conditional model; inpainting models \
+             need --image and --mask"
+        );
+    }
+    if let Some(dir) = &args.out_dir {
+        std::fs::create_dir_all(dir)?;
+    }
+
+    let device = backend::select(choice)?;
+    let job = Job { config, weights, autoencoder, noise, inpaint, args, cfg_scale };
+    // The job owns the arguments; keep what the summary needs.
+    let (grid_path, nrow, save_latents, json, out_dir) =
+        (job.args.grid.clone(), job.args.nrow, job.args.save_latents.clone(), job.args.json, job.args.out_dir.clone());
+    let class_model = cfg_scale.filter(|&s| s > 1.0);
+    {
+        // Refuse what the network cannot do before any work.
+        let probe = &job.config;
+        if class_model.is_some() {
+            anyhow::ensure!(
+                probe.supports_cfg(),
+                "classifier-free guidance is not defined for the guided-diffusion UNet"
+            );
+            anyhow::ensure!(
+                probe.null_label().is_some(),
+                "--cfg-scale needs a class-conditional model trained with label dropout (a null class); this one has none"
+            );
+        }
+        if let (ClassChoice::Fixed(c), Some(k)) = (job.args.class, probe.classes()) {
+            anyhow::ensure!(c < k, "--class {c} is out of range: the model has classes 0..{}", k - 1);
+        }
+    }
+    let start = std::time::Instant::now();
+    let output = backend::dispatch(&device, job)?;
+    let seconds = start.elapsed().as_secs_f64();
+
+    if let Some(path) = &grid_path {
+        let cols = nrow.unwrap_or_else(|| (output.images.len() as f64).sqrt().ceil() as usize);
+        write_rgb(path, &grid(&output.images, cols))?;
+    }
+    let summary = &output.summary;
+    let (mean, min, max) = summary.nfe_range();
+    let report = serde_json::json!({
+        "samples": summary.samples,
+        "batches": summary.batches,
+        "nfe_mean": mean,
+        "nfe_min": min,
+        "nfe_max": max,
+        "nfe_per_batch": summary.nfe,
+        "accepted_steps": summary.accepted,
+        "rejected_steps": summary.rejected,
+        "solve_seconds": summary.solve_seconds,
+        "seconds": seconds,
+        "seconds_per_sample": seconds / summary.samples as f64,
+        "device": device.to_string(),
+        "grid": grid_path.as_ref().map(|p| p.display().to_string()),
+        "out_dir": out_dir.as_ref().map(|p| p.display().to_string()),
+        "latents": save_latents.as_ref().map(|p| p.display().to_string()),
+    });
+    if let Some(path) = &save_latents {
+        let mut tensors = TensorMap::from([("x0".to_string(), output.latents.clone())]);
+        if let Some(y) = &output.labels {
+            tensors.insert("y".into(), HostTensor::i64(vec![y.len()], y.clone()));
+        }
+        let metadata = HashMap::from([("lfm.sample".to_string(), report.to_string())]);
+        write_safetensors(path, &tensors, Some(metadata))?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let written = match (&grid_path, &out_dir) {
+            (Some(g), Some(d)) => format!("{} and {}", g.display(), d.display()),
+            (Some(g), None) => g.display().to_string(),
+            (None, Some(d)) => d.display().to_string(),
+            (None, None) => "no images".into(),
+        };
+        println!(
+            "{} samples → {written}{}\nNFE per batch: mean {mean:.1}, min {min}, max {max}; steps: {} accepted, {} rejected\n\
+             {:.3} s per sample ({seconds:.1} s in all) on {device}",
+            summary.samples,
+            save_latents.as_ref().map_or(String::new(), |p| format!(", latents in {}", p.display())),
+            summary.accepted,
+            summary.rejected,
+            seconds / summary.samples as f64,
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! `lfm sample` end to end: the golden dopri5 run, per-sample noise, CFG, inpainting, and its errors.
+
+use burn::tensor::{Int, Tensor};
+use lfm::backend::Cpu;
+use lfm::checkpoint::{
+    collect_weights, read_safetensors, write_safetensors, HostTensor, TensorMap, CONFIG_METADATA_KEY,
+};
+use lfm::models::{DiT, ModelConfig, UNetConfig};
+
+use crate::common::*;
+
+/// Writes lfm's own checkpoint (safetensors + config) of a golden DiT case, so `sample` needs no flags.
+fn converted(dir: &std::path::Path, case: &str) -> String {
+    let path = dir.join(format!("{case}.safetensors"));
+    let weights = lfm::checkpoint::read_weights(&fixture(&format!("{case}/model.pth"))).unwrap().tensors;
+    let config = ModelConfig::Dit(crate::dit::config(case)).to_json();
+    let metadata = std::collections::HashMap::from([(CONFIG_METADATA_KEY.to_string(), config)]);
+    write_safetensors(&path, &weights, Some(metadata)).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn sample(args: &[&str]) -> (bool, String, String) {
+    let mut all = vec!["--backend", "cpu", "sample"];
+    all.extend_from_slice(args);
+    lfm(&all)
+}
+
+fn golden_dopri5(backend: &str, rel: f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = converted(dir.path(), "dit_tiny");
+    let out = dir.path().join("x0.safetensors");
+    let noise = fixture("ode_dopri5/io.safetensors");
+    let (ok, _, stderr) = lfm(&[
+        "--backend",
+        backend,
+        "sample",
+        "--checkpoint",
+        &ckpt,
+        "--noise",
+        noise.to_str().unwrap(),
+        "--latents-only",
+        "--save-latents",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let (tensors, metadata) = read_safetensors(&out).unwrap();
+    let golden = io("ode_dopri5");
+    assert_close("x0", &tensors["x0"].to_f32(), &get(&golden, "x0").to_f32(), rel, 1e-6);
+    let report: serde_json::Value = serde_json::from_str(&metadata.unwrap()["lfm.sample"]).unwrap();
+    assert_eq!(report["nfe_per_batch"], serde_json::json!([get(&golden, "nfe").to_i64()[0]]), "{report}");
+}
+
+#[test]
+fn sample_reproduces_the_golden_dopri5_run_on_cpu() {
+    golden_dopri5("cpu", 1e-5);
+}
+
+#[test]
+fn sample_reproduces_the_golden_dopri5_run_on_wgpu() {
+    if wgpu().is_none() {
+        return;
+    }
+    golden_dopri5("wgpu", 1e-4);
+}
+
+fn latents(dir: &std::path::Path, ckpt: &str, name: &str, extra: &[&str]) -> Vec<f32> {
+    let out = dir.join(name);
+    let mut args = vec!["--checkpoint", ckpt, "--latents-only", "--save-latents", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (ok, _, stderr) = sample(&args);
+    assert!(ok, "{stderr}");
+    read_safetensors(&out).unwrap().0["x0"].to_f32()
+}
+
+#[test]
+fn a_sample_does_not_depend_on_its_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = converted(dir.path(), "dit_tiny");
+    let common = ["-n", "5", "--seed", "7", "--solver", "euler", "--steps", "8"];
+    let one = latents(dir.path(), &ckpt, "b1.safetensors", &[&common[..], &["--batch-size", "1"]].concat());
+    let five = latents(dir.path(), &ckpt, "b5.safetensors", &[&common[..], &["--batch-size", "5"]].concat());
+    assert_close("batch 1 vs 5", &one, &five, 1e-6, 1e-6);
+    let other_seed =
+        latents(dir.path(), &ckpt, "s8.safetensors", &["-n", "5", "--seed", "8", "--solver", "euler", "--steps", "8"]);
+    assert!(one.iter().zip(&other_seed).any(|(a, b)| (a - b).abs() > 1e-2), "the seed must change the noise");
+    // Samples differ from each other.
+    let per = one.len() / 5;
+    assert!(one[..per].iter().zip(&one[per..2 * per]).any(|(a, b)| (a - b).abs() > 1e-2));
+}
+
+/// One Euler step from t = 1 to 0 is `x1 − v(1, x1)`: with CFG, `v` must be `forward_with_cfg` on `[x1; x1]` with
+/// labels `[y; null]` — the function checked against the reference in `dit.rs`.
+#[test]
+fn sample_uses_lfm_cfg() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = converted(dir.path(), "dit_tiny_cond_cfg");
+    let golden = io("dit_tiny_cond_cfg");
+    let x1 = get(&golden, "x").clone();
+    let noise = dir.path().join("noise.safetensors");
+    let y = vec![3i64, 7, 0];
+    let inputs =
+        TensorMap::from([("x1".to_string(), x1.clone()), ("y".to_string(), HostTensor::i64(vec![3], y.clone()))]);
+    write_safetensors(&noise, &inputs, None).unwrap();
+    let euler = ["--noise", noise.to_str().unwrap(), "--solver", "euler", "--steps", "1"];
+    let guided = latents(dir.path(), &ckpt, "cfg.safetensors", &[&euler[..], &["--cfg-scale", "1.5"]].concat());
+
+    let model: DiT<Cpu> = crate::dit::load("dit_tiny_cond_cfg", "model.pth", &cpu());
+    let x = tensor::<Cpu, 4>(&x1, &cpu());
+    let labels = Tensor::<Cpu, 1, Int>::from_ints([3, 7, 0, 10, 10, 10], &cpu());
+    let t = Tensor::<Cpu, 1>::from_floats([1.0], &cpu());
+    let v = model.forward_with_cfg(t, Tensor::cat(vec![x.clone(), x.clone()], 0), labels, 1.5).narrow(0, 0, 3);
+    assert_close("x1 − v_cfg", &guided, &values(x - v), 1e-5, 1e-6);
+
+    // Scale 1 is plain conditional sampling (LFM applies CFG only above 1); labels matter.
+    let plain = latents(dir.path(), &ckpt, "plain.safetensors", &euler);
+    let scale_one = latents(dir.path(), &ckpt, "one.safetensors", &[&euler[..], &["--cfg-scale", "1"]].concat());
+    assert_eq!(plain, scale_one);
+    assert!(plain.iter().zip(&guided).any(|(a, b)| (a - b).abs() > 1e-3));
+    // A class out of range.
+    let (ok, _, stderr) =
+        sample(&["--checkpoint", &ckpt, "--class", "10", "--latents-only", "--save-latents", "x.safetensors"]);
+    assert!(!ok && stderr.contains("--class 10 is out of range: the model has classes 0..9"), "{stderr}");
+}
+
+#[test]
+fn sample_errors_are_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x0.safetensors");
+    let out = out.to_str().unwrap();
+    let (ok, _, stderr) = sample(&["--checkpoint", "/no/model_475.pth", "--latents-only", "--save-latents", out]);
+    assert!(!ok && stderr.contains("/no/model_475.pth: no such file"), "{stderr}");
+    std::fs::write(out, b"taken").unwrap();
+    let ckpt = converted(dir.path(), "dit_tiny");
+    let (ok, _, stderr) = sample(&["--checkpoint", &ckpt, "--latents-only", "--save-latents", out]);
+    assert!(!ok && stderr.contains("exists; pass --force"), "{stderr}");
+    let (ok, _, stderr) = sample(&["--checkpoint", &ckpt, "--grid", "g.png"]);
+    assert!(!ok && stderr.contains("needs --weights"), "{stderr}");
+
+    // An autoencoder whose latent does not fit the model: a 3-channel DiT with the 4-channel vae_tiny.
+    let three = lfm::models::DiTConfig { in_channels: 3, ..crate::dit::config("dit_tiny") };
+    let weights = collect_weights(&three.init::<Cpu>(&cpu()), &lfm::models::dit::dit_keys());
+    let meta = std::collections::HashMap::from([(CONFIG_METADATA_KEY.to_string(), ModelConfig::Dit(three).to_json())]);
+    let ckpt3 = dir.path().join("three.safetensors");
+    write_safetensors(&ckpt3, &weights, Some(meta)).unwrap();
+    let vae_config = dir.path().join("vae.json");
+    std::fs::write(&vae_config, constructor_kwargs("vae_tiny").to_string()).unwrap();
+    let grid = dir.path().join("grid.png");
+    let (ok, _, stderr) = sample(&[
+        "--checkpoint",
+        ckpt3.to_str().unwrap(),
+        "--weights",
+        fixture("vae_tiny/model.safetensors").to_str().unwrap(),
+        "--vae-config",
+        vae_config.to_str().unwrap(),
+        "--grid",
+        grid.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("4 latent channels but the model produces 3"), "{stderr}");
+    // The matching model decodes to a grid of the expected size (4 samples of 16×16 → 2×2 with 2-px padding).
+    let (ok, _, stderr) = sample(&[
+        "--checkpoint",
+        &ckpt,
+        "-n",
+        "4",
+        "--solver",
+        "euler",
+        "--steps",
+        "2",
+        "--weights",
+        fixture("vae_tiny/model.safetensors").to_str().unwrap(),
+        "--vae-config",
+        vae_config.to_str().unwrap(),
+        "--grid",
+        grid.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let image = lfm::image::read_rgb(&grid).unwrap();
+    assert_eq!((image.width, image.height), (2 * 18 + 2, 2 * 18 + 2));
+}
+
+/// A 9-channel UNet inpaints: outside the hole the output is the original image, pixel for pixel.
+#[test]
+fn inpainting_keeps_the_unmasked_pixels() {
+    let Some(taesd) = shared("assets/taesd") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = UNetConfig {
+        image_size: 32,
+        in_channels: 9,
+        out_channels: 4,
+        model_channels: 32,
+        num_res_blocks: 1,
+        channel_mult: vec![1, 2],
+        attention_resolutions: vec![2],
+        ..crate::unet::golden_config()
+    };
+    let mut weights = collect_weights(&config.init::<Cpu>(&cpu()), &lfm::models::unet::unet_keys());
+    // The output convolution is zero-initialised; give it weights so that the model moves the latent.
+    for key in ["out.2.weight", "out.2.bias"] {
+        let t = weights[key].clone();
+        let values = (0..t.numel()).map(|i| ((i * 7919 % 113) as f32 / 113.0 - 0.5) * 0.2).collect();
+        weights.insert(key.into(), HostTensor::f32(t.shape.clone(), values));
+    }
+    let meta =
+        std::collections::HashMap::from([(CONFIG_METADATA_KEY.to_string(), ModelConfig::GuidedUnet(config).to_json())]);
+    let ckpt = dir.path().join("inpaint.safetensors");
+    write_safetensors(&ckpt, &weights, Some(meta)).unwrap();
+    // LFM's masks: black = hole. A 96×64 box.
+    let mut mask = vec![255u8; 256 * 256 * 3];
+    for y in 80..144 {
+        for x in 100..196 {
+            mask[(y * 256 + x) * 3..(y * 256 + x) * 3 + 3].fill(0);
+        }
+    }
+    let mask_path = dir.path().join("mask.png");
+    lfm::image::write_rgb(&mask_path, &lfm::image::RgbImage { width: 256, height: 256, pixels: mask.clone() }).unwrap();
+    let out = dir.path().join("out");
+    let photo = fixture("astronaut_256.png");
+    let (ok, _, stderr) = sample(&[
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "-n",
+        "2",
+        "--solver",
+        "euler",
+        "--steps",
+        "4",
+        "--image",
+        photo.to_str().unwrap(),
+        "--mask",
+        mask_path.to_str().unwrap(),
+        "--autoencoder",
+        "taesd",
+        "--weights",
+        taesd.to_str().unwrap(),
+        "--out-dir",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let original = lfm::image::read_rgb(&photo).unwrap();
+    let result = lfm::image::read_rgb(&out.join("00001.png")).unwrap();
+    let (mut kept_same, mut hole_changed) = (true, false);
+    for p in 0..256 * 256 {
+        let hole = mask[3 * p] == 0;
+        let same = result.pixels[3 * p..3 * p + 3] == original.pixels[3 * p..3 * p + 3];
+        kept_same &= hole || same;
+        hole_changed |= hole && !same;
+    }
+    assert!(kept_same, "pixels outside the hole changed");
+    assert!(hole_changed, "the hole was not generated");
+    // Without the condition images a 9-channel model is refused.
+    let (ok, _, stderr) =
+        sample(&["--checkpoint", ckpt.to_str().unwrap(), "--latents-only", "--save-latents", "z.safetensors"]);
+    assert!(!ok && stderr.contains("need --image and --mask"), "{stderr}");
+}

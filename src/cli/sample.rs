@@ -12,6 +12,7 @@ use crate::autoencoder::{Autoencoder, AutoencoderKind, AutoencoderWeights};
 use crate::backend::{self, BackendChoice, OnBackend};
 use crate::checkpoint::{read_safetensors, write_safetensors, HostTensor, TensorMap};
 use crate::image::{read_rgb, write_rgb, RgbImage};
+use crate::models::conditioning::{one_hot, SpatialRescaler};
 use crate::models::{weights_and_config, ConfigChoice, ModelConfig, Preset, VelocityModel};
 use crate::sample::{labels, noise, sample_batch, BatchInput, ClassChoice, Guidance, Summary};
 use crate::solver::{Grid, Method, SolveOptions};
@@ -70,6 +71,13 @@ pub struct SampleArgs {
     /// Inpainting: read the mask as white = region to generate.
     #[arg(long)]
     pub mask_white_is_hole: bool,
+    /// Semantic synthesis: a segmentation map (PNG whose first channel holds class indices, e.g. CelebAMask-HQ's
+    /// 19 classes), the size of the decoded images.
+    #[arg(long, requires = "cond_checkpoint", conflicts_with = "image")]
+    pub segmentation: Option<PathBuf>,
+    /// Semantic synthesis: the SpatialRescaler weights (LFM's `cond_stage_model_<E>.pth`).
+    #[arg(long, requires = "segmentation")]
+    pub cond_checkpoint: Option<PathBuf>,
     /// The autoencoder that decodes the latents.
     #[arg(long, value_enum, default_value = "kl")]
     pub autoencoder: AutoencoderKind,
@@ -122,7 +130,18 @@ struct Inpaint {
     hole: Vec<f32>,
 }
 
+/// The semantic-synthesis inputs, on the host.
+struct Semantic {
+    /// Class index per pixel.
+    classes: Vec<u8>,
+    width: usize,
+    height: usize,
+    /// The SpatialRescaler's weights.
+    rescaler: TensorMap,
+}
+
 struct Job {
+    semantic: Option<Semantic>,
     config: ModelConfig,
     weights: TensorMap,
     autoencoder: Option<AutoencoderWeights>,
@@ -199,6 +218,26 @@ impl OnBackend for Job {
             }
             _ => None,
         };
+        let condition = match (&self.semantic, condition) {
+            (Some(semantic), None) => {
+                let rescaler = SpatialRescaler::<B>::load(&semantic.rescaler, 3, &device)?;
+                let one_hot =
+                    one_hot::<B>(&semantic.classes, semantic.width, semantic.height, rescaler.classes(), &device)
+                        .map_err(|e| anyhow::anyhow!(e))?;
+                let c = rescaler.forward(one_hot);
+                let [_, _, ch, cw] = c.dims();
+                anyhow::ensure!(
+                    (ch, cw) == (side, side),
+                    "the segmentation map is {}×{}; the model's {side}×{side} latent needs {}×{} (8× the latent)",
+                    semantic.width,
+                    semantic.height,
+                    side * 8,
+                    side * 8
+                );
+                Some(c)
+            }
+            (_, condition) => condition,
+        };
         if let Some(c) = &condition {
             anyhow::ensure!(
                 c.dims()[1] == extra,
@@ -209,7 +248,7 @@ impl OnBackend for Job {
             anyhow::ensure!(
                 extra == 0,
                 "the model reads {c_in} channels ({extra} beyond its {c_out} output): it is a conditional model; \
-                 inpainting models (9 channels) need --image and --mask"
+                 inpainting models (9 channels) need --image and --mask, semantic ones (8) --segmentation"
             );
         }
         let progress = bar(n);
@@ -433,10 +472,19 @@ pub(crate) fn run(args: SampleArgs, choice: BackendChoice) -> anyhow::Result<()>
         }
         _ => None,
     };
-    if c_in > c_out && inpaint.is_none() {
+    let semantic = match (&args.segmentation, &args.cond_checkpoint) {
+        (Some(map), Some(cond)) => {
+            let image = read_rgb(map)?;
+            let classes = image.pixels.chunks(3).map(|p| p[0]).collect();
+            let rescaler = crate::checkpoint::read_weights(cond)?.tensors;
+            Some(Semantic { classes, width: image.width, height: image.height, rescaler })
+        }
+        _ => None,
+    };
+    if c_in > c_out && inpaint.is_none() && semantic.is_none() {
         anyhow::bail!(
             "the model reads {c_in} channels for {c_out} output channels: it is a conditional model; inpainting models \
-             need --image and --mask"
+             need --image and --mask, semantic ones --segmentation and --cond-checkpoint"
         );
     }
     if let Some(dir) = &args.out_dir {
@@ -444,7 +492,7 @@ pub(crate) fn run(args: SampleArgs, choice: BackendChoice) -> anyhow::Result<()>
     }
 
     let device = backend::select(choice)?;
-    let job = Job { config, weights, autoencoder, noise, inpaint, args, cfg_scale };
+    let job = Job { semantic, config, weights, autoencoder, noise, inpaint, args, cfg_scale };
     // The job owns the arguments; keep what the summary needs.
     let (grid_path, nrow, save_latents, json, out_dir) =
         (job.args.grid.clone(), job.args.nrow, job.args.save_latents.clone(), job.args.json, job.args.out_dir.clone());

@@ -1,5 +1,6 @@
 //! The velocity networks LFM trains: DiT, the guided-diffusion UNet and EDM's DhariwalUNet.
 
+pub mod conditioning;
 pub mod config;
 pub mod dit;
 pub mod edm;

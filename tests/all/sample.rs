@@ -252,3 +252,66 @@ fn inpainting_keeps_the_unmasked_pixels() {
         sample(&["--checkpoint", ckpt.to_str().unwrap(), "--latents-only", "--save-latents", "z.safetensors"]);
     assert!(!ok && stderr.contains("need --image and --mask"), "{stderr}");
 }
+
+/// An 8-channel UNet conditioned on a segmentation map through LFM's SpatialRescaler: the map changes the sample;
+/// a class the rescaler does not know is refused.
+#[test]
+fn semantic_synthesis_depends_on_the_segmentation_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = UNetConfig { in_channels: 8, ..crate::unet::golden_config() };
+    let weights = lfm::checkpoint::read_weights(&fixture("adm_origin_tiny/model.pth")).unwrap().tensors;
+    // The golden UNet's weights with its input convolution widened from 4 to 8 channels.
+    let mut weights = weights.clone();
+    let conv = weights["input_blocks.0.0.weight"].clone();
+    let (c_out, per_in) = (conv.shape[0], conv.numel() / conv.shape[0]);
+    let old = conv.to_f32();
+    let widened: Vec<f32> = (0..c_out)
+        .flat_map(|o| [&old[o * per_in..(o + 1) * per_in], &old[o * per_in..(o + 1) * per_in]].concat())
+        .collect();
+    weights.insert("input_blocks.0.0.weight".into(), HostTensor::f32(vec![c_out, 8, 3, 3], widened));
+    let meta =
+        std::collections::HashMap::from([(CONFIG_METADATA_KEY.to_string(), ModelConfig::GuidedUnet(config).to_json())]);
+    let ckpt = dir.path().join("semantic.safetensors");
+    write_safetensors(&ckpt, &weights, Some(meta)).unwrap();
+    let rescaler = lfm::models::conditioning::SpatialRescaler::<Cpu>::new(19, 4, 3, &cpu());
+    let cond = dir.path().join("cond_stage_model_1.safetensors");
+    write_safetensors(&cond, &collect_weights(&rescaler, &Default::default()), None).unwrap();
+    let map = |name: &str, class: &dyn Fn(usize, usize) -> u8| {
+        let pixels = (0..64 * 64).flat_map(|p| [class(p % 64, p / 64); 3]).collect();
+        let path = dir.path().join(name);
+        lfm::image::write_rgb(&path, &lfm::image::RgbImage { width: 64, height: 64, pixels }).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let halves = map("halves.png", &|x, _| if x < 32 { 1 } else { 17 });
+    let stripes = map("stripes.png", &|_, y| (y / 8) as u8);
+    let run = |seg: &str, name: &str| {
+        let out = dir.path().join(name);
+        let (ok, _, stderr) = sample(&[
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "-n",
+            "2",
+            "--solver",
+            "euler",
+            "--steps",
+            "4",
+            "--segmentation",
+            seg,
+            "--cond-checkpoint",
+            cond.to_str().unwrap(),
+            "--latents-only",
+            "--save-latents",
+            out.to_str().unwrap(),
+        ]);
+        (ok, stderr, out)
+    };
+    let (ok, stderr, a) = run(&halves, "a.safetensors");
+    assert!(ok, "{stderr}");
+    let (ok, stderr, b) = run(&stripes, "b.safetensors");
+    assert!(ok, "{stderr}");
+    let (a, b) = (read_safetensors(&a).unwrap().0["x0"].to_f32(), read_safetensors(&b).unwrap().0["x0"].to_f32());
+    assert!(a.iter().zip(&b).any(|(x, y)| (x - y).abs() > 1e-3), "the segmentation map had no effect");
+    let unknown = map("unknown.png", &|x, _| if x < 32 { 0 } else { 19 });
+    let (ok, stderr, _) = run(&unknown, "c.safetensors");
+    assert!(!ok && stderr.contains("holds class 19, but the model knows classes 0..18"), "{stderr}");
+}

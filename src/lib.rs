@@ -19,3 +19,4 @@ pub mod nn;
 pub mod noise;
 pub mod sample;
 pub mod solver;
+pub mod train;

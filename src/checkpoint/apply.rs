@@ -231,6 +231,42 @@ impl<B: Backend> ModuleVisitor<B> for Collector<'_> {
     }
 }
 
+struct GradCollector<'a, B: burn::tensor::backend::AutodiffBackend> {
+    keys: &'a KeyMap,
+    path: ModulePath,
+    grads: &'a B::Gradients,
+    map: TensorMap,
+}
+
+impl<B: burn::tensor::backend::AutodiffBackend> ModuleVisitor<B> for GradCollector<'_, B> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let Some(grad) = param.val().grad(self.grads) else { return };
+        let grad = if self.path.is_linear_weight() { grad.transpose() } else { grad };
+        let shape = grad.dims().to_vec();
+        let values = grad.into_data().convert::<f32>().into_vec::<f32>().expect("float tensor data");
+        self.map.insert(self.path.key(self.keys), HostTensor::f32(shape, values));
+    }
+}
+
+/// The gradient of every parameter that has one, under its checkpoint key, in PyTorch layout.
+pub fn collect_grads<B: burn::tensor::backend::AutodiffBackend, M: Module<B>>(
+    module: &M,
+    grads: &B::Gradients,
+    keys: &KeyMap,
+) -> TensorMap {
+    let mut collector = GradCollector { keys, path: ModulePath::default(), grads, map: TensorMap::new() };
+    module.visit(&mut collector);
+    collector.map
+}
+
 /// Every float parameter of a module, under its checkpoint key, in PyTorch layout.
 pub fn collect_weights<B: Backend, M: Module<B>>(module: &M, keys: &KeyMap) -> TensorMap {
     let mut collector = Collector { keys, path: ModulePath::default(), map: TensorMap::new() };

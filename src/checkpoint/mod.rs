@@ -9,7 +9,7 @@ mod tensor_map;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-pub use apply::{apply_weights, collect_weights, KeyMap, LoadReport};
+pub use apply::{apply_weights, collect_grads, collect_weights, KeyMap, LoadReport};
 pub use pth::{dict_get, PthArchive};
 pub use tensor_map::{parameter_count, strip_module_prefix, HostData, HostTensor, TensorMap};
 

@@ -19,7 +19,7 @@ use crate::checkpoint::{CheckpointError, TensorMap};
 /// A loaded velocity network of any supported architecture.
 // Built once per run; the variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
+#[derive(burn::module::Module, Debug)]
 pub enum VelocityModel<B: Backend> {
     /// A DiT.
     Dit(DiT<B>),
@@ -46,6 +46,20 @@ impl<B: Backend> VelocityModel<B> {
             ModelConfig::GuidedUnet(c) => Self::GuidedUnet(c.init(device)),
             ModelConfig::EdmUnet(c) => Self::EdmUnet(c.init(device)),
         }
+    }
+
+    /// How this network's Burn parameter paths map to its checkpoint keys.
+    pub fn keys(&self) -> crate::checkpoint::KeyMap {
+        match self {
+            Self::Dit(_) => dit::dit_keys(),
+            Self::GuidedUnet(_) => unet::unet_keys(),
+            Self::EdmUnet(m) => m.config.keys(),
+        }
+    }
+
+    /// Every parameter under its checkpoint key, in PyTorch layout.
+    pub fn state_dict(&self) -> TensorMap {
+        crate::checkpoint::collect_weights(self, &self.keys())
     }
 
     /// See [`ModelConfig::classes`].

@@ -93,6 +93,16 @@ fn is_ndarray<B: Backend>() -> bool {
 pub fn conv2d_im2col<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 4> {
     let [n, c, h, w] = x.dims();
     let [out, _, k, _] = weight.dims();
+    // Bound the column buffer (k² copies of the input) to about 256 MiB by convolving a few samples at a time.
+    let per_sample = c * k * k * h * w;
+    let chunk = ((1usize << 26) / per_sample.max(1)).max(1);
+    if n > chunk {
+        let parts = (0..n)
+            .step_by(chunk)
+            .map(|i| conv2d_im2col(x.clone().narrow(0, i, chunk.min(n - i)), weight.clone(), bias.clone()))
+            .collect();
+        return Tensor::cat(parts, 0);
+    }
     let columns = if k == 1 {
         x.reshape([n, c, h * w])
     } else {

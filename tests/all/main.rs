@@ -11,4 +11,5 @@ mod flow;
 mod model_config;
 mod sample;
 mod solver;
+mod train;
 mod unet;

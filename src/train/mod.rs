@@ -1,0 +1,84 @@
+//! Flow-matching training: the loss of one batch, its gradients, and the optimiser step LFM takes (AdamW with
+//! default betas and no weight decay).
+
+use burn::module::AutodiffModule;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Int, Tensor};
+
+use crate::checkpoint::TensorMap;
+use crate::flow;
+use crate::models::VelocityModel;
+
+/// One batch of latents for the flow-matching loss.
+#[derive(Debug, Clone)]
+pub struct Batch<B: AutodiffBackend> {
+    /// Data latents (t = 0).
+    pub z0: Tensor<B, 4>,
+    /// Noise (t = 1).
+    pub z1: Tensor<B, 4>,
+    /// Per-sample times in [0, 1).
+    pub t: Tensor<B, 1>,
+    /// Labels of class-conditional models (after label dropout).
+    pub y: Option<Tensor<B, 1, Int>>,
+}
+
+/// LFM's loss: `mean((model(t, x_t, y) − u)²)` with `x_t` and `u` from [`crate::flow`].
+pub fn flow_matching_loss<B: AutodiffBackend>(model: &VelocityModel<B>, batch: Batch<B>) -> Tensor<B, 1> {
+    let x_t = flow::interpolate(batch.z0.clone(), batch.z1.clone(), batch.t.clone());
+    let u = flow::target_velocity(batch.z0, batch.z1);
+    flow::loss(model.forward(batch.t, x_t, batch.y), u)
+}
+
+/// AdamW as LFM configures it: betas (0.9, 0.999), eps 1e-8, weight decay 0 (LFM's `--beta1/--beta2` are ignored).
+pub fn lfm_adamw() -> AdamWConfig {
+    AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.999).with_epsilon(1e-8).with_weight_decay(0.0)
+}
+
+/// A model with its optimiser state.
+pub struct Trainer<B: AutodiffBackend> {
+    /// The network being trained (only absent in the middle of a step).
+    model: Option<VelocityModel<B>>,
+    optimizer: OptimizerAdaptor<AdamW, VelocityModel<B>, B>,
+    /// Optimiser steps taken.
+    pub step: usize,
+}
+
+/// The outcome of one training step.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    /// The batch's loss before the update.
+    pub loss: f64,
+    /// Gradients by checkpoint key (only when asked for).
+    pub grads: Option<TensorMap>,
+}
+
+impl<B: AutodiffBackend> Trainer<B>
+where
+    VelocityModel<B>: AutodiffModule<B>,
+{
+    /// Starts training `model` with `optimizer`.
+    pub fn new(model: VelocityModel<B>, optimizer: AdamWConfig) -> Self {
+        Self { model: Some(model), optimizer: optimizer.init(), step: 0 }
+    }
+
+    /// The network being trained.
+    pub fn model(&self) -> &VelocityModel<B> {
+        self.model.as_ref().expect("a model between steps")
+    }
+
+    /// Loss, backward, one AdamW step at learning rate `lr`. With `keep_grads`, the gradients are returned by
+    /// checkpoint key (for checks against the reference).
+    pub fn step(&mut self, batch: Batch<B>, lr: f64, keep_grads: bool) -> StepReport {
+        let model = self.model.take().expect("a model between steps");
+        let loss = flow_matching_loss(&model, batch);
+        let loss_value: f64 = loss.clone().into_scalar().elem();
+        let grads = loss.backward();
+        let kept = keep_grads.then(|| crate::checkpoint::collect_grads(&model, &grads, &model.keys()));
+        let params = GradientsParams::from_grads(grads, &model);
+        self.model = Some(self.optimizer.step(lr, model, params));
+        self.step += 1;
+        StepReport { loss: loss_value, grads: kept }
+    }
+}

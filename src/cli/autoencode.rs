@@ -51,7 +51,8 @@ pub struct EncodeArgs {
     /// Images (PNG or JPEG) of one size, divisible by 8.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
-    /// Where to write the latents (`latents` [N, 4, H/8, W/8], scaled as LFM's z).
+    /// Where to write the latents (`latents` [N, 4, H/8, W/8], scaled as LFM's z; for the KL VAE also the
+    /// posterior's `mean` and `std` on the same scale, which `lfm train --latents` re-samples every step).
     #[arg(long)]
     pub out: PathBuf,
     /// The autoencoder.
@@ -77,7 +78,7 @@ struct Encode {
 }
 
 impl OnBackend for Encode {
-    type Output = anyhow::Result<HostTensor>;
+    type Output = anyhow::Result<TensorMap>;
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let model = self.weights.load::<B>(&device)?;
@@ -91,6 +92,8 @@ impl OnBackend for Encode {
         let per_sample = c * (h / f) * (w / f);
         let bar = progress(self.images.len(), "encoding");
         let mut values = Vec::with_capacity(self.images.len() * per_sample);
+        // The KL posterior on LFM's scale, so that training can re-sample it every step.
+        let (mut means, mut stds) = (Vec::new(), Vec::new());
         for (chunk_index, chunk) in self.images.chunks(self.batch_size.max(1)).enumerate() {
             let first = (chunk_index * self.batch_size.max(1)) as u64;
             let x = crate::image::to_tensor::<B>(chunk, &device)?;
@@ -101,12 +104,25 @@ impl OnBackend for Encode {
                     &device,
                 )
             });
+            if let crate::autoencoder::AnyAutoencoder::Kl(kl) = &model {
+                let posterior = kl.posterior(x.clone());
+                let scale = kl.config.scaling_factor;
+                let flat = |t: Tensor<B, 4>| t.mul_scalar(scale).into_data().convert::<f32>().into_vec::<f32>();
+                means.extend(flat(posterior.mean.clone()).map_err(|e| anyhow::anyhow!("{e:?}"))?);
+                stds.extend(flat(posterior.std()).map_err(|e| anyhow::anyhow!("{e:?}"))?);
+            }
             let z = model.encode(x, eps);
             values.extend(z.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?);
             bar.inc(chunk.len() as u64);
         }
         bar.finish_and_clear();
-        Ok(HostTensor::f32(vec![self.images.len(), c, h / f, w / f], values))
+        let shape = vec![self.images.len(), c, h / f, w / f];
+        let mut out = TensorMap::from([("latents".to_string(), HostTensor::f32(shape.clone(), values))]);
+        if !means.is_empty() {
+            out.insert("mean".into(), HostTensor::f32(shape.clone(), means));
+            out.insert("std".into(), HostTensor::f32(shape, stds));
+        }
+        Ok(out)
     }
 }
 
@@ -133,14 +149,14 @@ pub(crate) fn encode(args: EncodeArgs, choice: BackendChoice) -> anyhow::Result<
     let device = backend::select(choice)?;
     let n = images.len();
     let job = Encode { weights, images, seed: args.seed, mean: args.mean, batch_size: args.autoencoder.batch_size };
-    let latents = backend::dispatch(&device, job)?;
+    let tensors = backend::dispatch(&device, job)?;
     let kind = format!("{:?}", args.autoencoder.autoencoder).to_lowercase();
     let metadata = HashMap::from([
         ("autoencoder".to_string(), kind),
         ("sample".to_string(), if args.mean { "mean".into() } else { format!("seed {}", args.seed) }),
         ("images".to_string(), args.images.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join("\n")),
     ]);
-    write_safetensors(&args.out, &TensorMap::from([("latents".to_string(), latents)]), Some(metadata))?;
+    write_safetensors(&args.out, &tensors, Some(metadata))?;
     println!("wrote {} ({n} latents, device {device})", args.out.display());
     Ok(())
 }

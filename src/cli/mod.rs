@@ -4,6 +4,7 @@ mod autoencode;
 mod devices;
 mod inspect;
 mod sample;
+mod train;
 mod velocity;
 
 use std::path::PathBuf;
@@ -69,6 +70,8 @@ pub enum Command {
     Velocity(velocity::VelocityArgs),
     /// Sample images (or latents) from a checkpoint: noise → ODE (dopri5/euler/midpoint/heun/rk4) → autoencoder.
     Sample(Box<sample::SampleArgs>),
+    /// Train a velocity network with LFM's flow-matching loss (resumable).
+    Train(Box<train::TrainArgs>),
     /// Encode images into LFM latents (scaled) with the KL VAE or TAESD.
     Encode(autoencode::EncodeArgs),
     /// Decode LFM latents into images with the KL VAE or TAESD.
@@ -83,6 +86,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(args) => inspect::convert(args),
         Command::Velocity(args) => velocity::run(args, cli.backend),
         Command::Sample(args) => sample::run(*args, cli.backend),
+        Command::Train(args) => train::run(*args, cli.backend),
         Command::Encode(args) => autoencode::encode(args, cli.backend),
         Command::Decode(args) => autoencode::decode(args, cli.backend),
     }

@@ -1,7 +1,10 @@
 //! Flow-matching training: the loss of one batch, its gradients, and the optimiser step LFM takes (AdamW with
-//! default betas and no weight decay).
+//! default betas and no weight decay); the data sources and the resumable loop of `lfm train`.
 
-use burn::module::AutodiffModule;
+pub mod data;
+pub mod run;
+
+use burn::module::{AutodiffModule, Module};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
@@ -66,6 +69,38 @@ where
     /// The network being trained.
     pub fn model(&self) -> &VelocityModel<B> {
         self.model.as_ref().expect("a model between steps")
+    }
+
+    /// The model's and the optimiser's state as bytes (Burn's record format, parameter ids included, so that the
+    /// optimiser's moments find their parameters again on resume).
+    pub fn save_state(&self) -> Result<(Vec<u8>, Vec<u8>), String> {
+        use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
+        let recorder = NamedMpkBytesRecorder::<FullPrecisionSettings>::default();
+        let model =
+            Recorder::<B>::record(&recorder, self.model().clone().into_record(), ()).map_err(|e| e.to_string())?;
+        let optimizer = Recorder::<B>::record(&recorder, self.optimizer.to_record(), ()).map_err(|e| e.to_string())?;
+        Ok((model, optimizer))
+    }
+
+    /// Restores what [`Trainer::save_state`] wrote (after `steps` optimiser steps).
+    pub fn load_state(
+        &mut self,
+        model: Vec<u8>,
+        optimizer: Vec<u8>,
+        steps: usize,
+        device: &B::Device,
+    ) -> Result<(), String> {
+        use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
+        let recorder = NamedMpkBytesRecorder::<FullPrecisionSettings>::default();
+        let model_record = Recorder::<B>::load(&recorder, model, device).map_err(|e| format!("model state: {e}"))?;
+        let optimizer_record =
+            Recorder::<B>::load(&recorder, optimizer, device).map_err(|e| format!("optimizer state: {e}"))?;
+        let model = self.model.take().expect("a model between steps");
+        self.model = Some(model.load_record(model_record));
+        let optimizer = std::mem::replace(&mut self.optimizer, lfm_adamw().init());
+        self.optimizer = optimizer.load_record(optimizer_record);
+        self.step = steps;
+        Ok(())
     }
 
     /// Loss, backward, one AdamW step at learning rate `lr`. With `keep_grads`, the gradients are returned by

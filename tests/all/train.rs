@@ -75,3 +75,159 @@ fn one_training_step_matches_the_reference_on_wgpu() {
     let Some(device) = wgpu() else { return };
     training_step::<Autodiff<Wgpu>>(&device, 1e-4, 1e-6);
 }
+
+/// A tiny image folder (16×16 colour patterns; vae_tiny encodes them to 4×8×8) plus one corrupt file.
+fn image_folder(dir: &std::path::Path) -> std::path::PathBuf {
+    let data = dir.join("images");
+    std::fs::create_dir_all(data.join("sub")).unwrap();
+    for i in 0..12u8 {
+        let pixels = (0..16 * 16).flat_map(|p| {
+            let (x, y) = (p % 16, p / 16);
+            let on = (x / 4 + y / 4 + i as usize).is_multiple_of(2);
+            if on {
+                [200, 40 + 15 * i, 90]
+            } else {
+                [20, 60, 180 - 10 * i]
+            }
+        });
+        let image = lfm::image::RgbImage { width: 16, height: 16, pixels: pixels.collect() };
+        let folder = if i % 3 == 0 { data.join("sub") } else { data.clone() };
+        lfm::image::write_rgb(&folder.join(format!("{i:02}.png")), &image).unwrap();
+    }
+    std::fs::write(data.join("corrupt.png"), b"not a png at all").unwrap();
+    data
+}
+
+fn train_args<'a>(dir: &'a str, data: &'a str, vae: &'a str, vae_config: &'a str, config: &'a str) -> Vec<&'a str> {
+    vec![
+        "--backend",
+        "cpu",
+        "train",
+        "--data",
+        data,
+        "--image-size",
+        "16",
+        "--weights",
+        vae,
+        "--vae-config",
+        vae_config,
+        "--config",
+        config,
+        "--out",
+        dir,
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "3",
+    ]
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    data: String,
+    vae: String,
+    vae_config: String,
+    config: String,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let data = image_folder(&root).to_str().unwrap().to_string();
+    let vae_config = root.join("vae.json");
+    std::fs::write(&vae_config, constructor_kwargs("vae_tiny").to_string()).unwrap();
+    let config = root.join("dit.json");
+    std::fs::write(&config, ModelConfig::Dit(crate::dit::config("dit_tiny")).to_json()).unwrap();
+    Setup {
+        _dir: dir,
+        data,
+        vae: fixture("vae_tiny/model.safetensors").to_str().unwrap().to_string(),
+        vae_config: vae_config.to_str().unwrap().to_string(),
+        config: config.to_str().unwrap().to_string(),
+        root,
+    }
+}
+
+fn losses(out: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn training_on_an_image_folder_lowers_the_loss_and_skips_corrupt_images() {
+    let s = setup();
+    let out = s.root.join("run");
+    let mut args = train_args(out.to_str().unwrap(), &s.data, &s.vae, &s.vae_config, &s.config);
+    args.extend_from_slice(&["--max-steps", "30", "--save-every", "10"]);
+    let (ok, stdout, stderr) = lfm(&args);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("trained 30 steps on 13 examples"), "{stdout}");
+    assert!(stderr.contains("skipping an unreadable image") && stderr.contains("corrupt.png"), "{stderr}");
+    let loss = losses(&out);
+    assert_eq!(loss.len(), 30);
+    let (first, last) = (loss[..5].iter().sum::<f64>() / 5.0, loss[25..].iter().sum::<f64>() / 5.0);
+    assert!(last < 0.8 * first, "loss went from {first:.4} to {last:.4}");
+    let state = lfm::train::run::read_state(&out).unwrap().unwrap();
+    assert!(state.unreadable_images > 0);
+    // The weights load for sampling with no flags.
+    let weights = read_weights(&out.join("model.safetensors")).unwrap();
+    assert!(weights.config_json.is_some());
+    // A second run into the same folder must not clobber it.
+    let (ok, _, stderr) = lfm(&args);
+    assert!(!ok && stderr.contains("pass --resume"), "{stderr}");
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
+    let s = setup();
+    let steps = ["--max-steps", "40", "--save-every", "5"];
+    let straight = s.root.join("straight");
+    let mut args = train_args(straight.to_str().unwrap(), &s.data, &s.vae, &s.vae_config, &s.config);
+    args.extend_from_slice(&steps);
+    let (ok, _, stderr) = lfm(&args);
+    assert!(ok, "{stderr}");
+
+    let killed = s.root.join("killed");
+    let mut args = train_args(killed.to_str().unwrap(), &s.data, &s.vae, &s.vae_config, &s.config);
+    args.extend_from_slice(&steps);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lfm"))
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let killed_at = loop {
+        if let Ok(Some(state)) = lfm::train::run::read_state(&killed) {
+            if state.step >= 10 {
+                child.kill().unwrap(); // SIGKILL
+                child.wait().unwrap();
+                break state.step;
+            }
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    assert!(killed_at < 40, "killed at step {killed_at}");
+    args.push("--resume");
+    let (ok, _, stderr) = lfm(&args);
+    assert!(ok, "{stderr}");
+    let a = read_weights(&straight.join("model.safetensors")).unwrap().tensors;
+    let b = read_weights(&killed.join("model.safetensors")).unwrap().tensors;
+    for (key, tensor) in &a {
+        assert_eq!(tensor.to_f32(), b[key].to_f32(), "{key} differs after kill -9 at step {killed_at} and --resume");
+    }
+
+    // A damaged checkpoint is refused clearly.
+    let state = lfm::train::run::read_state(&killed).unwrap().unwrap();
+    let file = lfm::train::run::state_dir(&killed).join(&state.model_file);
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let (ok, _, stderr) = lfm(&args);
+    assert!(!ok && stderr.contains("damaged"), "{stderr}");
+}

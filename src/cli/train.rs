@@ -1,0 +1,188 @@
+//! `lfm train`: flow-matching training of a velocity network on images or pre-encoded latents.
+
+use std::path::PathBuf;
+
+use burn::tensor::backend::Backend;
+use clap::Args;
+
+use super::ModelSource;
+use crate::autoencoder::{AutoencoderKind, AutoencoderWeights};
+use crate::backend::{self, BackendChoice, OnBackend};
+use crate::checkpoint::TensorMap;
+use crate::models::{read_config, ModelConfig, Preset};
+use crate::train::data::{image_folder, latent_file, Source};
+use crate::train::run::{read_state, train, RunSettings, Schedule, State};
+
+/// Arguments of `lfm train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// A folder of images (searched recursively), encoded every step as LFM does.
+    #[arg(long, conflicts_with = "latents", required_unless_present = "latents")]
+    pub data: Option<PathBuf>,
+    /// Pre-encoded latents from `lfm encode` (`latents`, or `mean`+`std` to re-sample the posterior each step).
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+    /// Label images by their top-level sub-folder (ImageNet layout).
+    #[arg(long)]
+    pub class_folders: bool,
+    /// Side of the square training images (resize the short side, centre-crop).
+    #[arg(long, default_value_t = 256)]
+    pub image_size: usize,
+    /// The network: --config FILE or --preset NAME (required unless resuming).
+    #[command(flatten)]
+    pub model: ModelSource,
+    /// Start from these weights (LFM's --model_ckpt).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Output folder: model.safetensors, metrics.jsonl, train-state/.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue the run in --out exactly where its last checkpoint left it.
+    #[arg(long)]
+    pub resume: bool,
+    /// Autoencoder for --data.
+    #[arg(long, value_enum, default_value = "kl")]
+    pub autoencoder: AutoencoderKind,
+    /// Autoencoder weights for --data.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// KL only: the autoencoder's diffusers config.json.
+    #[arg(long)]
+    pub vae_config: Option<PathBuf>,
+    /// Samples per step.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Epochs (LFM trains num_epoch + 1; give the number of epochs you want).
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Stop after this many steps instead of --epochs.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// LFM's per-epoch cosine decay to --min-lr (default: constant, LFM's --no_lr_decay).
+    #[arg(long)]
+    pub cosine: bool,
+    /// Floor of the cosine schedule.
+    #[arg(long, default_value_t = 1e-5)]
+    pub min_lr: f64,
+    /// Checkpoint every this many steps (and at the end).
+    #[arg(long, default_value_t = 500)]
+    pub save_every: usize,
+    /// Seed of every random choice (data order, noise, times, flips, label dropout).
+    #[arg(long, default_value_t = 1024)]
+    pub seed: u64,
+    /// No random horizontal flips.
+    #[arg(long)]
+    pub no_flip: bool,
+}
+
+struct Job {
+    config: ModelConfig,
+    init: Option<TensorMap>,
+    source: Source,
+    autoencoder: Option<AutoencoderWeights>,
+    settings: RunSettings,
+    out: PathBuf,
+    resume: bool,
+}
+
+impl OnBackend for Job {
+    type Output = anyhow::Result<State>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let autoencoder = self.autoencoder.as_ref().map(|w| w.load::<B>(&device)).transpose()?;
+        if let Some(ae) = &autoencoder {
+            use crate::autoencoder::Autoencoder;
+            let (_, c) = self.config.channels();
+            anyhow::ensure!(
+                ae.latent_channels() == c,
+                "the autoencoder has {} latent channels, the model {c}",
+                ae.latent_channels()
+            );
+            if let Source::Images { size, .. } = &self.source {
+                let side = size / ae.factor();
+                anyhow::ensure!(
+                    side == self.config.latent_size(),
+                    "--image-size {size} gives {side}×{side} latents, the model is built for {}×{}",
+                    self.config.latent_size(),
+                    self.config.latent_size()
+                );
+            }
+        }
+        Ok(train::<B>(
+            &self.config,
+            self.init.as_ref(),
+            &self.source,
+            autoencoder.as_ref(),
+            &self.settings,
+            &self.out,
+            self.resume,
+            &device,
+        )?)
+    }
+}
+
+pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> {
+    let previous = read_state(&args.out)?;
+    let config = match (&args.model.config, &args.model.preset, &previous) {
+        (Some(path), _, _) => read_config(path)?,
+        (None, Some(name), _) => Preset::find(name).map_err(|e| anyhow::anyhow!(e))?.model(),
+        (None, None, Some(state)) if args.resume => state.model.clone(),
+        _ => anyhow::bail!("give the network with --config FILE or --preset NAME"),
+    };
+    config.validate().map_err(|e| anyhow::anyhow!(e))?;
+    let source = match (&args.data, &args.latents) {
+        (Some(dir), _) => image_folder(dir, args.image_size, args.class_folders).map_err(|e| anyhow::anyhow!(e))?,
+        (None, Some(file)) => latent_file(file).map_err(|e| anyhow::anyhow!(e))?,
+        (None, None) => anyhow::bail!("give the training data with --data DIR or --latents FILE"),
+    };
+    if let (Source::Latents { mean, .. }, (_, c)) = (&source, config.channels()) {
+        let side = config.latent_size();
+        anyhow::ensure!(
+            mean.shape[1..] == [c, side, side],
+            "the latents are {:?}; the model trains on [N, {c}, {side}, {side}]",
+            mean.shape
+        );
+    }
+    if let (Some(k), Some(labels)) = (config.classes(), source.labels()) {
+        if let Some(bad) = labels.iter().find(|&&y| y < 0 || y as usize >= k) {
+            anyhow::bail!("the data holds label {bad} but the model has {k} classes");
+        }
+    }
+    let autoencoder = match (&source, &args.weights) {
+        (Source::Images { .. }, Some(w)) => {
+            Some(AutoencoderWeights::read(args.autoencoder, w, args.vae_config.as_deref())?)
+        }
+        (Source::Images { .. }, None) => anyhow::bail!("--data needs the autoencoder's --weights to encode the images"),
+        _ => None,
+    };
+    let init = args.init.as_ref().map(|p| crate::checkpoint::read_weights(p).map(|w| w.tensors)).transpose()?;
+    let per_epoch = (source.len() / args.batch_size.max(1)).max(1);
+    let settings = RunSettings {
+        batch_size: args.batch_size.max(1),
+        max_steps: args.max_steps.unwrap_or(per_epoch * args.epochs),
+        lr: args.lr,
+        schedule: if args.cosine {
+            Schedule::Cosine { min_lr: args.min_lr, epochs: args.epochs }
+        } else {
+            Schedule::Constant
+        },
+        save_every: args.save_every,
+        seed: args.seed,
+        flip: !args.no_flip,
+    };
+    std::fs::create_dir_all(&args.out)?;
+    let device = backend::select(choice)?;
+    let n = source.len();
+    let job = Job { config, init, source, autoencoder, settings, out: args.out.clone(), resume: args.resume };
+    let state = backend::dispatch(&device, job)?;
+    println!(
+        "trained {} steps on {n} examples on {device}; weights in {} ({} unreadable images skipped)",
+        state.step,
+        args.out.join("model.safetensors").display(),
+        state.unreadable_images
+    );
+    Ok(())
+}

@@ -1,0 +1,365 @@
+//! The training loop of `lfm train`: deterministic batches, checkpoints written atomically, exact resume.
+//!
+//! Every random choice of step `s` (the epoch's shuffle, flips, noise, times, posterior samples, label dropout) is
+//! drawn from streams keyed by the seed and `s`, so a run resumed from a checkpoint takes exactly the steps an
+//! uninterrupted run takes. A checkpoint is the model's and the optimiser's state at a step boundary plus
+//! `state.json`, written last (temp file + rename): a crash at any point leaves the previous checkpoint intact.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::data::{load_image, Source};
+use super::{lfm_adamw, Batch, Trainer};
+use crate::autoencoder::{AnyAutoencoder, Autoencoder};
+use crate::checkpoint::{write_safetensors, CONFIG_METADATA_KEY};
+use crate::io::write_atomic;
+use crate::models::{ModelConfig, VelocityModel};
+
+/// How the learning rate evolves.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Schedule {
+    /// The same rate throughout (LFM's `--no_lr_decay`).
+    Constant,
+    /// LFM's `CosineAnnealingLR(T_max = epochs, eta_min)`, stepped once per epoch.
+    Cosine {
+        /// The floor (LFM: 1e-5).
+        min_lr: f64,
+        /// `T_max`.
+        epochs: usize,
+    },
+}
+
+impl Schedule {
+    /// The rate during `epoch` for base rate `lr`.
+    pub fn lr(&self, lr: f64, epoch: usize) -> f64 {
+        match *self {
+            Self::Constant => lr,
+            Self::Cosine { min_lr, epochs } => {
+                let progress = epoch.min(epochs) as f64 / epochs.max(1) as f64;
+                min_lr + (lr - min_lr) * (1.0 + (std::f64::consts::PI * progress).cos()) / 2.0
+            }
+        }
+    }
+}
+
+/// Settings of a run (stored in `state.json`; a resume must use the same).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSettings {
+    /// Samples per step.
+    pub batch_size: usize,
+    /// Steps to reach.
+    pub max_steps: usize,
+    /// Base learning rate.
+    pub lr: f64,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Write a checkpoint every this many steps (and at the end).
+    pub save_every: usize,
+    /// Seed of every random stream.
+    pub seed: u64,
+    /// Random horizontal flips of images.
+    pub flip: bool,
+}
+
+/// What `state.json` records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    /// Steps completed.
+    pub step: usize,
+    /// The network.
+    pub model: ModelConfig,
+    /// The run.
+    pub settings: RunSettings,
+    /// File of the model's state (Burn record), relative to the state folder.
+    pub model_file: String,
+    /// File of the optimiser's state.
+    pub optimizer_file: String,
+    /// Images that could not be read so far.
+    pub unreadable_images: usize,
+}
+
+/// Why a run stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Files could not be read or written.
+    #[error("{0}")]
+    Io(String),
+    /// The settings, data or checkpoint do not fit together.
+    #[error("{0}")]
+    Invalid(String),
+    /// The loss stopped being finite.
+    #[error("the loss became {loss} at step {step}; lower --lr or check the data")]
+    NonFinite {
+        /// The step.
+        step: usize,
+        /// The loss value.
+        loss: f64,
+    },
+}
+
+fn io_error(path: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Io(format!("{}: {e}", path.display()))
+}
+
+/// The folder holding the training state inside the output folder.
+pub fn state_dir(out_dir: &Path) -> PathBuf {
+    out_dir.join("train-state")
+}
+
+/// Reads `state.json` of an output folder, if there is one.
+pub fn read_state(out_dir: &Path) -> Result<Option<State>, TrainError> {
+    let path = state_dir(out_dir).join("state.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| io_error(&path, e))?;
+    serde_json::from_str(&text).map(Some).map_err(|e| {
+        TrainError::Invalid(format!("{}: damaged training state ({e}); delete the folder to restart", path.display()))
+    })
+}
+
+/// Stream keys, so that the random choices of different kinds never share values.
+const SHUFFLE: u64 = 0x5348_5546;
+const FLIP: u64 = 0x464C_4950;
+const NOISE: u64 = 0x4E4F_4953;
+const TIME: u64 = 0x5449_4D45;
+const POSTERIOR: u64 = 0x504F_5354;
+const DROP: u64 = 0x4452_4F50;
+
+/// The example indices of step `step`.
+fn batch_indices(settings: &RunSettings, len: usize, step: usize) -> Vec<usize> {
+    let per_epoch = (len / settings.batch_size).max(1);
+    let (epoch, k) = (step / per_epoch, step % per_epoch);
+    let mut order: Vec<usize> = (0..len).collect();
+    order.shuffle(&mut crate::noise::rng(settings.seed ^ SHUFFLE, epoch as u64));
+    order.into_iter().cycle().skip(k * settings.batch_size).take(settings.batch_size.min(len)).collect()
+}
+
+/// Epoch of a step.
+pub fn epoch_of(settings: &RunSettings, len: usize, step: usize) -> usize {
+    step / (len / settings.batch_size).max(1)
+}
+
+/// Trains `config` (from `init` weights if given, else freshly initialised) on `source` on backend `B`,
+/// resuming from `out_dir`'s checkpoint when `resume` is set. Returns the final state.
+#[allow(clippy::too_many_arguments)]
+pub fn train<B: Backend>(
+    config: &ModelConfig,
+    init: Option<&crate::checkpoint::TensorMap>,
+    source: &Source,
+    autoencoder: Option<&AnyAutoencoder<B>>,
+    settings: &RunSettings,
+    out_dir: &Path,
+    resume: bool,
+    device: &B::Device,
+) -> Result<State, TrainError> {
+    type A<B> = Autodiff<B>;
+    if source.is_empty() {
+        return Err(TrainError::Invalid("the training data is empty".into()));
+    }
+    // A fresh network's initialisation is drawn from the backend's generator: seed it so that runs repeat.
+    <A<B> as Backend>::seed(device, settings.seed);
+    let model = match init {
+        Some(weights) => {
+            VelocityModel::<A<B>>::load(config, weights, device).map_err(|e| TrainError::Invalid(e.to_string()))?
+        }
+        None => VelocityModel::<A<B>>::init(config, device),
+    };
+    let mut trainer = Trainer::new(model, lfm_adamw());
+    let dir = state_dir(out_dir);
+    std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+    let mut unreadable = 0;
+    if resume {
+        let state = read_state(out_dir)?
+            .ok_or_else(|| TrainError::Invalid(format!("--resume: {} holds no training state", out_dir.display())))?;
+        if &state.model != config
+            || state.settings.seed != settings.seed
+            || state.settings.batch_size != settings.batch_size
+        {
+            return Err(TrainError::Invalid(
+                "--resume: the model, seed or batch size differ from the checkpoint's; resume with the same ones"
+                    .into(),
+            ));
+        }
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read(&path).map_err(|e| io_error(&path, e))
+        };
+        trainer.load_state(read(&state.model_file)?, read(&state.optimizer_file)?, state.step, device).map_err(
+            |e| TrainError::Invalid(format!("{}: {e}; the checkpoint is damaged (truncated?)", dir.display())),
+        )?;
+        unreadable = state.unreadable_images;
+        tracing::info!("resumed at step {}", state.step);
+    } else if read_state(out_dir)?.is_some() {
+        return Err(TrainError::Invalid(format!(
+            "{} already holds a training run: pass --resume to continue it, or choose another --out",
+            out_dir.display()
+        )));
+    }
+
+    let log_path = out_dir.join("metrics.jsonl");
+    let mut log =
+        std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| io_error(&log_path, e))?;
+    let progress = ProgressBar::new(settings.max_steps as u64);
+    progress.set_style(
+        ProgressStyle::with_template("training {bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
+            .expect("template"),
+    );
+    progress.set_position(trainer.step as u64);
+    let (c, side) = (config.channels().1, config.latent_size());
+    let per_sample = c * side * side;
+    let null_label = match config {
+        ModelConfig::Dit(d) if d.label_dropout > 0.0 => Some((d.label_dropout, d.num_classes as i64)),
+        _ => None,
+    };
+    let mut state = None;
+    while trainer.step < settings.max_steps {
+        let step = trainer.step;
+        let start = Instant::now();
+        let indices = batch_indices(settings, source.len(), step);
+        let mut rng_flip = crate::noise::rng(settings.seed ^ FLIP, step as u64);
+        // Data latents z0 for the batch (and labels).
+        let (z0, labels): (Tensor<B, 4>, Option<Vec<i64>>) = match source {
+            Source::Latents { mean, std, labels } => {
+                let pick = |t: &crate::checkpoint::HostTensor| -> Vec<f32> {
+                    let all = t.to_f32();
+                    indices.iter().flat_map(|&i| all[i * per_sample..(i + 1) * per_sample].to_vec()).collect()
+                };
+                let mut values = pick(mean);
+                if let Some(std) = std {
+                    let eps = crate::noise::batch(
+                        settings.seed ^ POSTERIOR,
+                        (step * settings.batch_size) as u64,
+                        indices.len(),
+                        per_sample,
+                    );
+                    for ((v, s), e) in values.iter_mut().zip(pick(std)).zip(eps) {
+                        *v += s * e;
+                    }
+                }
+                let data = TensorData::new(values, [indices.len(), c, side, side]).convert::<B::FloatElem>();
+                (Tensor::from_data(data, device), labels.as_ref().map(|l| indices.iter().map(|&i| l[i]).collect()))
+            }
+            Source::Images { files, labels, size } => {
+                let ae = autoencoder.ok_or_else(|| TrainError::Invalid("image data needs an autoencoder".into()))?;
+                let mut images = Vec::new();
+                let mut kept = Vec::new();
+                for &i in &indices {
+                    let flip = settings.flip && rng_flip.random_bool(0.5);
+                    match load_image(&files[i], *size, flip) {
+                        Ok(image) => {
+                            images.push(image);
+                            kept.push(i);
+                        }
+                        Err(e) => {
+                            unreadable += 1;
+                            tracing::warn!("skipping an unreadable image ({unreadable} so far): {e}");
+                        }
+                    }
+                }
+                if images.is_empty() {
+                    trainer.step += 1;
+                    continue;
+                }
+                let x =
+                    crate::image::to_tensor::<B>(&images, device).map_err(|e| TrainError::Invalid(e.to_string()))?;
+                let f = ae.factor();
+                let eps = crate::sample::noise::<B>(
+                    settings.seed ^ POSTERIOR,
+                    step * settings.batch_size,
+                    images.len(),
+                    [c, size / f, size / f],
+                    device,
+                );
+                let z0 = ae.encode(x, Some(eps));
+                (z0, labels.as_ref().map(|l| kept.iter().map(|&i| l[i]).collect()))
+            }
+        };
+        let n = z0.dims()[0];
+        let z1 =
+            crate::sample::noise::<B>(settings.seed ^ NOISE, step * settings.batch_size, n, [c, side, side], device);
+        let mut rng_time = crate::noise::rng(settings.seed ^ TIME, step as u64);
+        let t: Vec<f32> = (0..n).map(|_| rng_time.random::<f32>()).collect();
+        let t = Tensor::<B, 1>::from_data(TensorData::new(t, [n]).convert::<B::FloatElem>(), device);
+        let y = labels.map(|mut y| {
+            if let Some((p, null)) = null_label {
+                let mut rng = crate::noise::rng(settings.seed ^ DROP, step as u64);
+                for label in &mut y {
+                    if rng.random_bool(p) {
+                        *label = null;
+                    }
+                }
+            }
+            Tensor::<A<B>, 1, Int>::from_data(TensorData::new(y, [n]), device)
+        });
+        let epoch = epoch_of(settings, source.len(), step);
+        let lr = settings.schedule.lr(settings.lr, epoch);
+        let batch = Batch { z0: Tensor::from_inner(z0), z1: Tensor::from_inner(z1), t: Tensor::from_inner(t), y };
+        let report = trainer.step(batch, lr, false);
+        if !report.loss.is_finite() {
+            return Err(TrainError::NonFinite { step, loss: report.loss });
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        let line = serde_json::json!({"step": step + 1, "epoch": epoch, "loss": report.loss, "lr": lr,
+            "samples_per_s": n as f64 / seconds, "unreadable_images": unreadable});
+        writeln!(log, "{line}").map_err(|e| io_error(&log_path, e))?;
+        progress.set_message(format!("loss {:.4}, {:.1} samples/s", report.loss, n as f64 / seconds));
+        progress.set_position(trainer.step as u64);
+        if trainer.step % settings.save_every.max(1) == 0 || trainer.step == settings.max_steps {
+            state = Some(save(&trainer, config, settings, out_dir, unreadable)?);
+        }
+    }
+    progress.finish_and_clear();
+    match state {
+        Some(state) => Ok(state),
+        None => read_state(out_dir)?.ok_or_else(|| TrainError::Invalid("no step was taken".into())),
+    }
+}
+
+/// Writes a checkpoint: the state files of this step, `model.safetensors` for `lfm sample`, then `state.json`;
+/// then removes the previous step's state files.
+fn save<B: Backend>(
+    trainer: &Trainer<Autodiff<B>>,
+    config: &ModelConfig,
+    settings: &RunSettings,
+    out_dir: &Path,
+    unreadable: usize,
+) -> Result<State, TrainError> {
+    let dir = state_dir(out_dir);
+    let previous = read_state(out_dir).ok().flatten();
+    let (model_bytes, optimizer_bytes) = trainer.save_state().map_err(TrainError::Invalid)?;
+    let step = trainer.step;
+    let (model_file, optimizer_file) = (format!("model-{step:09}.mpk"), format!("optimizer-{step:09}.mpk"));
+    write_atomic(&dir.join(&model_file), &model_bytes).map_err(|e| io_error(&dir.join(&model_file), e))?;
+    write_atomic(&dir.join(&optimizer_file), &optimizer_bytes).map_err(|e| io_error(&dir.join(&optimizer_file), e))?;
+    let metadata = std::collections::HashMap::from([
+        (CONFIG_METADATA_KEY.to_string(), config.to_json()),
+        ("lfm.train.step".to_string(), step.to_string()),
+    ]);
+    let weights_path = out_dir.join("model.safetensors");
+    write_safetensors(&weights_path, &trainer.model().state_dict(), Some(metadata))
+        .map_err(|e| TrainError::Io(e.to_string()))?;
+    let state = State {
+        step,
+        model: config.clone(),
+        settings: settings.clone(),
+        model_file,
+        optimizer_file,
+        unreadable_images: unreadable,
+    };
+    let json = serde_json::to_vec_pretty(&state).expect("state serialises");
+    write_atomic(&dir.join("state.json"), &json).map_err(|e| io_error(&dir.join("state.json"), e))?;
+    if let Some(old) = previous.filter(|p| p.step != step) {
+        let _ = std::fs::remove_file(dir.join(old.model_file));
+        let _ = std::fs::remove_file(dir.join(old.optimizer_file));
+    }
+    Ok(state)
+}

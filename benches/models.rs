@@ -4,6 +4,7 @@
 //!
 //! A full-size forward pass takes seconds on a CPU, so this is a plain harness rather than criterion: one warm-up
 //! pass, then `LFM_BENCH_REPS` (default 3) timed passes; the median is reported.
+//! `LFM_BENCH_BACKENDS` (default `cpu,wgpu`) picks the backends.
 //! Run: `cargo bench --features cuda --profile dev --bench models` (`--release` for publishable numbers).
 
 use std::time::{Duration, Instant};
@@ -57,7 +58,13 @@ fn bench_backend<B: Backend>(backend: &str, device: &B::Device, reps: usize) {
 fn main() {
     // `cargo bench` passes `--bench`; a name filter is not supported by this harness.
     let reps = std::env::var("LFM_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    bench_backend::<Cpu>("cpu", &Default::default(), reps);
+    let backends = std::env::var("LFM_BENCH_BACKENDS").unwrap_or_else(|_| "cpu,wgpu".into());
+    if backends.contains("cpu") {
+        bench_backend::<Cpu>("cpu", &Default::default(), reps);
+    }
+    if !backends.contains("wgpu") {
+        return;
+    }
     if lfm::backend::wgpu_adapters().is_empty() {
         println!("wgpu: no adapter, skipped");
     } else {

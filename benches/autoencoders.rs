@@ -2,7 +2,8 @@
 //! configuration, random weights) and with TAESD, on cpu and wgpu, in images/s.
 //!
 //! A plain harness (a KL decode of 8 images takes many seconds on a CPU): one warm-up, then `LFM_BENCH_REPS`
-//! (default 3) timed runs, median reported. Run: `cargo bench --features cuda --profile dev --bench autoencoders`.
+//! (default 3) timed runs, median reported. `LFM_BENCH_BACKENDS` (default `cpu,wgpu`) and `LFM_BENCH_AUTOENCODERS`
+//! (default `kl,taesd`) pick the cases. Run: `cargo bench --features cuda --profile dev --bench autoencoders`.
 
 use std::time::{Duration, Instant};
 
@@ -50,7 +51,13 @@ fn bench_backend<B: Backend>(backend: &str, device: &B::Device, reps: usize) {
 
 fn main() {
     let reps = std::env::var("LFM_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    bench_backend::<Cpu>("cpu", &Default::default(), reps);
+    let backends = std::env::var("LFM_BENCH_BACKENDS").unwrap_or_else(|_| "cpu,wgpu".into());
+    if backends.contains("cpu") {
+        bench_backend::<Cpu>("cpu", &Default::default(), reps);
+    }
+    if !backends.contains("wgpu") {
+        return;
+    }
     if lfm::backend::wgpu_adapters().is_empty() {
         println!("wgpu: no adapter, skipped");
     } else {

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod flow;
 pub mod image;
 pub mod io;
+pub mod metrics;
 pub mod models;
 pub mod nn;
 pub mod noise;

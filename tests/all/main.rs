@@ -7,6 +7,7 @@ mod commands;
 mod common;
 mod dit;
 mod edm;
+mod fid;
 mod flow;
 mod model_config;
 mod sample;

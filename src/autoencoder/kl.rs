@@ -404,6 +404,22 @@ impl<B: Backend> AutoencoderKL<B> {
         Posterior { mean: moments.clone().narrow(1, 0, c), logvar: moments.narrow(1, c, c).clamp(-30.0, 20.0) }
     }
 
+    /// LFM's scaled latent of images in [-1, 1] (a posterior sample with `eps`, else its mean) together with the
+    /// (unscaled) posterior, from one encoder pass.
+    pub fn encode_with_posterior(
+        &self,
+        images: Tensor<B, 4>,
+        eps: Option<Tensor<B, 4>>,
+    ) -> (Tensor<B, 4>, Posterior<B>) {
+        let posterior = self.posterior(images);
+        let z = match eps {
+            Some(eps) => posterior.sample_with(eps),
+            None => posterior.mean.clone(),
+        };
+        // The one place the scale factor is applied on the way in.
+        (z.mul_scalar(self.config.scaling_factor), posterior)
+    }
+
     /// Unscaled latents → images in about [-1, 1] (`vae.decode(z).sample`).
     pub fn decode_unscaled(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
         self.decoder.forward(conv2d(&self.post_quant_conv, z))

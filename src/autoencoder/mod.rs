@@ -28,6 +28,19 @@ pub trait Autoencoder<B: Backend> {
     /// Scaled latents → images in about [-1, 1] (not clamped).
     fn decode(&self, latents: Tensor<B, 4>) -> Tensor<B, 4>;
 
+    /// Checks that this autoencoder's latents are the ones a velocity network with `model_channels` output channels
+    /// works in.
+    fn check_fits(&self, model_channels: usize) -> Result<(), String> {
+        let c = self.latent_channels();
+        if c == model_channels {
+            Ok(())
+        } else {
+            Err(format!(
+                "the autoencoder has {c} latent channels but the model produces {model_channels}: they do not belong together"
+            ))
+        }
+    }
+
     /// [`Autoencoder::decode`] `slice` samples at a time, so that memory stays bounded for large batches.
     fn decode_sliced(&self, latents: Tensor<B, 4>, slice: usize) -> Tensor<B, 4> {
         let n = latents.dims()[0];
@@ -51,17 +64,11 @@ impl<B: Backend> Autoencoder<B> for AutoencoderKL<B> {
     }
 
     fn encode(&self, images: Tensor<B, 4>, eps: Option<Tensor<B, 4>>) -> Tensor<B, 4> {
-        let posterior = self.posterior(images);
-        let z = match eps {
-            Some(eps) => posterior.sample_with(eps),
-            None => posterior.mean,
-        };
-        // The one place the scale factor is applied on the way in…
-        z.mul_scalar(self.config.scaling_factor)
+        self.encode_with_posterior(images, eps).0
     }
 
     fn decode(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
-        // …and on the way out.
+        // The scale factor on the way out (on the way in: `encode_with_posterior`).
         self.decode_unscaled(latents.div_scalar(self.config.scaling_factor))
     }
 }

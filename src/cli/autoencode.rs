@@ -104,14 +104,18 @@ impl OnBackend for Encode {
                     &device,
                 )
             });
-            if let crate::autoencoder::AnyAutoencoder::Kl(kl) = &model {
-                let posterior = kl.posterior(x.clone());
-                let scale = kl.config.scaling_factor;
-                let flat = |t: Tensor<B, 4>| t.mul_scalar(scale).into_data().convert::<f32>().into_vec::<f32>();
-                means.extend(flat(posterior.mean.clone()).map_err(|e| anyhow::anyhow!("{e:?}"))?);
-                stds.extend(flat(posterior.std()).map_err(|e| anyhow::anyhow!("{e:?}"))?);
-            }
-            let z = model.encode(x, eps);
+            let z = match &model {
+                // One encoder pass gives both the sample and the posterior (on LFM's scale, for training).
+                crate::autoencoder::AnyAutoencoder::Kl(kl) => {
+                    let (z, posterior) = kl.encode_with_posterior(x, eps);
+                    let scale = kl.config.scaling_factor;
+                    let flat = |t: Tensor<B, 4>| t.mul_scalar(scale).into_data().convert::<f32>().into_vec::<f32>();
+                    means.extend(flat(posterior.mean.clone()).map_err(|e| anyhow::anyhow!("{e:?}"))?);
+                    stds.extend(flat(posterior.std()).map_err(|e| anyhow::anyhow!("{e:?}"))?);
+                    z
+                }
+                other => other.encode(x, eps),
+            };
             values.extend(z.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?);
             bar.inc(chunk.len() as u64);
         }
@@ -131,7 +135,6 @@ pub(crate) fn encode(args: EncodeArgs, choice: BackendChoice) -> anyhow::Result<
         anyhow::bail!("{} exists; pass --force to overwrite it", args.out.display());
     }
     let images = args.images.iter().map(|p| read_rgb(p)).collect::<Result<Vec<_>, _>>()?;
-    crate::image::to_tensor::<crate::backend::Cpu>(&images[..1], &Default::default())?;
     if let Some(other) =
         images.iter().zip(&args.images).find(|(i, _)| (i.width, i.height) != (images[0].width, images[0].height))
     {

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::autoencoder::{AutoencoderKind, AutoencoderWeights};
 use crate::backend::BackendChoice;
 use crate::models::ConfigChoice;
 
@@ -55,6 +56,29 @@ pub struct Cli {
 
 fn parse_backend(s: &str) -> Result<BackendChoice, String> {
     s.parse().map_err(|e: crate::backend::BackendError| e.to_string())
+}
+
+/// The autoencoder of a command whose `--config` names the velocity network (`sample`, `train`).
+#[derive(Debug, Args)]
+pub struct AutoencoderSource {
+    /// The autoencoder.
+    #[arg(long, value_enum, default_value = "kl")]
+    pub autoencoder: AutoencoderKind,
+    /// Its weights: kl: a diffusers folder (config.json + diffusion_pytorch_model.safetensors) or a weights file;
+    /// taesd: the folder with taesd_encoder.* and taesd_decoder.* (see `lfm decode --help`).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// KL only: the autoencoder's diffusers config.json.
+    #[arg(long)]
+    pub vae_config: Option<PathBuf>,
+}
+
+impl AutoencoderSource {
+    /// Reads the weights; without `--weights`, fails with `missing`.
+    pub fn read(&self, missing: &str) -> anyhow::Result<AutoencoderWeights> {
+        let weights = self.weights.as_ref().ok_or_else(|| anyhow::anyhow!("{missing}"))?;
+        Ok(AutoencoderWeights::read(self.autoencoder, weights, self.vae_config.as_deref())?)
+    }
 }
 
 /// `lfm` subcommands.

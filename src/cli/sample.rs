@@ -8,7 +8,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::ModelSource;
-use crate::autoencoder::{Autoencoder, AutoencoderKind, AutoencoderWeights};
+use crate::autoencoder::{Autoencoder, AutoencoderWeights};
 use crate::backend::{self, BackendChoice, OnBackend};
 use crate::checkpoint::{read_safetensors, write_safetensors, HostTensor, TensorMap};
 use crate::image::{read_rgb, write_rgb, RgbImage};
@@ -78,15 +78,9 @@ pub struct SampleArgs {
     /// Semantic synthesis: the SpatialRescaler weights (LFM's `cond_stage_model_<E>.pth`).
     #[arg(long, requires = "segmentation")]
     pub cond_checkpoint: Option<PathBuf>,
-    /// The autoencoder that decodes the latents.
-    #[arg(long, value_enum, default_value = "kl")]
-    pub autoencoder: AutoencoderKind,
-    /// Autoencoder weights (see `lfm decode --help`); required unless --latents-only.
-    #[arg(long)]
-    pub weights: Option<PathBuf>,
-    /// KL only: a diffusers config.json for the autoencoder.
-    #[arg(long)]
-    pub vae_config: Option<PathBuf>,
+    /// The autoencoder that decodes the latents (`--weights` required unless --latents-only).
+    #[command(flatten)]
+    pub decoder: super::AutoencoderSource,
     /// Images per decoder pass.
     #[arg(long, default_value_t = 4)]
     pub decode_batch: usize,
@@ -184,11 +178,7 @@ impl OnBackend for Job {
         let (c_in, c_out) = self.config.channels();
         let extra = c_in - c_out;
         if let Some(ae) = &autoencoder {
-            anyhow::ensure!(
-                ae.latent_channels() == c_out,
-                "the autoencoder has {} latent channels but the model produces {c_out}: they do not belong together",
-                ae.latent_channels()
-            );
+            ae.check_fits(c_out).map_err(|e| anyhow::anyhow!(e))?;
         }
         let n = self.noise.as_ref().map_or(args.num_samples, |(x1, _)| x1.shape[0]);
         let classes = model.classes();
@@ -452,10 +442,10 @@ pub(crate) fn run(args: SampleArgs, choice: BackendChoice) -> anyhow::Result<()>
     let autoencoder = if args.latents_only {
         None
     } else {
-        let weights = args.weights.as_ref().ok_or_else(|| {
-            anyhow::anyhow!("decoding needs --weights PATH of the autoencoder (or --latents-only --save-latents FILE)")
-        })?;
-        Some(AutoencoderWeights::read(args.autoencoder, weights, args.vae_config.as_deref())?)
+        Some(
+            args.decoder
+                .read("decoding needs --weights PATH of the autoencoder (or --latents-only --save-latents FILE)")?,
+        )
     };
     let inpaint = match (&args.image, &args.mask) {
         (Some(image), Some(mask)) => {

@@ -6,7 +6,7 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 
 use super::ModelSource;
-use crate::autoencoder::{AutoencoderKind, AutoencoderWeights};
+use crate::autoencoder::AutoencoderWeights;
 use crate::backend::{self, BackendChoice, OnBackend};
 use crate::checkpoint::TensorMap;
 use crate::models::{read_config, ModelConfig, Preset};
@@ -40,15 +40,9 @@ pub struct TrainArgs {
     /// Continue the run in --out exactly where its last checkpoint left it.
     #[arg(long)]
     pub resume: bool,
-    /// Autoencoder for --data.
-    #[arg(long, value_enum, default_value = "kl")]
-    pub autoencoder: AutoencoderKind,
-    /// Autoencoder weights for --data.
-    #[arg(long)]
-    pub weights: Option<PathBuf>,
-    /// KL only: the autoencoder's diffusers config.json.
-    #[arg(long)]
-    pub vae_config: Option<PathBuf>,
+    /// The autoencoder that encodes --data.
+    #[command(flatten)]
+    pub encoder: super::AutoencoderSource,
     /// Samples per step.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
@@ -95,12 +89,7 @@ impl OnBackend for Job {
         let autoencoder = self.autoencoder.as_ref().map(|w| w.load::<B>(&device)).transpose()?;
         if let Some(ae) = &autoencoder {
             use crate::autoencoder::Autoencoder;
-            let (_, c) = self.config.channels();
-            anyhow::ensure!(
-                ae.latent_channels() == c,
-                "the autoencoder has {} latent channels, the model {c}",
-                ae.latent_channels()
-            );
+            ae.check_fits(self.config.channels().1).map_err(|e| anyhow::anyhow!(e))?;
             if let Source::Images { size, .. } = &self.source {
                 let side = size / ae.factor();
                 anyhow::ensure!(
@@ -151,12 +140,11 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
             anyhow::bail!("the data holds label {bad} but the model has {k} classes");
         }
     }
-    let autoencoder = match (&source, &args.weights) {
-        (Source::Images { .. }, Some(w)) => {
-            Some(AutoencoderWeights::read(args.autoencoder, w, args.vae_config.as_deref())?)
+    let autoencoder = match &source {
+        Source::Images { .. } => {
+            Some(args.encoder.read("--data needs the autoencoder's --weights to encode the images")?)
         }
-        (Source::Images { .. }, None) => anyhow::bail!("--data needs the autoencoder's --weights to encode the images"),
-        _ => None,
+        Source::Latents { .. } => None,
     };
     let init = args.init.as_ref().map(|p| crate::checkpoint::read_weights(p).map(|w| w.tensors)).transpose()?;
     let per_epoch = (source.len() / args.batch_size.max(1)).max(1);

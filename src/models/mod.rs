@@ -5,13 +5,16 @@ pub mod config;
 pub mod dit;
 pub mod edm;
 mod flops;
+mod infer;
+pub mod presets;
 pub mod unet;
 
 use burn::tensor::{backend::Backend, Int, Tensor};
 
-pub use config::{LfmFlags, ModelConfig, Preset, PRESETS};
+pub use config::{LfmFlags, ModelConfig};
 pub use dit::{DiT, DiTConfig};
 pub use edm::{EdmConfig, EdmUNet};
+pub use presets::{Preset, PRESETS};
 pub use unet::{UNetConfig, UNetModel};
 
 use crate::checkpoint::{CheckpointError, TensorMap};

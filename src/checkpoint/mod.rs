@@ -118,6 +118,16 @@ fn namespace_to_json(value: &Value) -> Option<serde_json::Value> {
 }
 
 fn state_dict_of(path: &Path, archive: &PthArchive) -> Result<TensorMap, CheckpointError> {
+    if let Value::Object { class, .. } = &archive.root {
+        if class.starts_with("__torch__.") {
+            let mut map = TensorMap::new();
+            torchscript_tensors(archive, &archive.root, "", &mut map).map_err(|e| CheckpointError::invalid(path, e))?;
+            if map.is_empty() {
+                return Err(CheckpointError::invalid(path, "the TorchScript module holds no tensors"));
+            }
+            return Ok(map);
+        }
+    }
     let Value::Dict(root) = &archive.root else {
         return Err(CheckpointError::invalid(path, "the pickle does not hold a dict; expected a state_dict"));
     };
@@ -142,6 +152,27 @@ fn state_dict_of(path: &Path, archive: &PthArchive) -> Result<TensorMap, Checkpo
         return Err(CheckpointError::invalid(path, "the state_dict holds no tensors"));
     }
     Ok(map)
+}
+
+/// The parameters and buffers of a TorchScript module (`torch.jit.save`), named by their attribute paths as a
+/// `state_dict` would name them (`layers.conv.weight`).
+fn torchscript_tensors(archive: &PthArchive, module: &Value, prefix: &str, map: &mut TensorMap) -> Result<(), String> {
+    let Value::Object { attributes, .. } = module else { return Ok(()) };
+    for (key, value) in attributes {
+        let Value::Str(name) = key else { continue };
+        match value {
+            Value::Tensor(t) => {
+                let name = format!("{prefix}{name}");
+                let tensor = archive.tensor(t).map_err(|e| format!("{name}: {e}"))?;
+                map.insert(name, tensor);
+            }
+            Value::Object { class, .. } if class.starts_with("__torch__.") => {
+                torchscript_tensors(archive, value, &format!("{prefix}{name}."), map)?
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Reads every tensor and the metadata of a safetensors file.

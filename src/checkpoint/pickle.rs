@@ -31,7 +31,11 @@ pub enum Value {
     Storage(StorageRef),
     /// A tensor view of a storage (`torch._utils._rebuild_tensor_v2`).
     Tensor(TensorRef),
-    /// An object of an allowed plain class (e.g. `argparse.Namespace`) with its attributes.
+    /// A NumPy array (`numpy.core.multiarray._reconstruct` + `__setstate__`), as `np.save` pickles object arrays
+    /// (LFM's `{mu, sigma}` statistics files).
+    NdArray(NdArray),
+    /// An object of an allowed plain class (`argparse.Namespace`, a TorchScript module `__torch__.*`, a NumPy
+    /// dtype) with its attributes.
     Object {
         /// `module.name` of the class.
         class: String,
@@ -134,6 +138,23 @@ pub struct TensorRef {
     pub stride: Vec<usize>,
 }
 
+/// A pickled NumPy array.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct NdArray {
+    /// NumPy's type string without the byte order, e.g. `f8`, `f4`, `O`.
+    pub dtype: String,
+    /// Byte order: `<`, `>`, `|` (not applicable) or `=` (native).
+    pub byte_order: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Column-major storage.
+    pub fortran_order: bool,
+    /// Raw element bytes (numeric arrays).
+    pub bytes: Vec<u8>,
+    /// The elements of an object array.
+    pub objects: Vec<Value>,
+}
+
 /// Why a pickle was refused.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PickleError {
@@ -170,11 +191,30 @@ const ALLOWED_GLOBALS: &[&str] = &[
     "torch.CharStorage",
     "torch.ByteStorage",
     "torch.BoolStorage",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "torch.jit._pickle.build_intlist",
+    "torch.jit._pickle.build_doublelist",
+    "torch.jit._pickle.build_boollist",
 ];
+
+/// TorchScript archives pickle their modules as objects of classes named `__torch__.<module>.<Class>`; they are
+/// read as plain attribute bags (their code is never run).
+const TORCHSCRIPT_CLASS_PREFIX: &str = "__torch__.";
 
 /// Decodes a pickle stream.
 pub fn unpickle(data: &[u8]) -> Result<Value, PickleError> {
-    Machine { data, pos: 0, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() }.run()
+    unpickle_prefix(data).map(|(value, _)| value)
+}
+
+/// Decodes the pickle at the start of `data` (several may follow each other, as in PyTorch's legacy format) and
+/// returns it with the number of bytes it took.
+pub fn unpickle_prefix(data: &[u8]) -> Result<(Value, usize), PickleError> {
+    let mut machine = Machine { data, pos: 0, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() };
+    let value = machine.run()?;
+    Ok((value, machine.pos))
 }
 
 struct Machine<'a> {
@@ -238,7 +278,7 @@ impl Machine<'_> {
         self.stack.last_mut().ok_or_else(|| malformed("stack underflow"))
     }
 
-    fn run(mut self) -> Result<Value, PickleError> {
+    fn run(&mut self) -> Result<Value, PickleError> {
         loop {
             let at = self.pos;
             let op = self.u8()?;
@@ -308,6 +348,13 @@ impl Machine<'_> {
                 }
                 b'B' => {
                     let n = self.u32()? as usize;
+                    let v = self.take(n)?.to_vec();
+                    self.stack.push(Value::Bytes(v))
+                }
+                0x8e => {
+                    // BINBYTES8 (protocol 4)
+                    let n = u64::from_le_bytes(self.take(8)?.try_into().unwrap());
+                    let n = usize::try_from(n).map_err(|_| malformed("BINBYTES8 length overflows"))?;
                     let v = self.take(n)?.to_vec();
                     self.stack.push(Value::Bytes(v))
                 }
@@ -417,7 +464,9 @@ impl Machine<'_> {
                     // NEWOBJ: cls.__new__(cls, *args)
                     let _args = self.pop()?;
                     match self.pop()? {
-                        Value::Global(class) if class == "argparse.Namespace" => {
+                        Value::Global(class)
+                            if class == "argparse.Namespace" || class.starts_with(TORCHSCRIPT_CLASS_PREFIX) =>
+                        {
                             self.stack.push(Value::Object { class, attributes: Vec::new() })
                         }
                         Value::Global(class) => return Err(PickleError::ForbiddenGlobal(class)),
@@ -428,6 +477,13 @@ impl Machine<'_> {
                     let state = self.pop()?;
                     match (self.top()?, state) {
                         (Value::Object { attributes, .. }, Value::Dict(state)) => attributes.extend(state),
+                        (Value::Object { class, attributes }, Value::Tuple(state)) if class == "numpy.dtype" => {
+                            // (version, byte order, subarray, names, fields, itemsize, alignment, flags)
+                            if let Some(Value::Str(order)) = state.get(1) {
+                                attributes.push((Value::Str("byte_order".into()), Value::Str(order.clone())));
+                            }
+                        }
+                        (Value::NdArray(array), Value::Tuple(state)) => set_array_state(array, state)?,
                         // An OrderedDict's instance dict (`_metadata` of a state_dict) carries nothing we need.
                         (Value::Dict(_), _) => {}
                         // `_rebuild_parameter` and tensors may get a (None) state.
@@ -454,7 +510,7 @@ fn pairs(items: Vec<Value>) -> Result<Vec<(Value, Value)>, PickleError> {
 }
 
 fn global(name: String) -> Result<Value, PickleError> {
-    if ALLOWED_GLOBALS.contains(&name.as_str()) {
+    if ALLOWED_GLOBALS.contains(&name.as_str()) || name.starts_with(TORCHSCRIPT_CLASS_PREFIX) {
         Ok(Value::Global(name))
     } else {
         Err(PickleError::ForbiddenGlobal(name))
@@ -466,7 +522,11 @@ fn persistent_load(pid: Value) -> Result<Value, PickleError> {
         return Err(malformed("persistent id is not a tuple"));
     };
     match items.as_slice() {
-        [Value::Str(kind), Value::Global(class), Value::Str(key), _location, _numel] if kind == "storage" => {
+        // The legacy (pre-1.6) format adds a view description, None unless the storage is shared by views.
+        [Value::Str(kind), Value::Global(class), Value::Str(key), _location, _numel]
+        | [Value::Str(kind), Value::Global(class), Value::Str(key), _location, _numel, Value::None]
+            if kind == "storage" =>
+        {
             let dtype = StorageDType::from_storage_class(class)
                 .ok_or_else(|| malformed(&format!("unsupported storage type {class}")))?;
             Ok(Value::Storage(StorageRef { key: key.clone(), dtype }))
@@ -486,6 +546,32 @@ fn as_usizes(v: &Value, what: &str) -> Result<Vec<usize>, PickleError> {
             _ => Err(malformed(&format!("{what} holds a non-index"))),
         })
         .collect()
+}
+
+/// `ndarray.__setstate__((version, shape, dtype, is_fortran, data))`.
+fn set_array_state(array: &mut NdArray, state: Vec<Value>) -> Result<(), PickleError> {
+    let [_version, shape, Value::Object { class, attributes }, Value::Bool(fortran), data] = state.as_slice() else {
+        return Err(malformed("unexpected numpy array state"));
+    };
+    if class != "numpy.dtype" {
+        return Err(malformed("numpy array state without a dtype"));
+    }
+    let attr = |key: &str| {
+        attributes.iter().find_map(|(k, v)| match (k, v) {
+            (Value::Str(k), Value::Str(v)) if k == key => Some(v.clone()),
+            _ => None,
+        })
+    };
+    array.dtype = attr("descr").unwrap_or_default();
+    array.byte_order = attr("byte_order").unwrap_or_else(|| "|".into());
+    array.shape = as_usizes(shape, "array shape")?;
+    array.fortran_order = *fortran;
+    match data {
+        Value::Bytes(bytes) => array.bytes = bytes.clone(),
+        Value::List(items) => array.objects = items.clone(),
+        _ => return Err(malformed("numpy array data is neither bytes nor a list")),
+    }
+    Ok(())
 }
 
 fn reduce(callable: Value, args: Value) -> Result<Value, PickleError> {
@@ -511,6 +597,23 @@ fn reduce(callable: Value, args: Value) -> Result<Value, PickleError> {
         "torch._utils._rebuild_parameter" => {
             args.into_iter().next().ok_or_else(|| malformed("_rebuild_parameter without data"))
         }
+        // TorchScript wraps typed lists (e.g. a conv's padding) in these; the list itself is the value.
+        "torch.jit._pickle.build_intlist"
+        | "torch.jit._pickle.build_doublelist"
+        | "torch.jit._pickle.build_boollist" => {
+            args.into_iter().next().ok_or_else(|| malformed("typed list without items"))
+        }
+        "numpy.core.multiarray._reconstruct" | "numpy._core.multiarray._reconstruct" => match args.first() {
+            Some(Value::Global(class)) if class == "numpy.ndarray" => Ok(Value::NdArray(NdArray::default())),
+            _ => Err(malformed("_reconstruct of something other than numpy.ndarray")),
+        },
+        "numpy.dtype" => match args.first() {
+            Some(Value::Str(descr)) => Ok(Value::Object {
+                class: name,
+                attributes: vec![(Value::Str("descr".into()), Value::Str(descr.clone()))],
+            }),
+            _ => Err(malformed("numpy.dtype without a type string")),
+        },
         other => Err(PickleError::ForbiddenGlobal(other.to_string())),
     }
 }

@@ -1,11 +1,15 @@
-//! PyTorch's zip checkpoint format (`torch.save` since 1.6): `<stem>/data.pkl` plus one record per storage in
-//! `<stem>/data/<key>`. The pickle is decoded by the restricted [`super::pickle`] reader.
+//! PyTorch's checkpoint formats, decoded by the restricted [`super::pickle`] reader:
+//! - the zip format (`torch.save` since 1.6, and TorchScript's `torch.jit.save`): `<stem>/data.pkl` plus one record
+//!   per storage in `<stem>/data/<key>`;
+//! - the legacy format (before 1.6, e.g. pytorch-fid's Inception weights): consecutive pickles (magic number,
+//!   protocol version, system info, the object, the storage keys), then each storage as an element count and its
+//!   raw little-endian bytes.
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 
-use super::pickle::{unpickle, TensorRef, Value};
+use super::pickle::{unpickle, unpickle_prefix, StorageDType, TensorRef, Value};
 use super::tensor_map::{HostTensor, TensorMap};
 use super::CheckpointError;
 
@@ -26,12 +30,8 @@ impl PthArchive {
     /// Decodes a `.pth` file already in memory (`path` is only used in messages).
     pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self, CheckpointError> {
         let invalid = |reason: String| CheckpointError::Invalid { path: path.to_path_buf(), reason };
-        if bytes.len() >= 2 && bytes[0] == 0x80 {
-            return Err(invalid(
-                "this is PyTorch's legacy (pre-1.6, non-zip) format; re-save it with torch.save in a newer PyTorch, \
-                 or convert it to .safetensors"
-                    .into(),
-            ));
+        if bytes.first() == Some(&0x80) {
+            return Self::from_legacy_bytes(bytes).map_err(|e| invalid(format!("legacy PyTorch checkpoint: {e}")));
         }
         let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| {
             invalid(format!("not a PyTorch zip checkpoint ({e}); the file may be truncated or of another format"))
@@ -68,6 +68,47 @@ impl PthArchive {
             if !key.is_empty() && !key.contains('/') {
                 storages.insert(key, read(name)?);
             }
+        }
+        Ok(Self { root, storages })
+    }
+
+    fn from_legacy_bytes(bytes: &[u8]) -> Result<Self, String> {
+        // protocol 2, LONG1 of 10 bytes: 0x1950a86a20f9469cfc6c, STOP.
+        const MAGIC: [u8; 15] = [0x80, 2, 0x8a, 10, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, b'.'];
+        if !bytes.starts_with(&MAGIC) {
+            return Err("the file starts with a pickle but not with torch.save's magic number; it is not a PyTorch \
+                        checkpoint"
+                .into());
+        }
+        let truncated = |what: &str| format!("{what} is truncated or corrupt; download the file again");
+        let mut pos = MAGIC.len();
+        let mut next = |what: &str| -> Result<Value, String> {
+            let (value, used) = unpickle_prefix(&bytes[pos..]).map_err(|e| format!("{}: {e}", truncated(what)))?;
+            pos += used;
+            Ok(value)
+        };
+        let _protocol = next("the protocol version")?;
+        if let Value::Dict(info) = next("the system info")? {
+            if matches!(dict_get(&info, "little_endian"), Some(Value::Bool(false))) {
+                return Err("big-endian checkpoints are not supported".into());
+            }
+        }
+        let root = next("the pickled object")?;
+        let Value::List(keys) = next("the storage list")? else {
+            return Err("the storage list is not a list".into());
+        };
+        let mut dtypes = HashMap::new();
+        collect_storages(&root, &mut dtypes);
+        let mut storages = HashMap::new();
+        for key in keys {
+            let Value::Str(key) = key else { return Err("a storage key is not a string".into()) };
+            let dtype = *dtypes.get(&key).ok_or_else(|| format!("storage {key} is listed but never used"))?;
+            let count = bytes.get(pos..pos + 8).ok_or_else(|| truncated(&format!("storage {key}")))?;
+            let count = u64::from_le_bytes(count.try_into().unwrap()) as usize;
+            let len = count.checked_mul(dtype.size()).ok_or_else(|| truncated(&format!("storage {key}")))?;
+            let data = bytes.get(pos + 8..pos + 8 + len).ok_or_else(|| truncated(&format!("storage {key}")))?;
+            storages.insert(key, data.to_vec());
+            pos += 8 + len;
         }
         Ok(Self { root, storages })
     }
@@ -126,6 +167,24 @@ impl PthArchive {
             map.insert(name.clone(), self.tensor(t).map_err(|e| format!("{name}: {e}"))?);
         }
         Ok(map)
+    }
+}
+
+/// The element type of every storage a value references.
+fn collect_storages(value: &Value, out: &mut HashMap<String, StorageDType>) {
+    match value {
+        Value::Storage(s) => {
+            out.insert(s.key.clone(), s.dtype);
+        }
+        Value::Tensor(t) => {
+            out.insert(t.storage.key.clone(), t.storage.dtype);
+        }
+        Value::Tuple(items) | Value::List(items) => items.iter().for_each(|v| collect_storages(v, out)),
+        Value::Dict(pairs) | Value::Object { attributes: pairs, .. } => pairs.iter().for_each(|(k, v)| {
+            collect_storages(k, out);
+            collect_storages(v, out)
+        }),
+        _ => {}
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod autoencode;
 mod devices;
+mod fid;
 mod inspect;
 mod sample;
 mod train;
@@ -100,6 +101,10 @@ pub enum Command {
     Encode(autoencode::EncodeArgs),
     /// Decode LFM latents into images with the KL VAE or TAESD.
     Decode(autoencode::DecodeArgs),
+    /// FID between two image folders or statistics files, as pytorch-fid computes it.
+    Fid(fid::FidArgs),
+    /// Write the FID statistics (mu, sigma) of an image folder as pytorch-fid's .npz.
+    FidStats(fid::FidStatsArgs),
 }
 
 /// Runs a parsed command line.
@@ -113,5 +118,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::run(*args, cli.backend),
         Command::Encode(args) => autoencode::encode(args, cli.backend),
         Command::Decode(args) => autoencode::decode(args, cli.backend),
+        Command::Fid(args) => fid::fid(args, cli.backend),
+        Command::FidStats(args) => fid::fid_stats(args, cli.backend),
     }
 }

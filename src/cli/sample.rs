@@ -12,6 +12,10 @@ use crate::autoencoder::{Autoencoder, AutoencoderWeights};
 use crate::backend::{self, BackendChoice, OnBackend};
 use crate::checkpoint::{read_safetensors, write_safetensors, HostTensor, TensorMap};
 use crate::image::{read_rgb, write_rgb, RgbImage};
+use crate::metrics::features::{image_files, FeatureExtractor};
+use crate::metrics::fid::{frechet_distance, Accumulator, Statistics};
+use crate::metrics::inception::FEATURE_DIM;
+use crate::metrics::stats_file::read_statistics;
 use crate::models::conditioning::{one_hot, SpatialRescaler};
 use crate::models::{weights_and_config, ConfigChoice, ModelConfig, Preset, VelocityModel};
 use crate::sample::{labels, noise, sample_batch, BatchInput, ClassChoice, Guidance, Summary};
@@ -111,6 +115,14 @@ pub struct SampleArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Score the samples with FID against this reference (a statistics file or an image folder), streaming the
+    /// Inception features of each decoded batch (no image is kept). The 8-bit images are scored as a PNG would
+    /// store them (LFM scores JPEGs).
+    #[arg(long)]
+    pub fid: Option<PathBuf>,
+    /// The FID Inception network (with --fid).
+    #[command(flatten)]
+    pub inception: super::fid::InceptionSource,
 }
 
 fn parse_method(s: &str) -> Result<Method, String> {
@@ -134,7 +146,23 @@ struct Semantic {
     rescaler: TensorMap,
 }
 
+/// The reference of `--fid`.
+enum FidReference {
+    /// Precomputed statistics.
+    Statistics(Statistics),
+    /// An image folder, scored on the sampling device first.
+    Files(Vec<PathBuf>),
+}
+
+/// FID scoring of a sampling run.
+struct FidJob {
+    weights: PathBuf,
+    reference: FidReference,
+    batch_size: usize,
+}
+
 struct Job {
+    fid: Option<FidJob>,
     semantic: Option<Semantic>,
     config: ModelConfig,
     weights: TensorMap,
@@ -151,6 +179,7 @@ struct Output {
     latents: HostTensor,
     labels: Option<Vec<i64>>,
     images: Vec<RgbImage>,
+    fid: Option<f64>,
 }
 
 fn bar(n: usize) -> ProgressBar {
@@ -241,6 +270,22 @@ impl OnBackend for Job {
                  inpainting models (9 channels) need --image and --mask, semantic ones (8) --segmentation"
             );
         }
+        // FID: the reference statistics first (a folder is scored here), then features of every decoded batch.
+        let mut fid = match &self.fid {
+            Some(job) => {
+                let extractor = FeatureExtractor::<B>::load(&job.weights, &device)?;
+                let reference = match &job.reference {
+                    FidReference::Statistics(s) => s.clone(),
+                    FidReference::Files(files) => {
+                        tracing::info!("FID reference: Inception features of {} images", files.len());
+                        extractor.statistics_of_files(files, job.batch_size, |_| {})?
+                    }
+                };
+                Some((extractor, reference, Accumulator::new(FEATURE_DIM)))
+            }
+            None => None,
+        };
+        let keep_latents = args.save_latents.is_some();
         let progress = bar(n);
         let mut summary = Summary::default();
         let mut latents = Vec::with_capacity(n * c_out * side * side);
@@ -285,17 +330,29 @@ impl OnBackend for Job {
                         write_rgb(&dir.join(format!("{:05}.{}", first + i, args.format)), image)?;
                     }
                 }
+                if let Some((extractor, _, acc)) = fid.as_mut() {
+                    extractor.accumulate(&batch_images, acc)?;
+                }
                 if args.grid.is_some() {
                     images.extend(batch_images);
                 }
             }
-            latents.extend(host_f32(out.latents)?.to_f32());
+            // 50,000 FID samples need not keep their latents.
+            if keep_latents {
+                latents.extend(host_f32(out.latents)?.to_f32());
+            }
             progress.inc(count as u64);
         }
         progress.finish_and_clear();
+        let fid = match fid {
+            Some((_, reference, acc)) => Some(frechet_distance(&acc.finish()?, &reference)?),
+            None => None,
+        };
+        let latents = if keep_latents { latents } else { Vec::new() };
         Ok(Output {
+            fid,
             summary,
-            latents: HostTensor::f32(vec![n, c_out, side, side], latents),
+            latents: HostTensor::f32(if keep_latents { vec![n, c_out, side, side] } else { vec![0] }, latents),
             labels: all_labels,
             images,
         })
@@ -395,12 +452,34 @@ pub(crate) fn run(args: SampleArgs, choice: BackendChoice) -> anyhow::Result<()>
             "--latents-only does not decode: drop --grid/--out-dir or --latents-only"
         );
         anyhow::ensure!(args.image.is_none(), "inpainting composites decoded images: drop --latents-only");
+        anyhow::ensure!(args.fid.is_none(), "--fid scores decoded images: drop --latents-only");
     } else {
         anyhow::ensure!(
-            args.grid.is_some() || args.out_dir.is_some() || args.save_latents.is_some(),
-            "nothing to write: pass --grid FILE, --out-dir DIR and/or --save-latents FILE"
+            args.grid.is_some() || args.out_dir.is_some() || args.save_latents.is_some() || args.fid.is_some(),
+            "nothing to do: pass --grid FILE, --out-dir DIR, --save-latents FILE and/or --fid REF"
         );
     }
+    // Read the FID reference and find the Inception weights before any sampling.
+    let fid = match &args.fid {
+        Some(reference) => {
+            let weights = args.inception.weights()?;
+            let reference = if reference.is_dir() {
+                FidReference::Files(image_files(reference)?)
+            } else {
+                FidReference::Statistics(read_statistics(reference)?)
+            };
+            if let FidReference::Statistics(s) = &reference {
+                anyhow::ensure!(
+                    s.dim() == FEATURE_DIM,
+                    "{}: {}-d statistics; FID Inception features are {FEATURE_DIM}-d",
+                    args.fid.as_ref().unwrap().display(),
+                    s.dim()
+                );
+            }
+            Some(FidJob { weights, reference, batch_size: args.inception.fid_batch_size })
+        }
+        None => None,
+    };
     for path in [&args.grid, &args.save_latents].into_iter().flatten() {
         refuse_existing(path, args.force)?;
     }
@@ -482,7 +561,7 @@ pub(crate) fn run(args: SampleArgs, choice: BackendChoice) -> anyhow::Result<()>
     }
 
     let device = backend::select(choice)?;
-    let job = Job { semantic, config, weights, autoencoder, noise, inpaint, args, cfg_scale };
+    let job = Job { fid, semantic, config, weights, autoencoder, noise, inpaint, args, cfg_scale };
     // The job owns the arguments; keep what the summary needs.
     let (grid_path, nrow, save_latents, json, out_dir) =
         (job.args.grid.clone(), job.args.nrow, job.args.save_latents.clone(), job.args.json, job.args.out_dir.clone());
@@ -530,6 +609,7 @@ pub(crate) fn run(args: SampleArgs, choice: BackendChoice) -> anyhow::Result<()>
         "grid": grid_path.as_ref().map(|p| p.display().to_string()),
         "out_dir": out_dir.as_ref().map(|p| p.display().to_string()),
         "latents": save_latents.as_ref().map(|p| p.display().to_string()),
+        "fid": output.fid,
     });
     if let Some(path) = &save_latents {
         let mut tensors = TensorMap::from([("x0".to_string(), output.latents.clone())]);
@@ -557,6 +637,9 @@ pub(crate) fn run(args: SampleArgs, choice: BackendChoice) -> anyhow::Result<()>
             summary.rejected,
             seconds / summary.samples as f64,
         );
+        if let Some(fid) = output.fid {
+            println!("FID: {fid:.6} ({} samples)", summary.samples);
+        }
     }
     Ok(())
 }

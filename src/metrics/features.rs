@@ -1,0 +1,143 @@
+//! From image files (or images in memory) to FID statistics: pytorch-fid's file listing, its [0, 1] scaling, the
+//! Inception features batch by batch, and the f64 accumulation — images are never all kept in memory, and files are
+//! decoded on a second thread while the network runs.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+use super::fid::{Accumulator, FidError, Statistics};
+use super::inception::{FidInception, InceptionError, FEATURE_DIM};
+use crate::image::{read_rgb, ImageError, RgbImage};
+
+/// pytorch-fid's `IMAGE_EXTENSIONS` that this build can decode.
+pub const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
+
+/// Why features could not be computed.
+#[derive(Debug, thiserror::Error)]
+pub enum FeatureError {
+    /// The folder could not be listed or holds no images.
+    #[error("{path}: {reason}")]
+    Folder {
+        /// The folder.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An image could not be decoded.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// The network failed.
+    #[error(transparent)]
+    Inception(#[from] InceptionError),
+    /// The statistics failed.
+    #[error(transparent)]
+    Statistics(#[from] FidError),
+}
+
+/// The images directly inside `dir` (not in subfolders, as pytorch-fid lists them), sorted by name.
+pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>, FeatureError> {
+    let folder = |reason: String| FeatureError::Folder { path: dir.to_path_buf(), reason };
+    let entries = std::fs::read_dir(dir).map_err(|e| folder(format!("cannot list the folder ({e})")))?;
+    let mut files = Vec::new();
+    let mut subfolders = 0usize;
+    for entry in entries {
+        let path = entry.map_err(|e| folder(e.to_string()))?.path();
+        if path.is_dir() {
+            subfolders += 1;
+        }
+        let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+        if path.is_file() && ext.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        let hint = if subfolders > 0 { "; images in subfolders are not read (as pytorch-fid)" } else { "" };
+        return Err(folder(format!("no .png/.jpg/.jpeg images in the folder{hint}")));
+    }
+    Ok(files)
+}
+
+/// 8-bit images of one size → `[N, 3, H, W]` with values `x / 255` (torchvision's `ToTensor`).
+pub fn unit_tensor<B: Backend>(images: &[RgbImage], device: &B::Device) -> Tensor<B, 4> {
+    let (w, h) = (images[0].width, images[0].height);
+    let mut values = Vec::with_capacity(images.len() * 3 * w * h);
+    for image in images {
+        for c in 0..3 {
+            values.extend(image.pixels.iter().skip(c).step_by(3).map(|&p| p as f32 / 255.0));
+        }
+    }
+    Tensor::from_data(TensorData::new(values, [images.len(), 3, h, w]).convert::<B::FloatElem>(), device)
+}
+
+/// The FID network on a device, turning images into accumulated statistics.
+pub struct FeatureExtractor<B: Backend> {
+    model: FidInception<B>,
+    device: B::Device,
+}
+
+impl<B: Backend> FeatureExtractor<B> {
+    /// Loads the Inception weights (see [`FidInception::load`]).
+    pub fn load(weights: &Path, device: &B::Device) -> Result<Self, InceptionError> {
+        Ok(Self { model: FidInception::load(weights, device)?, device: device.clone() })
+    }
+
+    /// Wraps an already built network.
+    pub fn new(model: FidInception<B>, device: &B::Device) -> Self {
+        Self { model, device: device.clone() }
+    }
+
+    /// pool3 features `[N · 2048]` (row-major) of 8-bit images; runs of equal size go through together.
+    pub fn features(&self, images: &[RgbImage]) -> Result<Vec<f32>, InceptionError> {
+        let mut out = Vec::with_capacity(images.len() * FEATURE_DIM);
+        let mut start = 0;
+        while start < images.len() {
+            let size = (images[start].width, images[start].height);
+            let end = start + images[start..].iter().take_while(|i| (i.width, i.height) == size).count();
+            let x = unit_tensor::<B>(&images[start..end], &self.device);
+            let f = self.model.features(x)?;
+            out.extend(f.into_data().convert::<f32>().into_vec::<f32>().expect("float features"));
+            start = end;
+        }
+        Ok(out)
+    }
+
+    /// Adds the features of 8-bit images to `acc`.
+    pub fn accumulate(&self, images: &[RgbImage], acc: &mut Accumulator) -> Result<(), FeatureError> {
+        let features = self.features(images)?;
+        acc.add(&features)?;
+        Ok(())
+    }
+
+    /// Statistics of image files, `batch_size` at a time; `on_batch` is told how many images each batch held
+    /// (progress). Decoding runs one batch ahead on another thread.
+    pub fn statistics_of_files(
+        &self,
+        files: &[PathBuf],
+        batch_size: usize,
+        mut on_batch: impl FnMut(usize),
+    ) -> Result<Statistics, FeatureError> {
+        let batch_size = batch_size.max(1);
+        let mut acc = Accumulator::new(FEATURE_DIM);
+        std::thread::scope(|scope| -> Result<(), FeatureError> {
+            let (send, receive) = std::sync::mpsc::sync_channel::<Result<Vec<RgbImage>, ImageError>>(1);
+            scope.spawn(move || {
+                for chunk in files.chunks(batch_size) {
+                    let batch = chunk.iter().map(|p| read_rgb(p)).collect::<Result<Vec<_>, _>>();
+                    let failed = batch.is_err();
+                    if send.send(batch).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+            for batch in receive {
+                let batch = batch?;
+                self.accumulate(&batch, &mut acc)?;
+                on_batch(batch.len());
+            }
+            Ok(())
+        })?;
+        Ok(acc.finish()?)
+    }
+}

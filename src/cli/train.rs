@@ -10,13 +10,14 @@ use crate::autoencoder::AutoencoderWeights;
 use crate::backend::{self, BackendChoice, OnBackend};
 use crate::checkpoint::TensorMap;
 use crate::models::{read_config, ModelConfig, Preset};
-use crate::train::data::{image_folder, latent_file, Source};
+use crate::train::data::{idx_images, image_folder, is_idx, latent_file, Source};
 use crate::train::run::{read_state, train, RunSettings, Schedule, State};
 
 /// Arguments of `lfm train`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// A folder of images (searched recursively), encoded every step as LFM does.
+    /// Images encoded every step as LFM does: a folder (searched recursively), or an IDX file such as
+    /// Fashion-MNIST's `train-images-idx3-ubyte.gz` (labelled by the `…labels-idx1…` file beside it).
     #[arg(long, conflicts_with = "latents", required_unless_present = "latents")]
     pub data: Option<PathBuf>,
     /// Pre-encoded latents from `lfm encode` (`latents`, or `mean`+`std` to re-sample the posterior each step).
@@ -61,6 +62,13 @@ pub struct TrainArgs {
     /// Floor of the cosine schedule.
     #[arg(long, default_value_t = 1e-5)]
     pub min_lr: f64,
+    /// Ramp the learning rate up linearly over this many first steps (0: none, as LFM).
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    /// Keep an exponential moving average of the weights with this decay (LFM's `--use_ema`: 0.9999), written
+    /// as `ema.safetensors` next to `model.safetensors`. Off by default, as in LFM's scripts.
+    #[arg(long)]
+    pub ema_decay: Option<f64>,
     /// Checkpoint every this many steps (and at the end).
     #[arg(long, default_value_t = 500)]
     pub save_every: usize,
@@ -123,6 +131,7 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
     };
     config.validate().map_err(|e| anyhow::anyhow!(e))?;
     let source = match (&args.data, &args.latents) {
+        (Some(file), _) if is_idx(file) => idx_images(file, args.image_size).map_err(|e| anyhow::anyhow!(e))?,
         (Some(dir), _) => image_folder(dir, args.image_size, args.class_folders).map_err(|e| anyhow::anyhow!(e))?,
         (None, Some(file)) => latent_file(file).map_err(|e| anyhow::anyhow!(e))?,
         (None, None) => anyhow::bail!("give the training data with --data DIR or --latents FILE"),
@@ -160,6 +169,8 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
         save_every: args.save_every,
         seed: args.seed,
         flip: !args.no_flip,
+        ema_decay: args.ema_decay,
+        warmup_steps: args.warmup_steps,
     };
     std::fs::create_dir_all(&args.out)?;
     let device = backend::select(choice)?;

@@ -1,6 +1,8 @@
-//! Training data: an image folder (recursive; PNG/JPEG; optional class sub-folders) encoded on the fly, or a
-//! latent file written by `lfm encode` (LFM's posterior is re-sampled every step when it holds `mean` and `std`).
+//! Training data: an image folder (recursive; PNG/JPEG; optional class sub-folders) or an IDX file (MNIST,
+//! Fashion-MNIST; gzip or not, labels from its `labels-idx1` twin) encoded on the fly, or a latent file written by
+//! `lfm encode` (LFM's posterior is re-sampled every step when it holds `mean` and `std`).
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::checkpoint::{read_safetensors, HostTensor};
@@ -11,9 +13,9 @@ use crate::image::RgbImage;
 pub enum Source {
     /// Images to encode every step.
     Images {
-        /// The files.
-        files: Vec<PathBuf>,
-        /// Class index of each file (sorted sub-folder names), when labelled.
+        /// The images.
+        items: Vec<ImageItem>,
+        /// Class index of each image (sorted sub-folder names, or the IDX labels), when labelled.
         labels: Option<Vec<i64>>,
         /// Side of the square crops.
         size: usize,
@@ -29,11 +31,27 @@ pub enum Source {
     },
 }
 
+/// One image example: a file decoded when needed, or pixels already in memory.
+#[derive(Debug, Clone)]
+pub enum ImageItem {
+    /// A PNG/JPEG file.
+    File(PathBuf),
+    /// An 8-bit grey image (IDX datasets).
+    Gray {
+        /// Width.
+        width: usize,
+        /// Height.
+        height: usize,
+        /// Row-major pixels.
+        pixels: Vec<u8>,
+    },
+}
+
 impl Source {
     /// Number of examples.
     pub fn len(&self) -> usize {
         match self {
-            Self::Images { files, .. } => files.len(),
+            Self::Images { items, .. } => items.len(),
             Self::Latents { mean, .. } => mean.shape[0],
         }
     }
@@ -92,7 +110,70 @@ pub fn image_folder(dir: &Path, size: usize, class_folders: bool) -> Result<Sour
     } else {
         None
     };
-    Ok(Source::Images { files, labels, size })
+    Ok(Source::Images { items: files.into_iter().map(ImageItem::File).collect(), labels, size })
+}
+
+/// Reads an IDX file of unsigned bytes (`0 0 0x08 ndim`, big-endian sizes), gzip-compressed or not: its shape and
+/// values.
+pub fn read_idx(path: &Path) -> Result<(Vec<usize>, Vec<u8>), String> {
+    let raw = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(raw.as_slice())
+            .read_to_end(&mut out)
+            .map_err(|e| format!("{}: not a readable gzip file ({e}); it may be truncated", path.display()))?;
+        out
+    } else {
+        raw
+    };
+    let bad = |why: &str| format!("{}: not an IDX file of bytes ({why})", path.display());
+    if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 {
+        return Err(bad("no IDX magic number"));
+    }
+    if bytes[2] != 0x08 {
+        return Err(bad(&format!("element type 0x{:02x}; only unsigned bytes (0x08) are supported", bytes[2])));
+    }
+    let ndim = bytes[3] as usize;
+    let header = 4 + 4 * ndim;
+    let dims: Vec<usize> = bytes
+        .get(4..header)
+        .ok_or_else(|| bad("truncated header"))?
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes(c.try_into().unwrap()) as usize)
+        .collect();
+    let count: usize = dims.iter().product();
+    let data = bytes.get(header..header + count).ok_or_else(|| bad("truncated data"))?.to_vec();
+    Ok((dims, data))
+}
+
+/// An IDX image file (`[N, H, W]` grey bytes, e.g. Fashion-MNIST's `train-images-idx3-ubyte.gz`), labelled by the
+/// `…labels-idx1-ubyte…` file beside it when there is one.
+pub fn idx_images(path: &Path, size: usize) -> Result<Source, String> {
+    let (dims, data) = read_idx(path)?;
+    let [n, h, w] = dims[..] else {
+        return Err(format!("{}: IDX images must be [N, H, W], got {dims:?}", path.display()));
+    };
+    let items = data
+        .chunks_exact(h * w)
+        .map(|pixels| ImageItem::Gray { width: w, height: h, pixels: pixels.to_vec() })
+        .collect::<Vec<_>>();
+    let name = path.file_name().and_then(|f| f.to_str()).unwrap_or_default();
+    let label_path = path.with_file_name(name.replace("images-idx3", "labels-idx1"));
+    let labels = if label_path != path && label_path.exists() {
+        let (label_dims, values) = read_idx(&label_path)?;
+        if label_dims != [n] {
+            return Err(format!("{}: {label_dims:?} labels for {n} images", label_path.display()));
+        }
+        Some(values.into_iter().map(i64::from).collect())
+    } else {
+        None
+    };
+    Ok(Source::Images { items, labels, size })
+}
+
+/// Whether `path` is an IDX file (by its name, as the MNIST family names them).
+pub fn is_idx(path: &Path) -> bool {
+    path.is_file() && path.file_name().and_then(|f| f.to_str()).is_some_and(|f| f.contains("-idx"))
 }
 
 /// Latents written by `lfm encode` (`latents`, or `mean` + `std`, and optional `y`).
@@ -110,10 +191,16 @@ pub fn latent_file(path: &Path) -> Result<Source, String> {
     Ok(Source::Latents { mean, std, labels: tensors.get("y").map(HostTensor::to_i64) })
 }
 
-/// LFM's image transform: resize the short side to `size` (bicubic), centre-crop `size × size`, optional
-/// horizontal flip.
-pub fn load_image(path: &Path, size: usize, flip: bool) -> Result<RgbImage, String> {
-    let image = image::open(path).map_err(|e| format!("{}: {e}", path.display()))?.to_rgb8();
+/// An example, transformed as LFM does: resize the short side to `size` (bicubic), centre-crop `size × size`,
+/// optional horizontal flip.
+pub fn load_image(item: &ImageItem, size: usize, flip: bool) -> Result<RgbImage, String> {
+    let image = match item {
+        ImageItem::File(path) => image::open(path).map_err(|e| format!("{}: {e}", path.display()))?.to_rgb8(),
+        ImageItem::Gray { width, height, pixels } => {
+            let rgb = pixels.iter().flat_map(|&p| [p, p, p]).collect();
+            image::RgbImage::from_raw(*width as u32, *height as u32, rgb).expect("pixels fit the size")
+        }
+    };
     let (w, h) = (image.width() as usize, image.height() as usize);
     let scale = size as f64 / w.min(h) as f64;
     let (nw, nh) =

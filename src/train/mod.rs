@@ -2,6 +2,7 @@
 //! default betas and no weight decay); the data sources and the resumable loop of `lfm train`.
 
 pub mod data;
+pub mod ema;
 pub mod run;
 
 use burn::module::{AutodiffModule, Module};
@@ -13,6 +14,7 @@ use burn::tensor::{ElementConversion, Int, Tensor};
 use crate::checkpoint::TensorMap;
 use crate::flow;
 use crate::models::VelocityModel;
+use ema::Ema;
 
 /// One batch of latents for the flow-matching loss.
 #[derive(Debug, Clone)]
@@ -44,8 +46,20 @@ pub struct Trainer<B: AutodiffBackend> {
     /// The network being trained (only absent in the middle of a step).
     model: Option<VelocityModel<B>>,
     optimizer: OptimizerAdaptor<AdamW, VelocityModel<B>, B>,
+    /// The moving average of the weights, when kept.
+    ema: Option<Ema<B::InnerBackend>>,
     /// Optimiser steps taken.
     pub step: usize,
+}
+
+/// A trainer's state as bytes (Burn's record format).
+pub struct SavedState {
+    /// The model.
+    pub model: Vec<u8>,
+    /// The optimiser's moments.
+    pub optimizer: Vec<u8>,
+    /// The moving average, when kept.
+    pub ema: Option<Vec<u8>>,
 }
 
 /// The outcome of one training step.
@@ -59,11 +73,22 @@ pub struct StepReport {
 
 impl<B: AutodiffBackend> Trainer<B>
 where
-    VelocityModel<B>: AutodiffModule<B>,
+    VelocityModel<B>: AutodiffModule<B, InnerModule = VelocityModel<B::InnerBackend>>,
 {
     /// Starts training `model` with `optimizer`.
     pub fn new(model: VelocityModel<B>, optimizer: AdamWConfig) -> Self {
-        Self { model: Some(model), optimizer: optimizer.init(), step: 0 }
+        Self { model: Some(model), optimizer: optimizer.init(), ema: None, step: 0 }
+    }
+
+    /// Also keeps a moving average of the weights with this decay, starting from the current weights.
+    pub fn with_ema(mut self, decay: f64) -> Self {
+        self.ema = Some(Ema::new(self.model().valid(), decay));
+        self
+    }
+
+    /// The moving average of the weights, when kept.
+    pub fn ema(&self) -> Option<&VelocityModel<B::InnerBackend>> {
+        self.ema.as_ref().map(|e| &e.model)
     }
 
     /// The network being trained.
@@ -73,28 +98,40 @@ where
 
     /// The model's and the optimiser's state as bytes (Burn's record format, parameter ids included, so that the
     /// optimiser's moments find their parameters again on resume).
-    pub fn save_state(&self) -> Result<(Vec<u8>, Vec<u8>), String> {
+    pub fn save_state(&self) -> Result<SavedState, String> {
         use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
         let recorder = NamedMpkBytesRecorder::<FullPrecisionSettings>::default();
         let model =
             Recorder::<B>::record(&recorder, self.model().clone().into_record(), ()).map_err(|e| e.to_string())?;
         let optimizer = Recorder::<B>::record(&recorder, self.optimizer.to_record(), ()).map_err(|e| e.to_string())?;
-        Ok((model, optimizer))
+        let ema = match &self.ema {
+            Some(ema) => Some(
+                Recorder::<B::InnerBackend>::record(&recorder, ema.model.clone().into_record(), ())
+                    .map_err(|e| e.to_string())?,
+            ),
+            None => None,
+        };
+        Ok(SavedState { model, optimizer, ema })
     }
 
     /// Restores what [`Trainer::save_state`] wrote (after `steps` optimiser steps).
-    pub fn load_state(
-        &mut self,
-        model: Vec<u8>,
-        optimizer: Vec<u8>,
-        steps: usize,
-        device: &B::Device,
-    ) -> Result<(), String> {
+    pub fn load_state(&mut self, saved: SavedState, steps: usize, device: &B::Device) -> Result<(), String> {
         use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
         let recorder = NamedMpkBytesRecorder::<FullPrecisionSettings>::default();
-        let model_record = Recorder::<B>::load(&recorder, model, device).map_err(|e| format!("model state: {e}"))?;
+        let model_record =
+            Recorder::<B>::load(&recorder, saved.model, device).map_err(|e| format!("model state: {e}"))?;
         let optimizer_record =
-            Recorder::<B>::load(&recorder, optimizer, device).map_err(|e| format!("optimizer state: {e}"))?;
+            Recorder::<B>::load(&recorder, saved.optimizer, device).map_err(|e| format!("optimizer state: {e}"))?;
+        match (&mut self.ema, saved.ema) {
+            (Some(ema), Some(bytes)) => {
+                let record = Recorder::<B::InnerBackend>::load(&recorder, bytes, device)
+                    .map_err(|e| format!("moving-average state: {e}"))?;
+                ema.model = ema.model.clone().load_record(record);
+            }
+            (None, None) => {}
+            (Some(_), None) => return Err("the checkpoint holds no moving average of the weights".into()),
+            (None, Some(_)) => return Err("the checkpoint holds a moving average but none is kept now".into()),
+        }
         let model = self.model.take().expect("a model between steps");
         self.model = Some(model.load_record(model_record));
         let optimizer = std::mem::replace(&mut self.optimizer, lfm_adamw().init());
@@ -112,7 +149,11 @@ where
         let grads = loss.backward();
         let kept = keep_grads.then(|| crate::checkpoint::collect_grads(&model, &grads, &model.keys()));
         let params = GradientsParams::from_grads(grads, &model);
-        self.model = Some(self.optimizer.step(lr, model, params));
+        let model = self.optimizer.step(lr, model, params);
+        if let Some(ema) = &mut self.ema {
+            ema.update(&model.valid());
+        }
+        self.model = Some(model);
         self.step += 1;
         StepReport { loss: loss_value, grads: kept }
     }

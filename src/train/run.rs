@@ -17,7 +17,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::data::{load_image, Source};
-use super::{lfm_adamw, Batch, Trainer};
+use super::{lfm_adamw, Batch, SavedState, Trainer};
 use crate::autoencoder::{AnyAutoencoder, Autoencoder};
 use crate::checkpoint::{write_safetensors, CONFIG_METADATA_KEY};
 use crate::io::write_atomic;
@@ -67,6 +67,20 @@ pub struct RunSettings {
     pub seed: u64,
     /// Random horizontal flips of images.
     pub flip: bool,
+    /// Keep a moving average of the weights with this decay (LFM's `--use_ema` uses 0.9999).
+    #[serde(default)]
+    pub ema_decay: Option<f64>,
+    /// Ramp the learning rate linearly from `lr / warmup_steps` to `lr` over this many first steps.
+    #[serde(default)]
+    pub warmup_steps: usize,
+}
+
+impl RunSettings {
+    /// The learning rate of a step: the schedule's for its epoch, times the warm-up ramp.
+    pub fn lr_at(&self, step: usize, epoch: usize) -> f64 {
+        let ramp = if self.warmup_steps > 0 { ((step + 1) as f64 / self.warmup_steps as f64).min(1.0) } else { 1.0 };
+        self.schedule.lr(self.lr, epoch) * ramp
+    }
 }
 
 /// What `state.json` records.
@@ -82,6 +96,9 @@ pub struct State {
     pub model_file: String,
     /// File of the optimiser's state.
     pub optimizer_file: String,
+    /// File of the moving average's state, when kept.
+    #[serde(default)]
+    pub ema_file: Option<String>,
     /// Images that could not be read so far.
     pub unreadable_images: usize,
 }
@@ -174,6 +191,12 @@ pub fn train<B: Backend>(
         None => VelocityModel::<A<B>>::init(config, device),
     };
     let mut trainer = Trainer::new(model, lfm_adamw());
+    if let Some(decay) = settings.ema_decay {
+        if !(0.0..1.0).contains(&decay) {
+            return Err(TrainError::Invalid(format!("--ema-decay {decay} must be in [0, 1), e.g. 0.9999")));
+        }
+        trainer = trainer.with_ema(decay);
+    }
     let dir = state_dir(out_dir);
     std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
     let mut unreadable = 0;
@@ -183,9 +206,11 @@ pub fn train<B: Backend>(
         if &state.model != config
             || state.settings.seed != settings.seed
             || state.settings.batch_size != settings.batch_size
+            || state.settings.ema_decay != settings.ema_decay
         {
             return Err(TrainError::Invalid(
-                "--resume: the model, seed or batch size differ from the checkpoint's; resume with the same ones"
+                "--resume: the model, seed, batch size or EMA decay differ from the checkpoint's; resume with the \
+                 same ones"
                     .into(),
             ));
         }
@@ -193,9 +218,14 @@ pub fn train<B: Backend>(
             let path = dir.join(name);
             std::fs::read(&path).map_err(|e| io_error(&path, e))
         };
-        trainer.load_state(read(&state.model_file)?, read(&state.optimizer_file)?, state.step, device).map_err(
-            |e| TrainError::Invalid(format!("{}: {e}; the checkpoint is damaged (truncated?)", dir.display())),
-        )?;
+        let saved = SavedState {
+            model: read(&state.model_file)?,
+            optimizer: read(&state.optimizer_file)?,
+            ema: state.ema_file.as_deref().map(read).transpose()?,
+        };
+        trainer.load_state(saved, state.step, device).map_err(|e| {
+            TrainError::Invalid(format!("{}: {e}; the checkpoint is damaged (truncated?)", dir.display()))
+        })?;
         unreadable = state.unreadable_images;
         tracing::info!("resumed at step {}", state.step);
     } else if read_state(out_dir)?.is_some() {
@@ -248,13 +278,13 @@ pub fn train<B: Backend>(
                 let data = TensorData::new(values, [indices.len(), c, side, side]).convert::<B::FloatElem>();
                 (Tensor::from_data(data, device), labels.as_ref().map(|l| indices.iter().map(|&i| l[i]).collect()))
             }
-            Source::Images { files, labels, size } => {
+            Source::Images { items, labels, size } => {
                 let ae = autoencoder.ok_or_else(|| TrainError::Invalid("image data needs an autoencoder".into()))?;
                 let mut images = Vec::new();
                 let mut kept = Vec::new();
                 for &i in &indices {
                     let flip = settings.flip && rng_flip.random_bool(0.5);
-                    match load_image(&files[i], *size, flip) {
+                    match load_image(&items[i], *size, flip) {
                         Ok(image) => {
                             images.push(image);
                             kept.push(i);
@@ -301,7 +331,7 @@ pub fn train<B: Backend>(
             Tensor::<A<B>, 1, Int>::from_data(TensorData::new(y, [n]), device)
         });
         let epoch = epoch_of(settings, source.len(), step);
-        let lr = settings.schedule.lr(settings.lr, epoch);
+        let lr = settings.lr_at(step, epoch);
         let batch = Batch { z0: Tensor::from_inner(z0), z1: Tensor::from_inner(z1), t: Tensor::from_inner(t), y };
         let report = trainer.step(batch, lr, false);
         if !report.loss.is_finite() {
@@ -335,24 +365,37 @@ fn save<B: Backend>(
 ) -> Result<State, TrainError> {
     let dir = state_dir(out_dir);
     let previous = read_state(out_dir).ok().flatten();
-    let (model_bytes, optimizer_bytes) = trainer.save_state().map_err(TrainError::Invalid)?;
+    let saved = trainer.save_state().map_err(TrainError::Invalid)?;
     let step = trainer.step;
     let (model_file, optimizer_file) = (format!("model-{step:09}.mpk"), format!("optimizer-{step:09}.mpk"));
-    write_atomic(&dir.join(&model_file), &model_bytes).map_err(|e| io_error(&dir.join(&model_file), e))?;
-    write_atomic(&dir.join(&optimizer_file), &optimizer_bytes).map_err(|e| io_error(&dir.join(&optimizer_file), e))?;
+    write_atomic(&dir.join(&model_file), &saved.model).map_err(|e| io_error(&dir.join(&model_file), e))?;
+    write_atomic(&dir.join(&optimizer_file), &saved.optimizer).map_err(|e| io_error(&dir.join(&optimizer_file), e))?;
+    let ema_file = match &saved.ema {
+        Some(bytes) => {
+            let name = format!("ema-{step:09}.mpk");
+            write_atomic(&dir.join(&name), bytes).map_err(|e| io_error(&dir.join(&name), e))?;
+            Some(name)
+        }
+        None => None,
+    };
     let metadata = std::collections::HashMap::from([
         (CONFIG_METADATA_KEY.to_string(), config.to_json()),
         ("lfm.train.step".to_string(), step.to_string()),
     ]);
     let weights_path = out_dir.join("model.safetensors");
-    write_safetensors(&weights_path, &trainer.model().state_dict(), Some(metadata))
+    write_safetensors(&weights_path, &trainer.model().state_dict(), Some(metadata.clone()))
         .map_err(|e| TrainError::Io(e.to_string()))?;
+    if let Some(ema) = trainer.ema() {
+        write_safetensors(&out_dir.join("ema.safetensors"), &ema.state_dict(), Some(metadata))
+            .map_err(|e| TrainError::Io(e.to_string()))?;
+    }
     let state = State {
         step,
         model: config.clone(),
         settings: settings.clone(),
         model_file,
         optimizer_file,
+        ema_file,
         unreadable_images: unreadable,
     };
     let json = serde_json::to_vec_pretty(&state).expect("state serialises");
@@ -360,6 +403,9 @@ fn save<B: Backend>(
     if let Some(old) = previous.filter(|p| p.step != step) {
         let _ = std::fs::remove_file(dir.join(old.model_file));
         let _ = std::fs::remove_file(dir.join(old.optimizer_file));
+        if let Some(ema) = old.ema_file {
+            let _ = std::fs::remove_file(dir.join(ema));
+        }
     }
     Ok(state)
 }

@@ -77,6 +77,39 @@ fn one_training_step_matches_the_reference_on_wgpu() {
 }
 
 /// A tiny image folder (16×16 colour patterns; vae_tiny encodes them to 4×8×8) plus one corrupt file.
+/// The moving average after two steps with decay 0.75 is 0.75·(0.75·w0 + 0.25·w1) + 0.25·w2, from the weights
+/// the trainer actually had.
+#[test]
+fn the_moving_average_follows_its_definition() {
+    type A = Autodiff<Cpu>;
+    let device = cpu();
+    let io = io("fm_loss");
+    let config = ModelConfig::Dit(crate::dit::config("dit_tiny"));
+    let weights = read_weights(&fixture("dit_tiny/model.safetensors")).unwrap().tensors;
+    let model = VelocityModel::<A>::load(&config, &weights, &device).unwrap();
+    let mut trainer = Trainer::new(model, lfm_adamw()).with_ema(0.75);
+    let batch = || Batch::<A> {
+        z0: tensor(get(&io, "train.z0"), &device),
+        z1: tensor(get(&io, "train.z1"), &device),
+        t: tensor(get(&io, "train.t"), &device),
+        y: None,
+    };
+    let mut seen = vec![trainer.model().state_dict()];
+    for _ in 0..2 {
+        trainer.step(batch(), 1e-2, false);
+        seen.push(trainer.model().state_dict());
+    }
+    let ema = trainer.ema().unwrap().state_dict();
+    for (key, got) in &ema {
+        let w: Vec<Vec<f32>> = seen.iter().map(|s| s[key].to_f32()).collect();
+        let want: Vec<f32> =
+            (0..w[0].len()).map(|i| 0.75 * (0.75 * w[0][i] + 0.25 * w[1][i]) + 0.25 * w[2][i]).collect();
+        assert_close(&format!("EMA {key}"), &got.to_f32(), &want, 1e-6, 1e-7);
+    }
+    // The steps really moved the weights, so the check is not vacuous.
+    assert_ne!(seen[0]["x_embedder.proj.weight"].to_f32(), seen[2]["x_embedder.proj.weight"].to_f32());
+}
+
 fn image_folder(dir: &std::path::Path) -> std::path::PathBuf {
     let data = dir.join("images");
     std::fs::create_dir_all(data.join("sub")).unwrap();
@@ -164,10 +197,17 @@ fn training_on_an_image_folder_lowers_the_loss_and_skips_corrupt_images() {
     let s = setup();
     let out = s.root.join("run");
     let mut args = train_args(out.to_str().unwrap(), &s.data, &s.vae, &s.vae_config, &s.config);
-    args.extend_from_slice(&["--max-steps", "30", "--save-every", "10"]);
+    args.extend_from_slice(&["--max-steps", "30", "--save-every", "10", "--warmup-steps", "4"]);
     let (ok, stdout, stderr) = lfm(&args);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("trained 30 steps on 13 examples"), "{stdout}");
+    // The warm-up ramps the learning rate over the first 4 steps.
+    let lrs: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["lr"].as_f64().unwrap())
+        .collect();
+    assert_close_f64("warm-up learning rates", &lrs[..6], &[2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3], 1e-12);
     assert!(stderr.contains("skipping an unreadable image") && stderr.contains("corrupt.png"), "{stderr}");
     let loss = losses(&out);
     assert_eq!(loss.len(), 30);
@@ -186,7 +226,7 @@ fn training_on_an_image_folder_lowers_the_loss_and_skips_corrupt_images() {
 #[test]
 fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
     let s = setup();
-    let steps = ["--max-steps", "40", "--save-every", "5"];
+    let steps = ["--max-steps", "40", "--save-every", "5", "--ema-decay", "0.9"];
     let straight = s.root.join("straight");
     let mut args = train_args(straight.to_str().unwrap(), &s.data, &s.vae, &s.vae_config, &s.config);
     args.extend_from_slice(&steps);
@@ -217,11 +257,20 @@ fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
     args.push("--resume");
     let (ok, _, stderr) = lfm(&args);
     assert!(ok, "{stderr}");
-    let a = read_weights(&straight.join("model.safetensors")).unwrap().tensors;
-    let b = read_weights(&killed.join("model.safetensors")).unwrap().tensors;
-    for (key, tensor) in &a {
-        assert_eq!(tensor.to_f32(), b[key].to_f32(), "{key} differs after kill -9 at step {killed_at} and --resume");
+    // The weights and their moving average.
+    for file in ["model.safetensors", "ema.safetensors"] {
+        let a = read_weights(&straight.join(file)).unwrap().tensors;
+        let b = read_weights(&killed.join(file)).unwrap().tensors;
+        for (key, tensor) in &a {
+            assert_eq!(tensor.to_f32(), b[key].to_f32(), "{file}: {key} differs after kill -9 at step {killed_at}");
+        }
     }
+    // Resuming with another EMA decay is refused.
+    let mut other = args.clone();
+    let at = other.iter().position(|a| *a == "0.9").unwrap();
+    other[at] = "0.99";
+    let (ok, _, stderr) = lfm(&other);
+    assert!(!ok && stderr.contains("EMA decay"), "{stderr}");
 
     // A damaged checkpoint is refused clearly.
     let state = lfm::train::run::read_state(&killed).unwrap().unwrap();
@@ -230,4 +279,55 @@ fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
     std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
     let (ok, _, stderr) = lfm(&args);
     assert!(!ok && stderr.contains("damaged"), "{stderr}");
+}
+
+/// Writes an IDX file of bytes (optionally gzipped).
+fn write_idx(path: &std::path::Path, dims: &[u32], data: &[u8], gzip: bool) {
+    use std::io::Write;
+    let mut bytes = vec![0, 0, 0x08, dims.len() as u8];
+    for d in dims {
+        bytes.extend(d.to_be_bytes());
+    }
+    bytes.extend_from_slice(data);
+    let bytes = if gzip {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(&bytes).unwrap();
+        encoder.finish().unwrap()
+    } else {
+        bytes
+    };
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// MNIST-style IDX files (images plain, labels gzipped, as the Debian package ships them gzipped): read with their
+/// labels, then trained on for a few steps; damaged files are refused clearly.
+#[test]
+fn idx_datasets_load_and_train() {
+    use lfm::train::data::{idx_images, load_image, Source};
+    let s = setup();
+    let (n, side) = (6usize, 16usize);
+    let pixels: Vec<u8> = (0..n * side * side).map(|i| (i * 37 % 251) as u8).collect();
+    let images = s.root.join("train-images-idx3-ubyte");
+    write_idx(&images, &[n as u32, side as u32, side as u32], &pixels, false);
+    write_idx(&s.root.join("train-labels-idx1-ubyte"), &[n as u32], &[0; 6], true);
+    let source = idx_images(&images, side).unwrap();
+    assert_eq!(source.len(), n);
+    assert_eq!(source.labels(), Some(&[0i64; 6][..]));
+    let Source::Images { items, .. } = &source else { panic!("images") };
+    let third = load_image(&items[2], side, false).unwrap();
+    let want: Vec<u8> = pixels[2 * side * side..3 * side * side].iter().flat_map(|&p| [p, p, p]).collect();
+    assert_eq!(third.pixels, want, "grey pixels become equal RGB channels");
+
+    let out = s.root.join("idx-run");
+    let mut args = train_args(out.to_str().unwrap(), images.to_str().unwrap(), &s.vae, &s.vae_config, &s.config);
+    args.extend_from_slice(&["--max-steps", "3"]);
+    let (ok, stdout, stderr) = lfm(&args);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("trained 3 steps on 6 examples"), "{stdout}");
+
+    let cut = s.root.join("cut-images-idx3-ubyte");
+    let bytes = std::fs::read(&images).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() - 7]).unwrap();
+    let err = idx_images(&cut, side).unwrap_err();
+    assert!(err.contains("truncated"), "{err}");
 }

@@ -22,12 +22,13 @@ pub const CONFIG_METADATA_KEY: &str = "lfm.config";
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     /// The file could not be read or written.
-    #[error("{path}: {source}")]
+    // The cause is part of the message, not a `source`: `{:#}` would print it twice.
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The file is not a checkpoint of a supported kind, or is damaged.
     #[error("{path}: {reason}")]
@@ -48,7 +49,7 @@ impl CheckpointError {
             std::io::ErrorKind::NotFound => std::io::Error::new(source.kind(), "no such file; check the path"),
             _ => source,
         };
-        Self::Io { path: path.to_path_buf(), source: hint }
+        Self::Io { path: path.to_path_buf(), cause: hint }
     }
 
     fn invalid(path: &Path, reason: impl Into<String>) -> Self {

@@ -30,12 +30,19 @@ pub const WEIGHTS_HELP: &str = "pass the FID Inception weights with --inception 
 /// Why the Inception network could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum InceptionError {
-    /// The file could not be read or does not hold the FID Inception weights.
+    /// The file could not be read or does not hold the FID Inception weights. (Not a `source`: the cause is
+    /// already in the message, and `{:#}` would print it twice.)
     #[error("FID Inception weights: {0}")]
-    Weights(#[from] CheckpointError),
+    Weights(CheckpointError),
     /// Images of the wrong layout.
     #[error("FID Inception input: {0}")]
     Input(String),
+}
+
+impl From<CheckpointError> for InceptionError {
+    fn from(e: CheckpointError) -> Self {
+        Self::Weights(e)
+    }
 }
 
 /// A bias-free convolution's weight (`conv.weight`).

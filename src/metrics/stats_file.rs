@@ -13,12 +13,13 @@ use super::fid::Statistics;
 #[derive(Debug, thiserror::Error)]
 pub enum StatsFileError {
     /// The file could not be read or written.
-    #[error("{path}: {source}")]
+    // The cause is part of the message, not a `source`: `{:#}` would print it twice.
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The file is not a statistics file, or is damaged.
     #[error("{path}: {reason}")]
@@ -38,7 +39,7 @@ struct Array {
 
 /// Reads statistics from a `.npz` (pytorch-fid) or `.npy` (LFM) file.
 pub fn read_statistics(path: &Path) -> Result<Statistics, StatsFileError> {
-    let bytes = std::fs::read(path).map_err(|source| StatsFileError::Io { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|cause| StatsFileError::Io { path: path.to_path_buf(), cause })?;
     let invalid = |reason: String| StatsFileError::Invalid { path: path.to_path_buf(), reason };
     let (mu, sigma) = if bytes.starts_with(b"PK\x03\x04") {
         read_npz(&bytes).map_err(invalid)?
@@ -56,7 +57,7 @@ pub fn read_statistics(path: &Path) -> Result<Statistics, StatsFileError> {
 
 /// Writes statistics as pytorch-fid's `.npz` (`mu` and `sigma`, float64, uncompressed), atomically.
 pub fn write_npz(path: &Path, stats: &Statistics) -> Result<(), StatsFileError> {
-    let io = |source: std::io::Error| StatsFileError::Io { path: path.to_path_buf(), source };
+    let io = |cause: std::io::Error| StatsFileError::Io { path: path.to_path_buf(), cause };
     let d = stats.dim();
     let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);

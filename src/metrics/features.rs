@@ -71,6 +71,11 @@ pub fn unit_tensor<B: Backend>(images: &[RgbImage], device: &B::Device) -> Tenso
     Tensor::from_data(TensorData::new(values, [images.len(), 3, h, w]).convert::<B::FloatElem>(), device)
 }
 
+/// Images per Inception forward pass on GPU backends. wgpu caps a storage buffer at 128 MiB by default (lavapipe
+/// enforces it: 50 images at once failed allocating the 142 MB output of the first convolution, inside Burn, as a
+/// panic); 4 images keep every activation and convolution buffer of the network below 100 MB.
+pub const GPU_IMAGES_PER_PASS: usize = 4;
+
 /// The FID network on a device, turning images into accumulated statistics.
 pub struct FeatureExtractor<B: Backend> {
     model: FidInception<B>,
@@ -88,13 +93,16 @@ impl<B: Backend> FeatureExtractor<B> {
         Self { model, device: device.clone() }
     }
 
-    /// pool3 features `[N · 2048]` (row-major) of 8-bit images; runs of equal size go through together.
+    /// pool3 features `[N · 2048]` (row-major) of 8-bit images; runs of equal size go through together, at most
+    /// [`GPU_IMAGES_PER_PASS`] at a time on GPU backends.
     pub fn features(&self, images: &[RgbImage]) -> Result<Vec<f32>, InceptionError> {
+        let per_pass = if crate::nn::is_ndarray::<B>() { usize::MAX } else { GPU_IMAGES_PER_PASS };
         let mut out = Vec::with_capacity(images.len() * FEATURE_DIM);
         let mut start = 0;
         while start < images.len() {
             let size = (images[start].width, images[start].height);
-            let end = start + images[start..].iter().take_while(|i| (i.width, i.height) == size).count();
+            let run = images[start..].iter().take_while(|i| (i.width, i.height) == size).count();
+            let end = start + run.min(per_pass);
             let x = unit_tensor::<B>(&images[start..end], &self.device);
             let f = self.model.features(x)?;
             out.extend(f.into_data().convert::<f32>().into_vec::<f32>().expect("float features"));

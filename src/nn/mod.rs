@@ -84,7 +84,7 @@ pub fn avg_pool_2x<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
 
 /// Whether `B` is the ndarray CPU backend, whose `conv2d` is a direct loop (≈1.8 GFLOP/s measured on a DiT-sized
 /// UNet here, against ≈24 GFLOP/s for its matmul).
-fn is_ndarray<B: Backend>() -> bool {
+pub(crate) fn is_ndarray<B: Backend>() -> bool {
     std::any::type_name::<B>().contains("NdArray")
 }
 

@@ -15,11 +15,11 @@ pub type Cpu64 = burn::backend::NdArray<f64>;
 
 /// wgpu through CubeCL, without Burn's fusion layer (its fusion/autotune correctness bugs on repeated graphs are
 /// exactly what an ODE loop exercises).
-pub type Wgpu = burn::backend::wgpu::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
+pub type Wgpu = lfm_kernels::WgpuCube;
 
-/// NVIDIA GPUs through CubeCL's CUDA runtime.
+/// NVIDIA GPUs through CubeCL's CUDA runtime, also without the fusion layer (and so with lfm's own kernels).
 #[cfg(feature = "cuda")]
-pub type Cuda = burn::backend::Cuda<f32, i32>;
+pub type Cuda = lfm_kernels::CudaCube;
 
 pub use burn::backend::wgpu::WgpuDevice;
 

@@ -9,6 +9,7 @@
 
 pub mod autoencoder;
 pub mod backend;
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod flow;

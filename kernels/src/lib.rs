@@ -1,8 +1,17 @@
 //! `lfm-kernels`: the numerical pieces shared by lfm's generic solver code and its CubeCL kernels.
 //!
-//! Today this crate holds the Dormand–Prince tableau ([`tableau`]), the one copy that both the tensor-expression
-//! solver in `lfm::solver` and the fused RK kernels read. The CubeCL kernels themselves (fused attention, fused RK
-//! stage combination and dopri5 step) are tracked by the custom-kernels issue and will live here, each with a
-//! plain-Burn fallback that is also its test oracle.
+//! Kernels are written once in CubeCL (WGSL/SPIR-V/MSL through wgpu, CUDA C++ through NVRTC). Each public entry
+//! point takes any Burn backend: backends whose tensors are CubeCL tensors run the kernel, the others (ndarray,
+//! autodiff without a custom backward) run a plain-Burn fallback that is also the kernel's test oracle.
+//! - [`attention`]: flash attention (online softmax, O(tokens) memory) with a recomputing backward pass;
+//! - [`rk`]: fused Runge–Kutta linear combinations and torchdiffeq's error ratio;
+//! - [`tableau`]: the Dormand–Prince tableau, the one copy the generic solver and the kernels read.
 
+pub mod attention;
+mod dispatch;
+pub mod rk;
 pub mod tableau;
+
+pub use dispatch::{has_kernels, memory_reserved, WgpuCube, WgpuRuntime};
+#[cfg(feature = "cuda")]
+pub use dispatch::{CudaCube, CudaRuntime};

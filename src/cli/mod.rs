@@ -1,6 +1,7 @@
 //! The `lfm` command line: argument structs and calls into the library, no maths.
 
 mod autoencode;
+mod bench;
 mod devices;
 mod fid;
 mod inspect;
@@ -105,6 +106,8 @@ pub enum Command {
     Fid(fid::FidArgs),
     /// Write the FID statistics (mu, sigma) of an image folder as pytorch-fid's .npz.
     FidStats(fid::FidStatsArgs),
+    /// Benchmarks: `lfm bench kernels` times lfm's fused GPU kernels against the unfused expressions.
+    Bench(bench::BenchArgs),
 }
 
 /// Runs a parsed command line.
@@ -120,5 +123,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Decode(args) => autoencode::decode(args, cli.backend),
         Command::Fid(args) => fid::fid(args, cli.backend),
         Command::FidStats(args) => fid::fid_stats(args, cli.backend),
+        Command::Bench(args) => bench::run(args, cli.backend),
     }
 }

@@ -112,6 +112,9 @@ pub struct SampleArgs {
     /// Overwrite existing outputs.
     #[arg(long)]
     pub force: bool,
+    /// Use the plain Burn expressions instead of lfm's fused GPU kernels (attention, RK step) on wgpu/CUDA.
+    #[arg(long)]
+    pub no_fused_kernels: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -380,6 +383,7 @@ fn solve_options(args: &SampleArgs) -> SolveOptions {
             (None, None) => Grid::StepSize(0.01),
         },
         max_nfe: Some(args.max_nfe),
+        fused_kernels: !args.no_fused_kernels,
         ..SolveOptions::default()
     }
 }
@@ -445,6 +449,7 @@ pub(crate) fn run(args: SampleArgs, choice: BackendChoice) -> anyhow::Result<()>
             args.precision
         );
     }
+    crate::nn::attention::set_fused(!args.no_fused_kernels);
     if args.latents_only {
         anyhow::ensure!(args.save_latents.is_some(), "--latents-only writes nothing without --save-latents FILE");
         anyhow::ensure!(

@@ -7,31 +7,32 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
-use super::ops::{combine, error_ratio, rms, weighted_sum};
+use super::ops::{combine, error_ratio, rms};
 use super::tableau::{ALPHA, BETA, C_ERROR, C_MID, DFACTOR, IFACTOR, ORDER, SAFETY};
 use super::{Counter, SolveOptions, SolverError, TimePrecision, Velocity};
 
-/// Coefficients of the dense-output quartic of the last accepted step, `y(x) = e + d·x + c·x² + b·x³ + a·x⁴`
-/// for `x = (t − t0)/(t1 − t0)`.
+/// The dense output of the last accepted step: torchdiffeq's quartic `y(x) = e + d·x + c·x² + b·x³ + a·x⁴`,
+/// `x = (t − t0)/(t1 − t0)`, kept as the step's tensors and evaluated only when asked (LFM asks once, at the end).
 struct Interpolant<B: Backend, const D: usize> {
     t0: f64,
     t1: f64,
-    coefficients: [Tensor<B, D>; 5],
+    dt: f64,
+    y0: Tensor<B, D>,
+    y1: Tensor<B, D>,
+    k: [Tensor<B, D>; 7],
 }
 
 impl<B: Backend, const D: usize> Interpolant<B, D> {
-    /// torchdiffeq's `_interp_fit` from the step's stages.
-    fn fit(
-        y0: &Tensor<B, D>,
-        y1: &Tensor<B, D>,
-        k: &[Tensor<B, D>; 7],
-        dt: f64,
-        t0: f64,
-        t1: f64,
-        p: TimePrecision,
-    ) -> Self {
+    /// The value at `t`: torchdiffeq's `_interp_fit` + `_interp_evaluate` operation for operation, or, fused, the same
+    /// polynomial expanded into one linear combination of the step's tensors with weights computed in f64.
+    fn evaluate(&self, t: f64, p: TimePrecision, fused: bool) -> Tensor<B, D> {
+        let x = p.round((t - self.t0) / (self.t1 - self.t0));
+        if fused && lfm_kernels::has_kernels::<B>() {
+            return self.evaluate_fused(x);
+        }
+        let (y0, y1, k, dt) = (&self.y0, &self.y1, &self.k, self.dt);
         let terms: Vec<(&Tensor<B, D>, f64)> = k.iter().zip(C_MID).map(|(k, c)| (k, p.mul(dt, p.round(c)))).collect();
-        let y_mid = combine(y0, &terms);
+        let y_mid = combine(y0, &terms, false);
         let (f0, f1) = (&k[0], &k[6]);
         let s = |x: f64| p.round(x);
         // a = 2·dt·(f1 − f0) − 8·(y1 + y0) + 16·y_mid
@@ -48,20 +49,30 @@ impl<B: Backend, const D: usize> Interpolant<B, D> {
             - y1.clone().mul_scalar(5.0)
             + y_mid.mul_scalar(16.0);
         let d = f0.clone().mul_scalar(s(dt));
-        Self { t0, t1, coefficients: [y0.clone(), d, c, b, a] }
-    }
-
-    /// torchdiffeq's `_interp_evaluate`: Horner-free power sum, `x` computed in f64 then rounded to the state dtype.
-    fn evaluate(&self, t: f64, p: TimePrecision) -> Tensor<B, D> {
-        let x = p.round((t - self.t0) / (self.t1 - self.t0));
-        let [e, d, rest @ ..] = &self.coefficients;
-        let mut total = e.clone() + d.clone().mul_scalar(x);
+        // Power sum (not Horner), as torchdiffeq.
+        let mut total = y0.clone() + d.mul_scalar(x);
         let mut power = x;
-        for coefficient in rest {
+        for coefficient in [c, b, a] {
             power = p.mul(power, x);
-            total = total + coefficient.clone().mul_scalar(power);
+            total = total + coefficient.mul_scalar(power);
         }
         total
+    }
+
+    /// Collecting the quartic's terms by tensor: y0·(1 − 11x² + 18x³ − 8x⁴) + y1·(−5x² + 14x³ − 8x⁴)
+    /// + y_mid·16x²(1 − x)² + dt·f0·x(1 − x)²(1 − 2x) + dt·f1·x²(x − 1)(2x − 1), with y_mid = y0 + dt·Σ c_mid_i·k_i.
+    fn evaluate_fused(&self, x: f64) -> Tensor<B, D> {
+        let (x2, x3, x4) = (x * x, x * x * x, x * x * x * x);
+        let mid = 16.0 * x2 - 32.0 * x3 + 16.0 * x4;
+        let mut k_weights: [f64; 7] = std::array::from_fn(|i| mid * self.dt * C_MID[i]);
+        k_weights[0] += self.dt * (x - 4.0 * x2 + 5.0 * x3 - 2.0 * x4);
+        k_weights[6] += self.dt * (x2 - 3.0 * x3 + 2.0 * x4);
+        let mut terms = vec![
+            (&self.y0, 1.0 - 11.0 * x2 + 18.0 * x3 - 8.0 * x4 + mid),
+            (&self.y1, -5.0 * x2 + 14.0 * x3 - 8.0 * x4),
+        ];
+        terms.extend(self.k.iter().zip(k_weights));
+        lfm_kernels::rk::linear_combination_on(&terms, true)
     }
 }
 
@@ -102,7 +113,7 @@ pub(crate) fn solve<B: Backend, const D: usize, V: Velocity<B, D> + ?Sized>(
         for (i, (alpha, beta)) in ALPHA.iter().zip(BETA).enumerate() {
             let terms: Vec<(&Tensor<B, D>, f64)> =
                 k[..=i].iter().zip(beta).map(|(k, b)| (k, p.mul(p.round(*b), dts))).collect();
-            y_stage = combine(&y, &terms);
+            y_stage = combine(&y, &terms, f.fused);
             k[i + 1] = if *alpha == 1.0 {
                 // Stages at the step's end are evaluated one ulp inside the step (torchdiffeq's Perturb.PREV).
                 let nudged = p.next_after(t1s, t0s);
@@ -115,14 +126,14 @@ pub(crate) fn solve<B: Backend, const D: usize, V: Velocity<B, D> + ?Sized>(
         let y1 = y_stage;
         let error_terms: Vec<(&Tensor<B, D>, f64)> =
             k.iter().zip(C_ERROR).map(|(k, c)| (k, p.mul(dts, p.round(c)))).collect();
-        let ratio = p.round(error_ratio(weighted_sum(&error_terms), &y, &y1, rtol, atol));
+        let ratio = p.round(error_ratio(&error_terms, &y, &y1, rtol, atol, f.fused));
         if !ratio.is_finite() {
             return Err(SolverError::NonFinite { step: attempt, t });
         }
         if ratio <= 1.0 {
             f.accept(t, direction * h);
-            last = Some(Interpolant::fit(&y, &y1, &k, dts, t, t_next, p));
-            let [.., k_last] = k;
+            let k_last = k[6].clone();
+            last = Some(Interpolant { t0: t, t1: t_next, dt: dts, y0: y, y1: y1.clone(), k });
             (y, k_first, t) = (y1, k_last, t_next);
         } else {
             f.stats.rejected += 1;
@@ -131,7 +142,7 @@ pub(crate) fn solve<B: Backend, const D: usize, V: Velocity<B, D> + ?Sized>(
         attempt += 1;
     }
     let interpolant = last.expect("the loop accepts at least one step before it ends");
-    Ok(interpolant.evaluate(t_end, p))
+    Ok(interpolant.evaluate(t_end, p, f.fused))
 }
 
 /// Hairer's initial step (Solving ODEs I, II.4), as torchdiffeq computes it: in the state dtype, with one probe
@@ -150,7 +161,7 @@ fn initial_step<B: Backend, const D: usize, V: Velocity<B, D> + ?Sized>(
     let d0 = p.round(rms(y0.clone() / scale.clone()));
     let d1 = p.round(rms(f0.clone() / scale.clone()));
     let h0 = if d0 < 1e-5 || d1 < 1e-5 { p.round(1e-6) } else { p.round(p.mul(0.01, d0) / d1) };
-    let y1 = combine(y0, &[(f0, direction * h0)]);
+    let y1 = combine(y0, &[(f0, direction * h0)], f.fused);
     let f1 = f.eval(t0 + direction * h0, y1);
     let d2 = p.round(p.round(rms((f1 - f0.clone()) / scale)) / h0);
     let h1 = if d1 <= 1e-15 && d2 <= 1e-15 {

@@ -43,19 +43,19 @@ pub(crate) fn solve<B: Backend, const D: usize, V: Velocity<B, D> + ?Sized>(
         y = match method {
             Method::Euler => {
                 let k1 = f.eval(t0, y.clone());
-                combine(&y, &[(&k1, dt)])
+                combine(&y, &[(&k1, dt)], f.fused)
             }
             Method::Midpoint => {
                 let half = p.mul(0.5, dt);
                 let k1 = f.eval(t0, y.clone());
-                let k2 = f.eval(p.add(t0, half), combine(&y, &[(&k1, half)]));
-                combine(&y, &[(&k2, dt)])
+                let k2 = f.eval(p.add(t0, half), combine(&y, &[(&k1, half)], f.fused));
+                combine(&y, &[(&k2, dt)], f.fused)
             }
             Method::Heun => {
                 let k1 = f.eval(t0, y.clone());
-                let k2 = f.eval(t1, combine(&y, &[(&k1, dt)]));
+                let k2 = f.eval(t1, combine(&y, &[(&k1, dt)], f.fused));
                 let half = p.mul(0.5, dt);
-                combine(&y, &[(&k1, half), (&k2, half)])
+                combine(&y, &[(&k1, half), (&k2, half)], f.fused)
             }
             Method::Rk4 => rk4_three_eighths(f, &y, t0, t1, dt),
             Method::Dopri5 => unreachable!("dopri5 is adaptive"),
@@ -80,6 +80,15 @@ fn rk4_three_eighths<B: Backend, const D: usize, V: Velocity<B, D> + ?Sized>(
     let third = p.round(1.0 / 3.0);
     let two_thirds = p.round(2.0 / 3.0);
     let k1 = f.eval(t0, y.clone());
+    if f.fused && lfm_kernels::has_kernels::<B>() {
+        // The same stages as one fused combination each (rounded once per element, not once per operation).
+        let fused = f.fused;
+        let k2 = f.eval(p.add(t0, p.mul(dt, third)), combine(y, &[(&k1, dt * third)], fused));
+        let k3 = f.eval(p.add(t0, p.mul(dt, two_thirds)), combine(y, &[(&k2, dt), (&k1, -dt * third)], fused));
+        let k4 = f.eval(t1, combine(y, &[(&k1, dt), (&k2, -dt), (&k3, dt)], fused));
+        let (eighth, three_eighths) = (dt * 0.125, dt * 0.375);
+        return combine(y, &[(&k1, eighth), (&k2, three_eighths), (&k3, three_eighths), (&k4, eighth)], fused);
+    }
     // y0 + dt·k1·(1/3)
     let k2 = f.eval(p.add(t0, p.mul(dt, third)), y.clone() + k1.clone().mul_scalar(dt).mul_scalar(third));
     // y0 + dt·(k2 − k1·(1/3))

@@ -130,6 +130,10 @@ pub struct SolveOptions {
     pub check_finite: bool,
     /// Keep every evaluated time and every accepted step in the statistics.
     pub record: bool,
+    /// Use lfm's fused CubeCL kernels for the RK arithmetic where the backend has them (wgpu, CUDA); the plain
+    /// Burn tensor expressions otherwise. Both give the same steps; fused rounds once per element instead of once
+    /// per operation.
+    pub fused_kernels: bool,
 }
 
 impl Default for SolveOptions {
@@ -146,6 +150,7 @@ impl Default for SolveOptions {
             max_nfe: Some(100_000),
             check_finite: true,
             record: false,
+            fused_kernels: true,
         }
     }
 }
@@ -281,6 +286,8 @@ fn validate(options: &SolveOptions) -> Result<(), SolverError> {
 pub(crate) struct Counter<'a, B: Backend, const D: usize, V: Velocity<B, D> + ?Sized> {
     velocity: &'a mut V,
     pub(crate) precision: TimePrecision,
+    /// Whether the RK arithmetic may use fused kernels.
+    pub(crate) fused: bool,
     max_nfe: Option<usize>,
     record: bool,
     pub(crate) stats: SolveStats,
@@ -292,6 +299,7 @@ impl<'a, B: Backend, const D: usize, V: Velocity<B, D> + ?Sized> Counter<'a, B, 
         Self {
             velocity,
             precision,
+            fused: options.fused_kernels,
             max_nfe: options.max_nfe,
             record: options.record,
             stats: SolveStats::default(),

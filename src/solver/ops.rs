@@ -1,17 +1,17 @@
-//! The tensor arithmetic of an RK step, in one place so that fused kernels can replace it.
+//! The tensor arithmetic of an RK step, in one place: lfm-kernels' fused CubeCL kernels where the backend has
+//! them and `fused` is set, the plain Burn expressions (torchdiffeq's operation order) otherwise.
 
 use burn::tensor::{backend::Backend, ElementConversion, Tensor};
+use lfm_kernels::rk::{error_ratio_on, linear_combination_on};
 
 /// `y + Σ_j w_j·k_j`, skipping zero weights. The weights are already `h·a_j` rounded to the state dtype.
-pub(crate) fn combine<B: Backend, const D: usize>(y: &Tensor<B, D>, terms: &[(&Tensor<B, D>, f64)]) -> Tensor<B, D> {
-    terms.iter().filter(|(_, w)| *w != 0.0).fold(y.clone(), |acc, (k, w)| acc + (*k).clone().mul_scalar(*w))
-}
-
-/// `Σ_j w_j·k_j` (no base term), skipping zero weights.
-pub(crate) fn weighted_sum<B: Backend, const D: usize>(terms: &[(&Tensor<B, D>, f64)]) -> Tensor<B, D> {
-    let mut nonzero = terms.iter().filter(|(_, w)| *w != 0.0);
-    let (first, w) = nonzero.next().expect("an RK combination has at least one non-zero weight");
-    nonzero.fold((*first).clone().mul_scalar(*w), |acc, (k, w)| acc + (*k).clone().mul_scalar(*w))
+pub(crate) fn combine<B: Backend, const D: usize>(
+    y: &Tensor<B, D>,
+    terms: &[(&Tensor<B, D>, f64)],
+    fused: bool,
+) -> Tensor<B, D> {
+    let all: Vec<(&Tensor<B, D>, f64)> = std::iter::once((y, 1.0)).chain(terms.iter().copied()).collect();
+    linear_combination_on(&all, fused)
 }
 
 /// Root mean square of a tensor, reduced on the device; one scalar comes back to the host.
@@ -21,16 +21,16 @@ pub(crate) fn rms<B: Backend, const D: usize>(x: Tensor<B, D>) -> f64 {
     (sum_sq / n).sqrt()
 }
 
-/// torchdiffeq's error ratio: `rms(err / (atol + rtol·max(|y0|, |y1|)))`.
+/// torchdiffeq's error ratio `rms((Σ_j w_j·k_j) / (atol + rtol·max(|y0|, |y1|)))`.
 pub(crate) fn error_ratio<B: Backend, const D: usize>(
-    error: Tensor<B, D>,
+    stages: &[(&Tensor<B, D>, f64)],
     y0: &Tensor<B, D>,
     y1: &Tensor<B, D>,
     rtol: f64,
     atol: f64,
+    fused: bool,
 ) -> f64 {
-    let tolerance = y0.clone().abs().max_pair(y1.clone().abs()).mul_scalar(rtol).add_scalar(atol);
-    rms(error / tolerance)
+    error_ratio_on(y0, y1, stages, rtol, atol, fused)
 }
 
 /// Whether every element is finite (one scalar comes back to the host).

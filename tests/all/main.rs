@@ -9,6 +9,7 @@ mod dit;
 mod edm;
 mod fid;
 mod flow;
+mod kernels;
 mod model_config;
 mod sample;
 mod solver;

@@ -57,10 +57,10 @@ fn dit_field<B: Backend>(device: &B::Device) -> impl FnMut(f64, Tensor<B, 4>) ->
     }
 }
 
-fn dopri5_with_dit<B: Backend>(device: &B::Device, state_rel: f64) {
+fn dopri5_with_dit<B: Backend>(device: &B::Device, state_rel: f64, fused_kernels: bool) {
     let io = io("ode_dopri5");
     let x1 = tensor::<B, 4>(get(&io, "x1"), device);
-    let options = SolveOptions { record: true, ..Default::default() };
+    let options = SolveOptions { record: true, fused_kernels, ..Default::default() };
     let solution = solve(&mut dit_field::<B>(device), x1, &options).unwrap();
     let stats = &solution.stats;
     assert_eq!(stats.nfe as i64, get(&io, "nfe").to_i64()[0], "NFE");
@@ -102,12 +102,13 @@ fn dopri5_with_dit<B: Backend>(device: &B::Device, state_rel: f64) {
     assert_close("x0", &values(solution.state), &get(&io, "x0").to_f32(), state_rel, 1e-6);
 }
 
-fn fixed_with_dit<B: Backend>(device: &B::Device, state_rel: f64) {
+fn fixed_with_dit<B: Backend>(device: &B::Device, state_rel: f64, fused_kernels: bool) {
     let io = io("ode_dopri5");
     for method in [Method::Euler, Method::Midpoint, Method::Rk4] {
         let name = method.name();
         let x1 = tensor::<B, 4>(get(&io, "x1"), device);
-        let options = SolveOptions { method, grid: Grid::StepSize(0.05), record: true, ..Default::default() };
+        let options =
+            SolveOptions { method, grid: Grid::StepSize(0.05), record: true, fused_kernels, ..Default::default() };
         let solution = solve(&mut dit_field::<B>(device), x1, &options).unwrap();
         assert_eq!(solution.stats.nfe as i64, get(&io, &format!("{name}.nfe")).to_i64()[0], "{name} NFE");
         let times: Vec<f64> = solution.stats.evaluations.iter().map(|e| e.t_field).collect();
@@ -125,19 +126,24 @@ fn fixed_with_dit<B: Backend>(device: &B::Device, state_rel: f64) {
 
 #[test]
 fn dopri5_with_dit_matches_torchdiffeq_on_cpu() {
-    dopri5_with_dit::<Cpu>(&cpu(), 1e-5);
+    dopri5_with_dit::<Cpu>(&cpu(), 1e-5, true);
 }
 
 #[test]
 fn fixed_step_solvers_with_dit_match_torchdiffeq_on_cpu() {
-    fixed_with_dit::<Cpu>(&cpu(), 1e-5);
+    fixed_with_dit::<Cpu>(&cpu(), 1e-5, true);
 }
 
+/// On wgpu, both with lfm's fused RK kernels (the default) and with the plain Burn expressions: the same NFE,
+/// accepted/rejected counts, grid and final state as torchdiffeq either way.
 #[test]
-fn solvers_with_dit_match_torchdiffeq_on_wgpu() {
+fn solvers_with_dit_match_torchdiffeq_on_wgpu_fused_and_unfused() {
     if let Some(device) = wgpu() {
-        dopri5_with_dit::<Wgpu>(&device, 1e-4);
-        fixed_with_dit::<Wgpu>(&device, 1e-4);
+        assert!(lfm_kernels::has_kernels::<Wgpu>() && !lfm_kernels::has_kernels::<Cpu>());
+        for fused in [true, false] {
+            dopri5_with_dit::<Wgpu>(&device, 1e-4, fused);
+            fixed_with_dit::<Wgpu>(&device, 1e-4, fused);
+        }
     }
 }
 

@@ -1,0 +1,84 @@
+//! Which backends run lfm's CubeCL kernels, decided at run time from the backend's tensor type.
+//!
+//! Burn 0.21 has no backend-extension macro, and a `FusedOps` bound on every model and solver signature would
+//! leak into all of lfm's generic code. Instead, the public functions of this crate take any `Backend` and check
+//! whether its float tensors are CubeCL tensors of a runtime compiled in here (wgpu always, CUDA with the `cuda`
+//! feature). Burn's `Backend` is `'static`, so the check is an exact `TypeId` comparison and the conversion a
+//! checked downcast: no unsafe code, and any other backend (ndarray, fusion, autodiff) takes the plain-Burn path.
+
+use std::any::{Any, TypeId};
+
+use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
+use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
+
+/// The wgpu runtime (WGSL, or SPIR-V/MSL with lfm's `vulkan`/`metal` features).
+pub type WgpuRuntime = burn::backend::wgpu::WgpuRuntime;
+
+/// CubeCL's CUDA runtime.
+#[cfg(feature = "cuda")]
+pub type CudaRuntime = cubecl::cuda::CudaRuntime;
+
+/// lfm's wgpu backend type (CubeCL without fusion; f32, i32 indices, u32 booleans).
+pub type WgpuCube = burn_cubecl::CubeBackend<WgpuRuntime, f32, i32, u32>;
+
+/// lfm's CUDA backend type (CubeCL without fusion; f32, i32 indices, u8 booleans).
+#[cfg(feature = "cuda")]
+pub type CudaCube = burn_cubecl::CubeBackend<CudaRuntime, f32, i32, u8>;
+
+/// Whether `B`'s float tensors are `CubeTensor<R>`.
+pub(crate) fn is_runtime<B: Backend, R: CubeRuntime>() -> bool {
+    TypeId::of::<B::FloatTensorPrimitive>() == TypeId::of::<CubeTensor<R>>()
+}
+
+/// Whether this crate has CubeCL kernels for backend `B`.
+pub fn has_kernels<B: Backend>() -> bool {
+    #[cfg(feature = "cuda")]
+    if is_runtime::<B, CudaRuntime>() {
+        return true;
+    }
+    is_runtime::<B, WgpuRuntime>()
+}
+
+/// The CubeCL tensor behind a Burn tensor. The caller has checked [`is_runtime`].
+pub(crate) fn to_cube<B: Backend, R: CubeRuntime, const D: usize>(tensor: Tensor<B, D>) -> CubeTensor<R> {
+    let primitive: Box<dyn Any> = Box::new(tensor.into_primitive().tensor());
+    *primitive.downcast::<CubeTensor<R>>().expect("checked by is_runtime")
+}
+
+/// A Burn tensor around a CubeCL tensor. The caller has checked [`is_runtime`].
+pub(crate) fn from_cube<B: Backend, R: CubeRuntime, const D: usize>(tensor: CubeTensor<R>) -> Tensor<B, D> {
+    let primitive: Box<dyn Any> = Box::new(tensor);
+    let primitive = *primitive.downcast::<B::FloatTensorPrimitive>().expect("checked by is_runtime");
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
+}
+
+/// Runs `$body` with `$R` bound to the CubeCL runtime of backend `$B`, or evaluates to `None` when `$B` has none.
+macro_rules! with_runtime {
+    ($B:ty, |$R:ident| $body:expr) => {{
+        #[allow(unused_mut, unused_assignments)]
+        let mut result = None;
+        #[cfg(feature = "cuda")]
+        if $crate::dispatch::is_runtime::<$B, $crate::dispatch::CudaRuntime>() {
+            type $R = $crate::dispatch::CudaRuntime;
+            result = Some($body);
+        }
+        if result.is_none() && $crate::dispatch::is_runtime::<$B, $crate::dispatch::WgpuRuntime>() {
+            type $R = $crate::dispatch::WgpuRuntime;
+            result = Some($body);
+        }
+        result
+    }};
+}
+pub(crate) use with_runtime;
+
+/// Bytes the device's memory pools hold (in use or cached), for backends with CubeCL kernels; `None` elsewhere.
+/// After `Backend::memory_cleanup`, the growth of this figure over an operation is the operation's peak
+/// working memory (pools keep their pages until the next cleanup).
+pub fn memory_reserved<B: Backend>(device: &B::Device) -> Option<u64> {
+    with_runtime!(B, |R| {
+        let device: &dyn Any = device;
+        let device = device.downcast_ref::<<R as cubecl::Runtime>::Device>().expect("checked by is_runtime");
+        <R as cubecl::Runtime>::client(device).memory_usage().ok().map(|usage| usage.bytes_reserved)
+    })
+    .flatten()
+}

@@ -1,0 +1,144 @@
+//! `lfm bench kernels`.
+
+use clap::{Args, Subcommand};
+
+use crate::backend::{self, BackendChoice, OnBackend};
+use crate::bench::{bench_kernels, roofline, KernelBenchOptions, KernelCase, KernelReport};
+
+/// Arguments of `lfm bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// What to benchmark.
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+/// Benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchWhat {
+    /// lfm's fused CubeCL kernels (attention, dopri5 step) against the plain Burn expressions, with the device's
+    /// roofline from WGSL bandwidth/FMA probes.
+    Kernels(KernelsArgs),
+}
+
+/// Arguments of `lfm bench kernels`.
+#[derive(Debug, Args)]
+pub struct KernelsArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Timed repetitions per case (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// Attention: batch × heads per case.
+    #[arg(long, default_value_t = 1)]
+    pub heads: usize,
+    /// Attention: token counts.
+    #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
+    pub tokens: Vec<usize>,
+    /// Attention: head dimensions.
+    #[arg(long, value_delimiter = ',', default_value = "64,72")]
+    pub head_dims: Vec<usize>,
+    /// RK step: latent shapes as CxHxW.
+    #[arg(long, value_delimiter = ',', default_value = "4x32x32,4x64x64", value_parser = parse_latent)]
+    pub latents: Vec<[usize; 3]>,
+    /// RK step: batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    pub batches: Vec<usize>,
+    /// Skip the WGSL roofline probes.
+    #[arg(long)]
+    pub no_roofline: bool,
+}
+
+fn parse_latent(s: &str) -> Result<[usize; 3], String> {
+    let parts: Vec<usize> =
+        s.split('x').map(|p| p.trim().parse::<usize>()).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    match parts[..] {
+        [c, h, w] if c * h * w > 0 => Ok([c, h, w]),
+        _ => Err(format!("'{s}' is not a latent shape CxHxW such as 4x32x32")),
+    }
+}
+
+struct Kernels {
+    options: KernelBenchOptions,
+    device_name: String,
+    roofline: Result<roofline::Roofline, String>,
+    json: bool,
+}
+
+impl OnBackend for Kernels {
+    type Output = KernelReport;
+
+    fn run<B: burn::tensor::backend::Backend>(self, device: B::Device) -> KernelReport {
+        let json = self.json;
+        bench_kernels::<B>(&device, self.device_name, &self.options, self.roofline, |case| {
+            if !json {
+                print_case(case);
+            }
+        })
+    }
+}
+
+fn print_case(c: &KernelCase) {
+    let mib = |b: Option<u64>| b.map_or("?".to_string(), |b| format!("{:.1}", b as f64 / (1 << 20) as f64));
+    let roof = c.roofline_fraction.map_or("?".to_string(), |f| format!("{:.1}%", 100.0 * f));
+    let burn = c.burn_op_s.map_or(String::new(), |s| format!("  (Burn's op {:.3} ms)", s * 1e3));
+    println!(
+        "{:<24} {:<40} fused {:>9.3} ms  unfused {:>9.3} ms  ×{:>6.2}  peak MiB {:>7} vs {:>7}  roofline {:>6}{burn}",
+        c.kernel,
+        c.shape,
+        c.fused_s * 1e3,
+        c.unfused_s * 1e3,
+        c.speedup,
+        mib(c.fused_peak_bytes),
+        mib(c.unfused_peak_bytes),
+        roof
+    );
+}
+
+pub(crate) fn run(args: BenchArgs, choice: BackendChoice) -> anyhow::Result<()> {
+    let BenchWhat::Kernels(args) = args.what;
+    anyhow::ensure!(args.reps > 0, "--reps must be at least 1");
+    anyhow::ensure!(args.heads > 0, "--heads must be at least 1");
+    anyhow::ensure!(
+        args.tokens.iter().all(|&t| t > 0) && args.batches.iter().all(|&b| b > 0),
+        "--tokens and --batches must be positive"
+    );
+    anyhow::ensure!(
+        args.head_dims.iter().all(|&d| (1..=lfm_kernels::attention::MAX_HEAD_DIM).contains(&d)),
+        "--head-dims must lie in 1..={}",
+        lfm_kernels::attention::MAX_HEAD_DIM
+    );
+    let device = backend::select(choice)?;
+    let roofline = if args.no_roofline {
+        Err("skipped (--no-roofline)".to_string())
+    } else {
+        roofline::measure().map_err(|e| e.to_string())
+    };
+    if !args.json {
+        println!("device: {device}");
+        match &roofline {
+            Ok(r) => println!(
+                "roofline ({}): {:.1} GB/s copy bandwidth, {:.1} GFLOP/s f32 FMA",
+                r.adapter, r.bandwidth_gbps, r.fma_gflops
+            ),
+            Err(e) => println!("roofline: {e}"),
+        }
+    }
+    let options = KernelBenchOptions {
+        reps: args.reps,
+        heads: args.heads,
+        tokens: args.tokens,
+        head_dims: args.head_dims,
+        latents: args.latents,
+        batches: args.batches,
+    };
+    let report =
+        backend::dispatch(&device, Kernels { options, device_name: device.to_string(), roofline, json: args.json });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if !report.fused_kernels {
+        println!("note: this backend has no fused kernels; both columns ran the plain Burn expressions");
+    }
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! lfm-kernels: every fused kernel against its plain-Burn oracle, on wgpu (the CubeCL kernels) and on the CPU
+//! (where the same entry points take the fallback). Shapes include odd sizes that are not a multiple of any
+//! cube size.
+
+use burn::backend::Autodiff;
+use burn::tensor::{backend::Backend, DType, Distribution, Tensor};
+use lfm::backend::{Cpu, Wgpu};
+use lfm_kernels::attention::{attention_backward, attention_on, attention_reference, has_fused_attention};
+use lfm_kernels::rk::{error_ratio_on, error_ratio_reference, linear_combination_on, linear_combination_reference};
+
+use crate::common::{assert_close, cpu, values, wgpu};
+
+/// Odd and even shapes, flattened to what the kernels see (they are shape-agnostic but for the element count).
+const SHAPES: [[usize; 4]; 4] = [[1, 4, 32, 32], [3, 5, 7, 1], [1, 1, 1, 1], [2, 3, 17, 259]];
+
+fn random<B: Backend>(shape: [usize; 4], device: &B::Device) -> Tensor<B, 4> {
+    Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
+}
+
+/// y + Σ w_j·k_j for 1..=8 stages (9 tensors with y), plus leading non-unit weights and interleaved zeros.
+fn linear_combinations_match<B: Backend>(device: &B::Device) {
+    for shape in SHAPES {
+        let tensors: Vec<Tensor<B, 4>> = (0..9).map(|_| random::<B>(shape, device)).collect();
+        for n in 1..=9 {
+            let weights: Vec<f64> = (0..n).map(|j| if j == 0 { 1.0 } else { 0.37 * j as f64 - 1.1 }).collect();
+            let terms: Vec<(&Tensor<B, 4>, f64)> = tensors.iter().zip(weights).collect();
+            let fused = values(linear_combination_on(&terms, true));
+            let reference = values(linear_combination_reference(&terms));
+            assert_close(&format!("{shape:?}, {n} terms"), &fused, &reference, 1e-6, 1e-6);
+        }
+        // A zero weight in the middle and a first weight that is not 1 (the interpolation's shape).
+        let terms = [(&tensors[0], -0.25), (&tensors[1], 0.0), (&tensors[2], 3.5), (&tensors[3], 1e-3)];
+        let fused = values(linear_combination_on(&terms, true));
+        assert_close(
+            &format!("{shape:?} with a zero"),
+            &fused,
+            &values(linear_combination_reference(&terms)),
+            1e-6,
+            1e-6,
+        );
+    }
+}
+
+/// torchdiffeq's error ratio with dopri5's error weights (one zero) and LFM's tolerances.
+fn error_ratios_match<B: Backend>(device: &B::Device) {
+    let weights = lfm_kernels::tableau::C_ERROR.map(|c| c * -0.0625);
+    for shape in SHAPES {
+        let y0 = random::<B>(shape, device);
+        let y1 = random::<B>(shape, device).mul_scalar(2.0);
+        let k: Vec<Tensor<B, 4>> = (0..7).map(|_| random::<B>(shape, device)).collect();
+        let stages: Vec<(&Tensor<B, 4>, f64)> = k.iter().zip(weights).collect();
+        for (rtol, atol) in [(1e-5, 1e-5), (1e-3, 1e-6)] {
+            let fused = error_ratio_on(&y0, &y1, &stages, rtol, atol, true);
+            let reference = error_ratio_reference(&y0, &y1, &stages, rtol, atol);
+            assert!(
+                (fused / reference - 1.0).abs() < 1e-5,
+                "{shape:?} rtol {rtol}: fused error ratio {fused} vs reference {reference}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fused_rk_kernels_match_burn_on_wgpu() {
+    if let Some(device) = wgpu() {
+        assert!(lfm_kernels::has_kernels::<Wgpu>());
+        linear_combinations_match::<Wgpu>(&device);
+        error_ratios_match::<Wgpu>(&device);
+    }
+}
+
+#[test]
+fn rk_entry_points_fall_back_on_the_cpu() {
+    assert!(!lfm_kernels::has_kernels::<Cpu>());
+    linear_combinations_match::<Cpu>(&cpu());
+    error_ratios_match::<Cpu>(&cpu());
+}
+
+/// Attention shapes: DiT-S/B heads (64), DiT-XL's 72, the UNets' 32 and 128, token counts that are not a multiple
+/// of the 64-row query block or the key tile, one token, and more keys than queries.
+const ATTENTION: [([usize; 4], usize); 6] = [
+    ([1, 1, 16, 64], 16),
+    ([2, 3, 77, 72], 77),
+    ([1, 2, 130, 32], 130),
+    ([1, 1, 1, 128], 1),
+    ([2, 2, 33, 64], 50),
+    ([1, 4, 256, 72], 256),
+];
+
+fn qkv<B: Backend>(shape: [usize; 4], keys: usize, device: &B::Device) -> [Tensor<B, 4>; 3] {
+    let [b, h, _, d] = shape;
+    // Scaled so that the softmax is far from uniform (scores of a few units), as in trained networks.
+    [
+        random::<B>(shape, device).mul_scalar(2.0),
+        random::<B>([b, h, keys, d], device),
+        random::<B>([b, h, keys, d], device),
+    ]
+}
+
+fn attention_matches<B: Backend>(device: &B::Device) {
+    for (shape, keys) in ATTENTION {
+        let [q, k, v] = qkv::<B>(shape, keys, device);
+        let fused = values(attention_on(q.clone(), k.clone(), v.clone(), true));
+        let reference = values(attention_reference(q, k, v));
+        assert_close(&format!("attention {shape:?} × {keys} keys"), &fused, &reference, 1e-5, 1e-6);
+    }
+}
+
+#[test]
+fn fused_attention_matches_burn_on_wgpu() {
+    if let Some(device) = wgpu() {
+        assert!(has_fused_attention::<Wgpu>() && has_fused_attention::<Autodiff<Wgpu>>());
+        attention_matches::<Wgpu>(&device);
+    }
+}
+
+#[test]
+fn attention_entry_point_falls_back_on_the_cpu() {
+    assert!(!has_fused_attention::<Cpu>() && !has_fused_attention::<Autodiff<Cpu>>());
+    attention_matches::<Cpu>(&cpu());
+}
+
+/// Gradients of `Σ w ⊙ attention(q, k, v)` through `backward` with `inner`'s attention, for each input.
+fn attention_gradients<B: burn::tensor::backend::AutodiffBackend>(
+    [q, k, v]: [Tensor<B::InnerBackend, 4>; 3],
+    w: Tensor<B::InnerBackend, 4>,
+    fused: bool,
+) -> [Vec<f32>; 3] {
+    let (q, k, v) = (
+        Tensor::<B, 4>::from_inner(q).require_grad(),
+        Tensor::<B, 4>::from_inner(k).require_grad(),
+        Tensor::<B, 4>::from_inner(v).require_grad(),
+    );
+    let out = attention_on(q.clone(), k.clone(), v.clone(), fused);
+    let grads = (out * Tensor::from_inner(w)).sum().backward();
+    [q, k, v].map(|t| values(t.grad(&grads).expect("a gradient")))
+}
+
+/// Under `Autodiff<Wgpu>` the fused forward with the recomputing backward gives Burn's autodiff gradients of the
+/// plain expression.
+#[test]
+fn fused_attention_backward_matches_autodiff_on_wgpu() {
+    if let Some(device) = wgpu() {
+        for (shape, keys) in [ATTENTION[1], ATTENTION[4]] {
+            let inputs = qkv::<Wgpu>(shape, keys, &device);
+            let w = random::<Wgpu>(shape, &device);
+            let fused = attention_gradients::<Autodiff<Wgpu>>(inputs.clone(), w.clone(), true);
+            let reference = attention_gradients::<Autodiff<Wgpu>>(inputs, w, false);
+            for (name, (got, want)) in ["dq", "dk", "dv"].iter().zip(fused.iter().zip(&reference)) {
+                assert_close(&format!("{name} {shape:?} × {keys}"), got, want, 1e-4, 1e-6);
+            }
+        }
+    }
+}
+
+/// The recomputing backward pass, one query row per chunk up to everything at once, against Burn's autodiff.
+#[test]
+fn chunked_attention_backward_matches_autodiff_on_the_cpu() {
+    let device = cpu();
+    let (shape, keys) = ATTENTION[4];
+    let inputs = qkv::<Cpu>(shape, keys, &device);
+    let w = random::<Cpu>(shape, &device);
+    let reference = attention_gradients::<Autodiff<Cpu>>(inputs.clone(), w.clone(), false);
+    let [q, k, v] = inputs;
+    let [b, h, n_q, _] = shape;
+    for max_scores in [1, b * h * keys * 7, usize::MAX] {
+        let (dq, dk, dv) = attention_backward(q.clone(), k.clone(), v.clone(), w.clone(), max_scores);
+        for (name, (got, want)) in
+            ["dq", "dk", "dv"].iter().zip([values(dq), values(dk), values(dv)].iter().zip(&reference))
+        {
+            assert_close(&format!("{name}, chunks of ≤ {max_scores} scores ({n_q} rows)"), got, want, 1e-4, 1e-6);
+        }
+    }
+}
+
+/// f16 storage with f32 accumulation, where the adapter has shader-f16: the fused kernels against the f32 oracle
+/// on the same (f16-rounded) inputs.
+#[test]
+fn fused_kernels_accumulate_f16_in_f32_on_wgpu() {
+    let Some(device) = wgpu() else { return };
+    if !Wgpu::supports_dtype(&device, DType::F16) {
+        eprintln!("skipping: this wgpu adapter has no f16 shader support");
+        return;
+    }
+    let [q, k, v] = qkv::<Wgpu>([1, 2, 77, 72], 77, &device).map(|t| t.cast(DType::F16));
+    let fused = values(attention_on(q.clone(), k.clone(), v.clone(), true));
+    let reference = values(attention_reference(q.cast(DType::F32), k.cast(DType::F32), v.cast(DType::F32)));
+    assert_close("f16 attention", &fused, &reference, 2e-3, 1e-3);
+    let x: Vec<Tensor<Wgpu, 4>> = (0..3).map(|_| random::<Wgpu>([1, 4, 8, 9], &device).cast(DType::F16)).collect();
+    let terms: Vec<(&Tensor<Wgpu, 4>, f64)> = x.iter().zip([1.0, 0.25, -0.5]).collect();
+    let fused = values(linear_combination_on(&terms, true));
+    let x32: Vec<Tensor<Wgpu, 4>> = x.iter().map(|t| t.clone().cast(DType::F32)).collect();
+    let terms32: Vec<(&Tensor<Wgpu, 4>, f64)> = x32.iter().zip([1.0, 0.25, -0.5]).collect();
+    assert_close("f16 linear combination", &fused, &values(linear_combination_reference(&terms32)), 1e-3, 1e-3);
+}

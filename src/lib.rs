@@ -10,6 +10,7 @@
 pub mod autoencoder;
 pub mod backend;
 pub mod bench;
+pub mod builtin;
 pub mod checkpoint;
 pub mod cli;
 pub mod flow;

@@ -21,6 +21,9 @@ pub enum ClassChoice {
     Random,
     /// Balanced: sample `i` gets class `i mod num_classes`.
     Uniform,
+    /// One class per grid row of this many samples: sample `i` gets class `⌊i / per_row⌋ mod num_classes`
+    /// (`--class rows` takes `--nrow`).
+    Rows(usize),
 }
 
 impl std::str::FromStr for ClassChoice {
@@ -30,10 +33,12 @@ impl std::str::FromStr for ClassChoice {
         match s {
             "random" => Ok(Self::Random),
             "uniform" => Ok(Self::Uniform),
+            // The row length is the grid's, filled in by the caller.
+            "rows" => Ok(Self::Rows(0)),
             n => n
                 .parse()
                 .map(Self::Fixed)
-                .map_err(|_| format!("--class takes a class index, random or uniform, not `{n}`")),
+                .map_err(|_| format!("--class takes a class index, random, uniform or rows, not `{n}`")),
         }
     }
 }
@@ -44,6 +49,7 @@ pub fn labels(choice: ClassChoice, num_classes: usize, seed: u64, first: usize, 
         .map(|i| match choice {
             ClassChoice::Fixed(c) => c as i64,
             ClassChoice::Uniform => (i % num_classes) as i64,
+            ClassChoice::Rows(per_row) => ((i / per_row.max(1)) % num_classes) as i64,
             ClassChoice::Random => crate::noise::uniform_index(seed, i as u64, num_classes) as i64,
         })
         .collect()

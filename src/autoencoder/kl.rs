@@ -95,6 +95,18 @@ impl AutoencoderKLConfig {
         Ok(config)
     }
 
+    /// diffusers' `config.json` for this architecture (what `AutoencoderKL.from_pretrained` and
+    /// [`AutoencoderKLConfig::from_json`] read).
+    pub fn to_diffusers_json(&self) -> String {
+        let levels = self.block_out_channels.len();
+        let mut value = serde_json::to_value(self).expect("config serialises");
+        let object = value.as_object_mut().expect("an object");
+        object.insert("_class_name".into(), "AutoencoderKL".into());
+        object.insert("down_block_types".into(), vec!["DownEncoderBlock2D"; levels].into());
+        object.insert("up_block_types".into(), vec!["UpDecoderBlock2D"; levels].into());
+        serde_json::to_string_pretty(&value).expect("json")
+    }
+
     /// Checks the sizes fit together.
     pub fn validate(&self) -> Result<(), String> {
         if self.act_fn != "silu" {

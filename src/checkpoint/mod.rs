@@ -182,7 +182,8 @@ pub fn read_safetensors(path: &Path) -> Result<(TensorMap, Option<HashMap<String
     read_safetensors_bytes(path, &bytes)
 }
 
-fn read_safetensors_bytes(
+/// Reads every tensor and the metadata of safetensors bytes (`path` names them in errors).
+pub fn read_safetensors_bytes(
     path: &Path,
     bytes: &[u8],
 ) -> Result<(TensorMap, Option<HashMap<String, String>>), CheckpointError> {

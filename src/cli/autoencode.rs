@@ -48,9 +48,20 @@ fn progress(len: usize, what: &str) -> ProgressBar {
 /// Arguments of `lfm encode`.
 #[derive(Debug, Args)]
 pub struct EncodeArgs {
-    /// Images (PNG or JPEG) of one size, divisible by 8.
-    #[arg(required = true)]
+    /// Images (PNG or JPEG) of one size, divisible by the autoencoder's factor (8 for SD's VAE and TAESD).
+    #[arg(required_unless_present = "data", conflicts_with = "data")]
     pub images: Vec<PathBuf>,
+    /// A whole dataset instead: a folder (searched recursively) or an IDX file such as Fashion-MNIST's
+    /// `train-images-idx3-ubyte.gz`; its labels (IDX labels file beside it, or --class-folders) are written as `y`,
+    /// ready for `lfm train --latents`.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// With --data: side of the square images (resize the short side, centre-crop).
+    #[arg(long, default_value_t = 256)]
+    pub image_size: usize,
+    /// With --data: label images by their top-level sub-folder.
+    #[arg(long)]
+    pub class_folders: bool,
     /// Where to write the latents (`latents` [N, 4, H/8, W/8], scaled as LFM's z; for the KL VAE also the
     /// posterior's `mean` and `std` on the same scale, which `lfm train --latents` re-samples every step).
     #[arg(long)]
@@ -130,11 +141,29 @@ impl OnBackend for Encode {
     }
 }
 
+/// Every image of a dataset (folder or IDX file), cut to `size`, with its labels when it has any.
+fn dataset_images(
+    path: &std::path::Path,
+    size: usize,
+    class_folders: bool,
+) -> anyhow::Result<(Vec<RgbImage>, Option<Vec<i64>>)> {
+    use crate::train::data::{idx_images, image_folder, is_idx, load_image, Source};
+    let source = if is_idx(path) { idx_images(path, size) } else { image_folder(path, size, class_folders) }
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let Source::Images { items, labels, .. } = source else { anyhow::bail!("{}: expected images", path.display()) };
+    let images = items.iter().map(|item| load_image(item, size, false)).collect::<Result<Vec<_>, _>>();
+    Ok((images.map_err(|e| anyhow::anyhow!(e))?, labels))
+}
+
 pub(crate) fn encode(args: EncodeArgs, choice: BackendChoice) -> anyhow::Result<()> {
     if args.out.exists() && !args.force {
         anyhow::bail!("{} exists; pass --force to overwrite it", args.out.display());
     }
-    let images = args.images.iter().map(|p| read_rgb(p)).collect::<Result<Vec<_>, _>>()?;
+    let (images, labels) = match &args.data {
+        Some(path) => dataset_images(path, args.image_size, args.class_folders)?,
+        None => (args.images.iter().map(|p| read_rgb(p)).collect::<Result<Vec<_>, _>>()?, None),
+    };
+    anyhow::ensure!(!images.is_empty(), "no images to encode");
     if let Some(other) =
         images.iter().zip(&args.images).find(|(i, _)| (i.width, i.height) != (images[0].width, images[0].height))
     {
@@ -152,12 +181,19 @@ pub(crate) fn encode(args: EncodeArgs, choice: BackendChoice) -> anyhow::Result<
     let device = backend::select(choice)?;
     let n = images.len();
     let job = Encode { weights, images, seed: args.seed, mean: args.mean, batch_size: args.autoencoder.batch_size };
-    let tensors = backend::dispatch(&device, job)?;
+    let mut tensors = backend::dispatch(&device, job)?;
+    if let Some(labels) = labels {
+        tensors.insert("y".into(), HostTensor::i64(vec![labels.len()], labels));
+    }
     let kind = format!("{:?}", args.autoencoder.autoencoder).to_lowercase();
+    let source = match &args.data {
+        Some(path) => path.display().to_string(),
+        None => args.images.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join("\n"),
+    };
     let metadata = HashMap::from([
         ("autoencoder".to_string(), kind),
         ("sample".to_string(), if args.mean { "mean".into() } else { format!("seed {}", args.seed) }),
-        ("images".to_string(), args.images.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join("\n")),
+        ("images".to_string(), source),
     ]);
     write_safetensors(&args.out, &tensors, Some(metadata))?;
     println!("wrote {} ({n} latents, device {device})", args.out.display());

@@ -7,6 +7,7 @@ mod fid;
 mod inspect;
 mod sample;
 mod train;
+mod train_autoencoder;
 mod velocity;
 
 use std::path::PathBuf;
@@ -98,6 +99,8 @@ pub enum Command {
     Sample(Box<sample::SampleArgs>),
     /// Train a velocity network with LFM's flow-matching loss (resumable).
     Train(Box<train::TrainArgs>),
+    /// Train a KL autoencoder (reconstruction + KL) and write it as a diffusers folder (resumable).
+    TrainAutoencoder(Box<train_autoencoder::TrainAutoencoderArgs>),
     /// Encode images into LFM latents (scaled) with the KL VAE or TAESD.
     Encode(autoencode::EncodeArgs),
     /// Decode LFM latents into images with the KL VAE or TAESD.
@@ -119,6 +122,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Velocity(args) => velocity::run(args, cli.backend),
         Command::Sample(args) => sample::run(*args, cli.backend),
         Command::Train(args) => train::run(*args, cli.backend),
+        Command::TrainAutoencoder(args) => train_autoencoder::run(*args, cli.backend),
         Command::Encode(args) => autoencode::encode(args, cli.backend),
         Command::Decode(args) => autoencode::decode(args, cli.backend),
         Command::Fid(args) => fid::fid(args, cli.backend),

@@ -21,30 +21,37 @@ use crate::models::{weights_and_config, ConfigChoice, ModelConfig, Preset, Veloc
 use crate::sample::{labels, noise, sample_batch, BatchInput, ClassChoice, Guidance, Summary};
 use crate::solver::{Grid, Method, SolveOptions};
 
+/// Samples drawn when `-n` is not given (for a checkpoint).
+const DEFAULT_SAMPLES: usize = 16;
+/// Samples per ODE solve when `--batch-size` is not given (for a checkpoint).
+const DEFAULT_BATCH: usize = 8;
+
 /// Arguments of `lfm sample`.
 #[derive(Debug, Args)]
 pub struct SampleArgs {
-    /// The velocity network's checkpoint (LFM's model_<E>.pth, content.pth, or lfm's .safetensors).
+    /// The velocity network's checkpoint (LFM's model_<E>.pth, content.pth, or lfm's .safetensors). Without it,
+    /// the built-in Fashion-MNIST model and its autoencoder (trained by lfm, embedded in the binary).
     #[arg(long)]
-    pub checkpoint: PathBuf,
+    pub checkpoint: Option<PathBuf>,
     /// Where the architecture comes from (a preset also sets LFM's CFG scale).
     #[command(flatten)]
     pub model: ModelSource,
-    /// Number of samples.
-    #[arg(short = 'n', long, default_value_t = 16)]
-    pub num_samples: usize,
-    /// Samples per ODE solve (the adaptive error norm runs over the whole batch, as in LFM).
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
+    /// Number of samples [default: 16; the built-in model: one grid row per class].
+    #[arg(short = 'n', long)]
+    pub num_samples: Option<usize>,
+    /// Samples per ODE solve (the adaptive error norm runs over the whole batch, as in LFM) [default: 8; the
+    /// built-in model: all samples at once].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     /// Seed: sample i gets the same noise and label for a seed, whatever the batch size.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// A safetensors file with the initial noise `x1` [N, C, h, w] and optionally labels `y` [N].
     #[arg(long)]
     pub noise: Option<PathBuf>,
-    /// ODE solver.
-    #[arg(long, default_value = "dopri5", value_parser = parse_method)]
-    pub solver: Method,
+    /// ODE solver: dopri5, euler, midpoint, heun or rk4 [default: dopri5; the built-in model: its sampling.json's].
+    #[arg(long, value_parser = parse_method)]
+    pub solver: Option<Method>,
     /// Relative tolerance of dopri5.
     #[arg(long, default_value_t = 1e-5)]
     pub rtol: f64,
@@ -60,9 +67,10 @@ pub struct SampleArgs {
     /// Give up after this many velocity evaluations per batch.
     #[arg(long, default_value_t = 100_000)]
     pub max_nfe: usize,
-    /// Class-conditional models: a class index, `random` (LFM's choice) or `uniform` (i mod classes).
-    #[arg(long, default_value = "random")]
-    pub class: ClassChoice,
+    /// Class-conditional models: a class index, `random` (LFM's choice), `uniform` (i mod classes) or `rows`
+    /// (one class per grid row of --nrow samples) [default: random; the built-in model: rows].
+    #[arg(long)]
+    pub class: Option<ClassChoice>,
     /// Classifier-free guidance scale (DiT, EDM UNet; applied when > 1 as in LFM). Default: the preset's.
     #[arg(long)]
     pub cfg_scale: Option<f64>,
@@ -97,7 +105,7 @@ pub struct SampleArgs {
     /// Write all samples as one PNG grid.
     #[arg(long)]
     pub grid: Option<PathBuf>,
-    /// Images per grid row (default: ⌈√n⌉).
+    /// Images per grid row [default: ⌈√n⌉; the built-in model: its samples per class].
     #[arg(long)]
     pub nrow: Option<usize>,
     /// Write one image per sample into this folder (00000.png, …).
@@ -212,7 +220,7 @@ impl OnBackend for Job {
         if let Some(ae) = &autoencoder {
             ae.check_fits(c_out).map_err(|e| anyhow::anyhow!(e))?;
         }
-        let n = self.noise.as_ref().map_or(args.num_samples, |(x1, _)| x1.shape[0]);
+        let n = self.noise.as_ref().map_or(args.num_samples.unwrap_or(DEFAULT_SAMPLES), |(x1, _)| x1.shape[0]);
         let classes = model.classes();
         let guidance = Guidance { cfg_scale: self.cfg_scale, null_label: model.null_label().unwrap_or(0) };
         let options = solve_options(args);
@@ -294,7 +302,7 @@ impl OnBackend for Job {
         let mut latents = Vec::with_capacity(n * c_out * side * side);
         let mut all_labels = classes.map(|_| Vec::with_capacity(n));
         let mut images = Vec::new();
-        let batch = args.batch_size.max(1);
+        let batch = args.batch_size.unwrap_or(DEFAULT_BATCH).max(1);
         for first in (0..n).step_by(batch) {
             let count = batch.min(n - first);
             let x1 = match &self.noise {
@@ -309,7 +317,7 @@ impl OnBackend for Job {
             let batch_labels = match (classes, &self.noise) {
                 (None, _) => None,
                 (Some(_), Some((_, Some(y)))) => Some(y[first..first + count].to_vec()),
-                (Some(k), _) => Some(labels(args.class, k, args.seed, first, count)),
+                (Some(k), _) => Some(labels(args.class.unwrap_or(ClassChoice::Random), k, args.seed, first, count)),
             };
             model.check_labels(batch_labels.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
             if let (Some(all), Some(y)) = (all_labels.as_mut(), &batch_labels) {
@@ -374,7 +382,7 @@ fn composite(generated: &mut RgbImage, original: &RgbImage, hole: &[f32]) {
 
 fn solve_options(args: &SampleArgs) -> SolveOptions {
     SolveOptions {
-        method: args.solver,
+        method: args.solver.unwrap_or(Method::Dopri5),
         rtol: args.rtol,
         atol: args.atol,
         grid: match (args.steps, args.step_size) {
@@ -441,7 +449,51 @@ fn read_inpaint(image: &Path, mask: &Path, white_is_hole: bool) -> anyhow::Resul
     Ok(Inpaint { image, hole })
 }
 
-pub(crate) fn run(args: SampleArgs, choice: BackendChoice) -> anyhow::Result<()> {
+/// The built-in model's defaults, filled into what the user left unset: its classes in rows, its CFG scale, and a
+/// grid in `samples.png` when no output is named.
+fn builtin_defaults(args: &mut SampleArgs) -> anyhow::Result<(ModelConfig, TensorMap, Option<AutoencoderWeights>)> {
+    let defaults = crate::builtin::sampling().map_err(|e| anyhow::anyhow!(e))?;
+    let (config, weights) = crate::builtin::model().map_err(|e| anyhow::anyhow!(e))?;
+    let classes = config.classes().unwrap_or(1);
+    args.class.get_or_insert(ClassChoice::Rows(0));
+    args.nrow.get_or_insert(defaults.per_class);
+    let n = *args.num_samples.get_or_insert(classes * defaults.per_class);
+    // The built-in network is small: one solve for everything.
+    args.batch_size.get_or_insert(n);
+    args.cfg_scale.get_or_insert(defaults.cfg_scale);
+    if args.solver.is_none() {
+        args.solver = Some(defaults.solver.parse().map_err(|e: crate::solver::SolverError| anyhow::anyhow!(e))?);
+        if args.steps.is_none() && args.step_size.is_none() {
+            args.steps = defaults.steps;
+        }
+    }
+    if args.grid.is_none() && args.out_dir.is_none() && args.save_latents.is_none() && args.fid.is_none() {
+        args.grid = Some(PathBuf::from("samples.png"));
+    }
+    let autoencoder = match (&args.decoder.weights, args.latents_only) {
+        (_, true) => None,
+        (Some(_), false) => Some(args.decoder.read("")?),
+        (None, false) => Some(crate::builtin::autoencoder().map_err(|e| anyhow::anyhow!(e))?),
+    };
+    Ok((config, weights, autoencoder))
+}
+
+pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result<()> {
+    let builtin = match &args.checkpoint {
+        Some(_) => None,
+        None => {
+            anyhow::ensure!(
+                args.model.config.is_none() && args.model.preset.is_none(),
+                "--config/--preset describe a checkpoint: pass it with --checkpoint FILE (without any of them, lfm \
+                 samples its built-in Fashion-MNIST model)"
+            );
+            Some(builtin_defaults(&mut args)?)
+        }
+    };
+    if let Some(ClassChoice::Rows(0)) = args.class {
+        let n = args.num_samples.unwrap_or(DEFAULT_SAMPLES);
+        args.class = Some(ClassChoice::Rows(args.nrow.unwrap_or_else(|| (n as f64).sqrt().ceil() as usize)));
+    }
     if args.precision != "f32" {
         anyhow::bail!(
             "--precision {} is not available in this build: the networks run in f32 on every backend (f16/bf16 \
@@ -494,10 +546,18 @@ pub(crate) fn run(args: SampleArgs, choice: BackendChoice) -> anyhow::Result<()>
             anyhow::bail!("{} already holds samples; pass --force to overwrite them", dir.display());
         }
     }
-    anyhow::ensure!(args.num_samples > 0, "-n must be at least 1");
+    anyhow::ensure!(args.num_samples != Some(0), "-n must be at least 1");
 
-    let (config, weights, source) = weights_and_config(&args.checkpoint, args.model.choice())?;
-    tracing::info!("model: {} ({source})", config.family());
+    let (config, weights, builtin_autoencoder) = match builtin {
+        Some(parts) => parts,
+        None => {
+            let Some(checkpoint) = &args.checkpoint else { anyhow::bail!("give the model with --checkpoint FILE") };
+            let (config, weights, source) = weights_and_config(checkpoint, args.model.choice())?;
+            tracing::info!("model: {} ({source})", config.family());
+            (config, weights, None)
+        }
+    };
+    let is_builtin = args.checkpoint.is_none();
     let preset_cfg = match args.model.choice() {
         ConfigChoice::Preset(name) => Preset::find(name).map_err(|e| anyhow::anyhow!(e))?.cfg_scale,
         _ => None,
@@ -525,6 +585,8 @@ pub(crate) fn run(args: SampleArgs, choice: BackendChoice) -> anyhow::Result<()>
     };
     let autoencoder = if args.latents_only {
         None
+    } else if is_builtin {
+        builtin_autoencoder
     } else {
         Some(
             args.decoder
@@ -584,7 +646,7 @@ pub(crate) fn run(args: SampleArgs, choice: BackendChoice) -> anyhow::Result<()>
                 "--cfg-scale needs a class-conditional model trained with label dropout (a null class); this one has none"
             );
         }
-        if let (ClassChoice::Fixed(c), Some(k)) = (job.args.class, probe.classes()) {
+        if let (Some(ClassChoice::Fixed(c)), Some(k)) = (job.args.class, probe.classes()) {
             anyhow::ensure!(c < k, "--class {c} is out of range: the model has classes 0..{}", k - 1);
         }
     }

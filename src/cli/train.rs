@@ -69,6 +69,13 @@ pub struct TrainArgs {
     /// as `ema.safetensors` next to `model.safetensors`. Off by default, as in LFM's scripts.
     #[arg(long)]
     pub ema_decay: Option<f64>,
+    /// Split each step's batch into this many micro-batches (one backward pass each, gradients summed): the same
+    /// update as one pass with a fraction of the activation memory.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Clip the global gradient norm (over all parameters, as torch's clip_grad_norm_) to this value.
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
     /// Checkpoint every this many steps (and at the end).
     #[arg(long, default_value_t = 500)]
     pub save_every: usize,
@@ -171,7 +178,18 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
         flip: !args.no_flip,
         ema_decay: args.ema_decay,
         warmup_steps: args.warmup_steps,
+        grad_accum: args.grad_accum,
+        max_grad_norm: args.max_grad_norm,
     };
+    anyhow::ensure!(
+        (1..=settings.batch_size).contains(&settings.grad_accum),
+        "--grad-accum {} must be between 1 and --batch-size {}",
+        settings.grad_accum,
+        settings.batch_size
+    );
+    if let Some(max) = settings.max_grad_norm {
+        anyhow::ensure!(max > 0.0 && max.is_finite(), "--max-grad-norm {max} must be a positive number");
+    }
     std::fs::create_dir_all(&args.out)?;
     let device = backend::select(choice)?;
     let n = source.len();

@@ -1,13 +1,15 @@
 //! Flow-matching training: the loss of one batch, its gradients, and the optimiser step LFM takes (AdamW with
 //! default betas and no weight decay); the data sources and the resumable loop of `lfm train`.
 
+pub mod autoencoder;
 pub mod data;
 pub mod ema;
+pub mod grads;
 pub mod run;
 
 use burn::module::{AutodiffModule, Module};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor};
 
@@ -69,6 +71,8 @@ pub struct StepReport {
     pub loss: f64,
     /// Gradients by checkpoint key (only when asked for).
     pub grads: Option<TensorMap>,
+    /// The global gradient norm before any clipping (from [`Trainer::step_accumulated`]).
+    pub grad_norm: Option<f64>,
 }
 
 impl<B: AutodiffBackend> Trainer<B>
@@ -149,12 +153,40 @@ where
         let grads = loss.backward();
         let kept = keep_grads.then(|| crate::checkpoint::collect_grads(&model, &grads, &model.keys()));
         let params = GradientsParams::from_grads(grads, &model);
+        self.apply(model, params, lr);
+        StepReport { loss: loss_value, grads: kept, grad_norm: None }
+    }
+
+    /// One optimiser step on the gradient of the mean loss over several micro-batches (gradient accumulation:
+    /// each backward pass holds one micro-batch's activations), optionally clipped to a global norm of
+    /// `max_grad_norm` first. The loss reported is the mean over every sample of the micro-batches.
+    pub fn step_accumulated(&mut self, batches: Vec<Batch<B>>, lr: f64, max_grad_norm: Option<f64>) -> StepReport {
+        let model = self.model.take().expect("a model between steps");
+        let total: usize = batches.iter().map(|b| b.z0.dims()[0]).sum();
+        let mut accumulator = GradientsAccumulator::<VelocityModel<B>>::new();
+        let mut loss_value = 0.0;
+        for batch in batches {
+            let share = batch.z0.dims()[0] as f64 / total.max(1) as f64;
+            let loss = flow_matching_loss(&model, batch).mul_scalar(share);
+            loss_value += loss.clone().into_scalar().elem::<f64>();
+            accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
+        }
+        let mut params = accumulator.grads();
+        let grad_norm = match max_grad_norm {
+            Some(max) => grads::clip_global_norm::<B, _>(&model, &mut params, max),
+            None => grads::global_norm::<B, _>(&model, &params),
+        };
+        self.apply(model, params, lr);
+        StepReport { loss: loss_value, grads: None, grad_norm: Some(grad_norm) }
+    }
+
+    /// The AdamW update, the moving average, the step count.
+    fn apply(&mut self, model: VelocityModel<B>, params: GradientsParams, lr: f64) {
         let model = self.optimizer.step(lr, model, params);
         if let Some(ema) = &mut self.ema {
             ema.update(&model.valid());
         }
         self.model = Some(model);
         self.step += 1;
-        StepReport { loss: loss_value, grads: kept }
     }
 }

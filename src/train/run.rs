@@ -73,6 +73,17 @@ pub struct RunSettings {
     /// Ramp the learning rate linearly from `lr / warmup_steps` to `lr` over this many first steps.
     #[serde(default)]
     pub warmup_steps: usize,
+    /// Micro-batches per step: each step's `batch_size` samples are split into this many backward passes whose
+    /// gradients are summed (same result as one pass, less memory).
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    /// Clip the global gradient norm to this value before each update (`clip_grad_norm_`).
+    #[serde(default)]
+    pub max_grad_norm: Option<f64>,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl RunSettings {
@@ -332,13 +343,26 @@ pub fn train<B: Backend>(
         });
         let epoch = epoch_of(settings, source.len(), step);
         let lr = settings.lr_at(step, epoch);
-        let batch = Batch { z0: Tensor::from_inner(z0), z1: Tensor::from_inner(z1), t: Tensor::from_inner(t), y };
-        let report = trainer.step(batch, lr, false);
+        let micro = n.div_ceil(settings.grad_accum.max(1));
+        let batches = (0..n)
+            .step_by(micro)
+            .map(|i| {
+                let len = micro.min(n - i);
+                Batch {
+                    z0: Tensor::from_inner(z0.clone().narrow(0, i, len)),
+                    z1: Tensor::from_inner(z1.clone().narrow(0, i, len)),
+                    t: Tensor::from_inner(t.clone().narrow(0, i, len)),
+                    y: y.clone().map(|y| y.narrow(0, i, len)),
+                }
+            })
+            .collect();
+        let report = trainer.step_accumulated(batches, lr, settings.max_grad_norm);
         if !report.loss.is_finite() {
             return Err(TrainError::NonFinite { step, loss: report.loss });
         }
         let seconds = start.elapsed().as_secs_f64();
         let line = serde_json::json!({"step": step + 1, "epoch": epoch, "loss": report.loss, "lr": lr,
+            "grad_norm": report.grad_norm,
             "samples_per_s": n as f64 / seconds, "unreadable_images": unreadable});
         writeln!(log, "{line}").map_err(|e| io_error(&log_path, e))?;
         progress.set_message(format!("loss {:.4}, {:.1} samples/s", report.loss, n as f64 / seconds));

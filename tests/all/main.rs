@@ -1,6 +1,7 @@
 //! lfm's integration tests, in one binary (each test binary re-monomorphises Burn, so one keeps CI fast).
 
 mod autoencoder;
+mod builtin;
 mod checkpoint;
 mod cli;
 mod commands;
@@ -14,4 +15,5 @@ mod model_config;
 mod sample;
 mod solver;
 mod train;
+mod train_autoencoder;
 mod unet;

@@ -197,7 +197,8 @@ fn training_on_an_image_folder_lowers_the_loss_and_skips_corrupt_images() {
     let s = setup();
     let out = s.root.join("run");
     let mut args = train_args(out.to_str().unwrap(), &s.data, &s.vae, &s.vae_config, &s.config);
-    args.extend_from_slice(&["--max-steps", "30", "--save-every", "10", "--warmup-steps", "4"]);
+    args.extend_from_slice(&["--max-steps", "30", "--save-every", "10", "--warmup-steps", "4", "--grad-accum", "2"]);
+    args.extend_from_slice(&["--max-grad-norm", "100"]);
     let (ok, stdout, stderr) = lfm(&args);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("trained 30 steps on 13 examples"), "{stdout}");
@@ -209,6 +210,13 @@ fn training_on_an_image_folder_lowers_the_loss_and_skips_corrupt_images() {
         .collect();
     assert_close_f64("warm-up learning rates", &lrs[..6], &[2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3], 1e-12);
     assert!(stderr.contains("skipping an unreadable image") && stderr.contains("corrupt.png"), "{stderr}");
+    // Every step logs its global gradient norm.
+    let norms: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["grad_norm"].as_f64().unwrap())
+        .collect();
+    assert!(norms.iter().all(|g| g.is_finite() && *g > 0.0), "{norms:?}");
     let loss = losses(&out);
     assert_eq!(loss.len(), 30);
     let (first, last) = (loss[..5].iter().sum::<f64>() / 5.0, loss[25..].iter().sum::<f64>() / 5.0);
@@ -221,6 +229,14 @@ fn training_on_an_image_folder_lowers_the_loss_and_skips_corrupt_images() {
     // A second run into the same folder must not clobber it.
     let (ok, _, stderr) = lfm(&args);
     assert!(!ok && stderr.contains("pass --resume"), "{stderr}");
+    // Impossible accumulation or clipping settings are refused before any work.
+    let other = s.root.join("other");
+    for (flag, value, complaint) in [("--grad-accum", "5", "between 1 and"), ("--max-grad-norm", "0", "positive")] {
+        let mut bad = train_args(other.to_str().unwrap(), &s.data, &s.vae, &s.vae_config, &s.config);
+        bad.extend_from_slice(&[flag, value]);
+        let (ok, _, stderr) = lfm(&bad);
+        assert!(!ok && stderr.contains(complaint), "{flag} {value}: {stderr}");
+    }
 }
 
 #[test]
@@ -282,7 +298,7 @@ fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
 }
 
 /// Writes an IDX file of bytes (optionally gzipped).
-fn write_idx(path: &std::path::Path, dims: &[u32], data: &[u8], gzip: bool) {
+pub fn write_idx(path: &std::path::Path, dims: &[u32], data: &[u8], gzip: bool) {
     use std::io::Write;
     let mut bytes = vec![0, 0, 0x08, dims.len() as u8];
     for d in dims {
@@ -330,4 +346,59 @@ fn idx_datasets_load_and_train() {
     std::fs::write(&cut, &bytes[..bytes.len() - 7]).unwrap();
     let err = idx_images(&cut, side).unwrap_err();
     assert!(err.contains("truncated"), "{err}");
+}
+
+/// Gradient accumulation: two micro-batches give the loss, gradient norm and update of the whole batch. The global
+/// norm is the L2 norm of every gradient together (recomputed here on the host from the per-key gradients), and
+/// clipping to a quarter of it scales them all to exactly that norm.
+#[test]
+fn accumulated_micro_batches_and_global_norm_clipping_match_their_definitions() {
+    use burn::optim::GradientsParams;
+    use lfm::train::grads::{clip_global_norm, global_norm};
+    type A = Autodiff<Cpu>;
+    let device = cpu();
+    let io = io("fm_loss");
+    let config = ModelConfig::Dit(crate::dit::config("dit_tiny"));
+    let weights = read_weights(&fixture("dit_tiny/model.safetensors")).unwrap().tensors;
+    let load = || VelocityModel::<A>::load(&config, &weights, &device).unwrap();
+    let part = |start: usize, len: usize| Batch::<A> {
+        z0: tensor::<A, 4>(get(&io, "train.z0"), &device).narrow(0, start, len),
+        z1: tensor::<A, 4>(get(&io, "train.z1"), &device).narrow(0, start, len),
+        t: tensor::<A, 1>(get(&io, "train.t"), &device).narrow(0, start, len),
+        y: None,
+    };
+    let lr = 1e-3;
+    let mut whole = Trainer::new(load(), lfm_adamw());
+    let report = whole.step(part(0, 4), lr, true);
+    let grads = report.grads.unwrap();
+    let want_norm = grads.values().flat_map(|g| g.to_f32()).map(|g| (g as f64).powi(2)).sum::<f64>().sqrt();
+
+    // Micro-batches of 1 and 3 samples: the mean is weighted by size, not by micro-batch.
+    let mut split = Trainer::new(load(), lfm_adamw());
+    let accumulated = split.step_accumulated(vec![part(0, 1), part(1, 3)], lr, None);
+    assert!((accumulated.loss - report.loss).abs() <= 1e-6 * report.loss, "{} vs {}", accumulated.loss, report.loss);
+    let norm = accumulated.grad_norm.unwrap();
+    assert!((norm - want_norm).abs() <= 1e-5 * want_norm, "global norm {norm} vs {want_norm}");
+    let (a, b) = (whole.model().state_dict(), split.model().state_dict());
+    for (key, want) in &a {
+        let g = grads.get(key).map(|g| g.to_f32());
+        for (i, (got, want)) in b[key].to_f32().iter().zip(want.to_f32()).enumerate() {
+            // AdamW's first step is lr·g/(|g| + 1e-8): exact for |g| ≫ 1e-8, rounding-sensitive near it.
+            let sensitive = g.as_ref().is_some_and(|g| g[i].abs() < 1e-6);
+            let bound = if sensitive { 2.0 * lr as f32 } else { 1e-6 };
+            assert!((got - want).abs() <= bound, "{key}[{i}]: accumulated {got} vs whole batch {want}");
+        }
+    }
+
+    // Clipping to a quarter of the norm.
+    let model = load();
+    let loss = lfm::train::flow_matching_loss(&model, part(0, 4));
+    let mut params = GradientsParams::from_grads(loss.backward(), &model);
+    let before = clip_global_norm::<A, _>(&model, &mut params, want_norm / 4.0);
+    assert!((before - want_norm).abs() <= 1e-5 * want_norm, "{before} vs {want_norm}");
+    let after = global_norm::<A, _>(&model, &params);
+    assert!((after - want_norm / 4.0).abs() <= 1e-5 * want_norm, "clipped norm {after}, want {}", want_norm / 4.0);
+    // A bound above the norm leaves the gradients alone.
+    let unchanged = clip_global_norm::<A, _>(&model, &mut params, want_norm);
+    assert!((global_norm::<A, _>(&model, &params) - unchanged).abs() <= 1e-9 * want_norm);
 }

@@ -1,0 +1,159 @@
+//! `lfm train-autoencoder`: a KL autoencoder (diffusers `AutoencoderKL` layout) trained on images, written as a
+//! diffusers folder that `--autoencoder kl --weights DIR` loads.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use clap::Args;
+
+use crate::autoencoder::AutoencoderKLConfig;
+use crate::backend::{self, BackendChoice, OnBackend};
+use crate::train::autoencoder::{train_autoencoder, AutoencoderData, AutoencoderRun, AutoencoderState};
+use crate::train::data::{idx_images, image_folder, is_idx, ImageItem, Source};
+
+/// Arguments of `lfm train-autoencoder`.
+#[derive(Debug, Args)]
+pub struct TrainAutoencoderArgs {
+    /// Training images: a folder (searched recursively) or an IDX file such as Fashion-MNIST's
+    /// `train-images-idx3-ubyte.gz`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Held-out images for the reconstruction PSNR and the latent scale (same kinds as --data; default: the first
+    /// training images).
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Images evaluated at each checkpoint.
+    #[arg(long, default_value_t = 2000)]
+    pub eval_images: usize,
+    /// Side of the square images (resize the short side, centre-crop).
+    #[arg(long, default_value_t = 256)]
+    pub image_size: usize,
+    /// The architecture: a diffusers AutoencoderKL config.json (block_out_channels, layers_per_block,
+    /// latent_channels, norm_num_groups, …). Not needed with --resume.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Output folder: config.json + diffusion_pytorch_model.safetensors (a diffusers folder), metrics.jsonl,
+    /// train-state/.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue the run in --out where its last checkpoint left it.
+    #[arg(long)]
+    pub resume: bool,
+    /// Images per step.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Steps.
+    #[arg(long, default_value_t = 5000)]
+    pub max_steps: usize,
+    /// Peak learning rate (AdamW, no weight decay).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// The learning rate a per-step cosine decays to (default: --lr, i.e. constant).
+    #[arg(long)]
+    pub min_lr: Option<f64>,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 100)]
+    pub warmup_steps: usize,
+    /// Weight of the mean KL divergence per latent element against the mean squared error.
+    #[arg(long, default_value_t = 1e-4)]
+    pub kl_weight: f64,
+    /// Checkpoint (and evaluate) every this many steps, and at the end.
+    #[arg(long, default_value_t = 500)]
+    pub save_every: usize,
+    /// Seed of every random choice (data order, flips, posterior samples, initialisation).
+    #[arg(long, default_value_t = 1024)]
+    pub seed: u64,
+    /// No random horizontal flips.
+    #[arg(long)]
+    pub no_flip: bool,
+}
+
+fn images(path: &Path, size: usize) -> anyhow::Result<Vec<ImageItem>> {
+    let source = if is_idx(path) { idx_images(path, size) } else { image_folder(path, size, false) }
+        .map_err(|e| anyhow::anyhow!(e))?;
+    match source {
+        Source::Images { items, .. } => Ok(items),
+        Source::Latents { .. } => anyhow::bail!("{}: expected images", path.display()),
+    }
+}
+
+struct Job {
+    config: AutoencoderKLConfig,
+    train: Vec<ImageItem>,
+    eval: Option<Vec<ImageItem>>,
+    size: usize,
+    eval_images: usize,
+    settings: AutoencoderRun,
+    out: PathBuf,
+    resume: bool,
+}
+
+impl OnBackend for Job {
+    type Output = anyhow::Result<AutoencoderState>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let data = AutoencoderData {
+            train: &self.train,
+            eval: self.eval.as_deref(),
+            size: self.size,
+            eval_images: self.eval_images,
+        };
+        Ok(train_autoencoder::<B>(&self.config, data, &self.settings, &self.out, self.resume, &device)?)
+    }
+}
+
+pub(crate) fn run(args: TrainAutoencoderArgs, choice: BackendChoice) -> anyhow::Result<()> {
+    let previous = crate::train::autoencoder::read_autoencoder_state(&args.out)?;
+    let config = match (&args.config, &previous) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            AutoencoderKLConfig::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        (None, Some(state)) if args.resume => state.config.clone(),
+        _ => anyhow::bail!("give the architecture with --config config.json (a diffusers AutoencoderKL config)"),
+    };
+    anyhow::ensure!(args.batch_size > 0 && args.max_steps > 0, "--batch-size and --max-steps must be positive");
+    anyhow::ensure!(args.kl_weight >= 0.0 && args.kl_weight.is_finite(), "--kl-weight must be ≥ 0");
+    let train = images(&args.data, args.image_size)?;
+    let eval = args.eval_data.as_ref().map(|p| images(p, args.image_size)).transpose()?;
+    let settings = AutoencoderRun {
+        batch_size: args.batch_size,
+        max_steps: args.max_steps,
+        lr: args.lr,
+        min_lr: args.min_lr.unwrap_or(args.lr),
+        warmup_steps: args.warmup_steps,
+        kl_weight: args.kl_weight,
+        flip: !args.no_flip,
+        seed: args.seed,
+        save_every: args.save_every,
+    };
+    std::fs::create_dir_all(&args.out)?;
+    let device = backend::select(choice)?;
+    let n = train.len();
+    let job = Job {
+        config,
+        train,
+        eval,
+        size: args.image_size,
+        eval_images: args.eval_images,
+        settings,
+        out: args.out.clone(),
+        resume: args.resume,
+    };
+    let state = backend::dispatch(&device, job)?;
+    match state.eval {
+        Some(eval) => println!(
+            "trained {} steps on {n} images on {device}: held-out PSNR {:.2} dB (mse {:.5}, {} images), \
+             scaling_factor {:.5}; autoencoder in {} (use --autoencoder kl --weights {})",
+            state.step,
+            eval.psnr,
+            eval.mse,
+            eval.images,
+            state.config.scaling_factor,
+            args.out.display(),
+            args.out.display()
+        ),
+        None => println!("trained {} steps on {n} images on {device}", state.step),
+    }
+    Ok(())
+}

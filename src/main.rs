@@ -31,6 +31,9 @@ fn main() -> std::process::ExitCode {
         if let Some(location) = info.location() {
             eprintln!("  at {location}; please report it, with the command line, at the lfm issue tracker");
         }
+        if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+            eprintln!("{}", std::backtrace::Backtrace::force_capture());
+        }
     }));
     match lfm::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -229,6 +229,13 @@ impl OnBackend for Job {
             (Some(inpaint), Some(ae)) => {
                 let f = ae.factor();
                 let (w, h) = (inpaint.image.width, inpaint.image.height);
+                anyhow::ensure!(
+                    (w, h) == (side * f, side * f),
+                    "the image is {w}×{h} but the model's {side}×{side} latent decodes to {}×{} (the autoencoder \
+                     scales by {f})",
+                    side * f,
+                    side * f
+                );
                 let image = crate::image::to_tensor::<B>(std::slice::from_ref(&inpaint.image), &device)?;
                 let hole = Tensor::<B, 4>::from_data(
                     TensorData::new(inpaint.hole.clone(), [1, 1, h, w]).convert::<B::FloatElem>(),
@@ -250,28 +257,33 @@ impl OnBackend for Job {
         };
         let condition = match (&self.semantic, condition) {
             (Some(semantic), None) => {
-                let rescaler = SpatialRescaler::<B>::load(&semantic.rescaler, 3, &device)?;
+                // The map is f× the latent; the rescaler halves it log₂ f times (LFM: 256 → 32, 3 times).
+                let f = semantic.width / side;
+                let decoded = autoencoder.as_ref().map(|ae| ae.factor());
+                anyhow::ensure!(
+                    semantic.width == semantic.height
+                        && semantic.width == side * f
+                        && f.is_power_of_two()
+                        && decoded.is_none_or(|d| d == f),
+                    "the segmentation map is {}×{}; the model's {side}×{side} latent needs {s}×{s} (the autoencoder \
+                     scales by {})",
+                    semantic.width,
+                    semantic.height,
+                    decoded.unwrap_or(8),
+                    s = side * decoded.unwrap_or(8),
+                );
+                let rescaler = SpatialRescaler::<B>::load(&semantic.rescaler, f.trailing_zeros() as usize, &device)?;
                 let one_hot =
                     one_hot::<B>(&semantic.classes, semantic.width, semantic.height, rescaler.classes(), &device)
                         .map_err(|e| anyhow::anyhow!(e))?;
-                let c = rescaler.forward(one_hot);
-                let [_, _, ch, cw] = c.dims();
-                anyhow::ensure!(
-                    (ch, cw) == (side, side),
-                    "the segmentation map is {}×{}; the model's {side}×{side} latent needs {}×{} (8× the latent)",
-                    semantic.width,
-                    semantic.height,
-                    side * 8,
-                    side * 8
-                );
-                Some(c)
+                Some(rescaler.forward(one_hot))
             }
             (_, condition) => condition,
         };
         if let Some(c) = &condition {
             anyhow::ensure!(
                 c.dims()[1] == extra,
-                "the model reads {c_in} channels: {c_out} latent + {extra} conditioning, but inpainting supplies {}",
+                "the model reads {c_in} channels: {c_out} latent + {extra} conditioning, but the condition supplies {}",
                 c.dims()[1]
             );
         } else {
@@ -594,18 +606,7 @@ pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result
         )
     };
     let inpaint = match (&args.image, &args.mask) {
-        (Some(image), Some(mask)) => {
-            let inpaint = read_inpaint(image, mask, args.mask_white_is_hole)?;
-            anyhow::ensure!(
-                inpaint.image.width == side * 8 && inpaint.image.height == side * 8,
-                "the image is {}×{} but the model's {side}×{side} latent decodes to {}×{}",
-                inpaint.image.width,
-                inpaint.image.height,
-                side * 8,
-                side * 8
-            );
-            Some(inpaint)
-        }
+        (Some(image), Some(mask)) => Some(read_inpaint(image, mask, args.mask_white_is_hole)?),
         _ => None,
     };
     let semantic = match (&args.segmentation, &args.cond_checkpoint) {

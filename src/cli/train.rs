@@ -12,6 +12,18 @@ use crate::checkpoint::TensorMap;
 use crate::models::{read_config, ModelConfig, Preset};
 use crate::train::data::{idx_images, image_folder, is_idx, latent_file, Source};
 use crate::train::run::{read_state, train, RunSettings, Schedule, State};
+use crate::train::task::{Task, TaskFiles};
+
+/// The task names of `--task`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TaskKind {
+    /// Unconditional or class-conditional generation.
+    Generate,
+    /// Inpainting (input channels: 2 × latent + 1).
+    Inpaint,
+    /// Semantic synthesis from segmentation maps (input channels: 2 × latent).
+    Semantic,
+}
 
 /// Arguments of `lfm train`.
 #[derive(Debug, Args)]
@@ -85,12 +97,64 @@ pub struct TrainArgs {
     /// No random horizontal flips.
     #[arg(long)]
     pub no_flip: bool,
+    /// What the network learns: generation, inpainting (LFM's 9-channel layout: latent, masked-image latent,
+    /// mask) or semantic synthesis (8 channels: latent, projected segmentation map).
+    #[arg(long, value_enum, default_value_t = TaskKind::Generate)]
+    pub task: TaskKind,
+    /// Inpainting: pick masks from this folder (each the training images' size) instead of drawing LFM's
+    /// mixed stroke/box masks on the fly.
+    #[arg(long)]
+    pub masks: Option<PathBuf>,
+    /// Inpainting: folder masks are white = hole (default black = hole, as LFM's evaluation masks).
+    #[arg(long)]
+    pub mask_white_is_hole: bool,
+    /// Semantic synthesis: the folder of segmentation maps, mirroring --data (CelebAMask-HQ: `mask/{i}.png` for
+    /// `CelebA-HQ-img/{i}.jpg`); grey PNGs of class indices.
+    #[arg(long)]
+    pub segmentations: Option<PathBuf>,
+    /// Semantic synthesis: number of segmentation classes (CelebAMask-HQ: 19).
+    #[arg(long, default_value_t = 19)]
+    pub seg_classes: usize,
+    /// Semantic synthesis: keep the 1×1 projection of the maps at its random initialisation, as LFM's code does
+    /// (it runs under no_grad); by default it is trained with the network.
+    #[arg(long)]
+    pub freeze_rescaler: bool,
+}
+
+impl TrainArgs {
+    /// The task the flags describe.
+    fn task(&self) -> anyhow::Result<Task> {
+        if self.task != TaskKind::Inpaint {
+            anyhow::ensure!(self.masks.is_none(), "--masks is for --task inpaint");
+        }
+        if self.task != TaskKind::Semantic {
+            anyhow::ensure!(self.segmentations.is_none(), "--segmentations is for --task semantic");
+        }
+        Ok(match self.task {
+            TaskKind::Generate => Task::Generate,
+            TaskKind::Inpaint => {
+                Task::Inpaint { masks: self.masks.clone(), mask_white_is_hole: self.mask_white_is_hole }
+            }
+            TaskKind::Semantic => {
+                let Some(dir) = &self.segmentations else {
+                    anyhow::bail!("--task semantic needs --segmentations DIR (the maps, laid out as --data)")
+                };
+                anyhow::ensure!((1..=256).contains(&self.seg_classes), "--seg-classes must be between 1 and 256");
+                Task::Semantic {
+                    segmentations: dir.clone(),
+                    classes: self.seg_classes,
+                    train_rescaler: !self.freeze_rescaler,
+                }
+            }
+        })
+    }
 }
 
 struct Job {
     config: ModelConfig,
     init: Option<TensorMap>,
     source: Source,
+    files: TaskFiles,
     autoencoder: Option<AutoencoderWeights>,
     settings: RunSettings,
     out: PathBuf,
@@ -119,6 +183,7 @@ impl OnBackend for Job {
             &self.config,
             self.init.as_ref(),
             &self.source,
+            &self.files,
             autoencoder.as_ref(),
             &self.settings,
             &self.out,
@@ -180,6 +245,7 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
         warmup_steps: args.warmup_steps,
         grad_accum: args.grad_accum,
         max_grad_norm: args.max_grad_norm,
+        task: args.task()?,
     };
     anyhow::ensure!(
         (1..=settings.batch_size).contains(&settings.grad_accum),
@@ -193,7 +259,8 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
     std::fs::create_dir_all(&args.out)?;
     let device = backend::select(choice)?;
     let n = source.len();
-    let job = Job { config, init, source, autoencoder, settings, out: args.out.clone(), resume: args.resume };
+    let files = TaskFiles::find(&settings.task, &source, args.data.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+    let job = Job { config, init, source, files, autoencoder, settings, out: args.out.clone(), resume: args.resume };
     let state = backend::dispatch(&device, job)?;
     println!(
         "trained {} steps on {n} examples on {device}; weights in {} ({} unreadable images skipped)",

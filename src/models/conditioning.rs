@@ -44,7 +44,18 @@ impl<B: Backend> SpatialRescaler<B> {
     /// One-hot maps `[N, classes, H, W]` → `[N, out, H/2ⁿ, W/2ⁿ]`.
     pub fn forward(&self, one_hot: Tensor<B, 4>) -> Tensor<B, 4> {
         let x = (0..self.n_stages).fold(one_hot, |x, _| avg_pool_2x(x));
-        conv2d(&self.channel_mapper, x)
+        self.project(x)
+    }
+
+    /// The projection alone, of maps already at the latent's resolution (class shares per latent cell, see
+    /// [`crate::train::task::class_fractions`]).
+    pub fn project(&self, shares: Tensor<B, 4>) -> Tensor<B, 4> {
+        conv2d(&self.channel_mapper, shares)
+    }
+
+    /// The weights in LFM's `cond_stage_model` layout (`channel_mapper.weight`).
+    pub fn state_dict(&self) -> TensorMap {
+        crate::checkpoint::collect_weights(self, &KeyMap::default())
     }
 }
 

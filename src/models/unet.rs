@@ -301,9 +301,10 @@ pub struct Conv1x1<B: Backend> {
 impl<B: Backend> Conv1x1<B> {
     fn new(c_in: usize, c_out: usize, init: Init, device: &B::Device) -> Self {
         let conv = init::conv2d(ConvSpec::same(c_in, c_out, 1), init, device);
+        // Detached: a reshaped value is not a leaf, and an autodiff backend only tracks leaves as parameters.
         Self {
-            weight: Param::from_tensor(conv.weight.val().reshape([c_out, c_in, 1])),
-            bias: Param::from_tensor(conv.bias.expect("conv2d with bias").val()),
+            weight: Param::from_tensor(conv.weight.val().reshape([c_out, c_in, 1]).detach()),
+            bias: Param::from_tensor(conv.bias.expect("conv2d with bias").val().detach()),
         }
     }
 

@@ -74,12 +74,13 @@ fn is_image(path: &Path) -> bool {
     matches!(ext.as_str(), "png" | "jpg" | "jpeg")
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// Every image file under `dir`, recursively, in sorted order.
+pub fn walk_images(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
     entries.sort();
     for path in entries {
         if path.is_dir() {
-            walk(&path, out)?;
+            walk_images(&path, out)?;
         } else if is_image(&path) {
             out.push(path);
         }
@@ -90,7 +91,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 /// Every image under `dir` (sorted, recursive); with `class_folders`, labelled by their top-level sub-folder.
 pub fn image_folder(dir: &Path, size: usize, class_folders: bool) -> Result<Source, String> {
     let mut files = Vec::new();
-    walk(dir, &mut files).map_err(|e| format!("{}: {e}", dir.display()))?;
+    walk_images(dir, &mut files).map_err(|e| format!("{}: {e}", dir.display()))?;
     if files.is_empty() {
         return Err(format!("{}: no .png/.jpg/.jpeg images found (searched recursively)", dir.display()));
     }

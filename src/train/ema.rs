@@ -4,25 +4,26 @@
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::models::VelocityModel;
-
 /// The averaged copy of a model.
 #[derive(Debug)]
-pub struct Ema<B: Backend> {
+pub struct Ema<M> {
     /// The averaged weights (a full model, ready for sampling).
-    pub model: VelocityModel<B>,
+    pub model: M,
     /// The decay `d`.
     pub decay: f64,
 }
 
-impl<B: Backend> Ema<B> {
+impl<M> Ema<M> {
     /// Starts the average at the model's current weights.
-    pub fn new(model: VelocityModel<B>, decay: f64) -> Self {
+    pub fn new(model: M, decay: f64) -> Self {
         Self { model, decay }
     }
 
     /// Moves the average towards `current` (the trained model's weights after a step).
-    pub fn update(&mut self, current: &VelocityModel<B>) {
+    pub fn update<B: Backend>(&mut self, current: &M)
+    where
+        M: Module<B>,
+    {
         let mut flat = Flatten { values: Vec::new() };
         current.visit(&mut flat);
         let mut blend = Blend { values: flat.values.into_iter(), decay: self.decay };

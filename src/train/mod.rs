@@ -5,16 +5,20 @@ pub mod autoencoder;
 pub mod data;
 pub mod ema;
 pub mod grads;
+pub mod masks;
 pub mod run;
+pub mod task;
 
 use burn::module::{AutodiffModule, Module};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor};
 
 use crate::checkpoint::TensorMap;
 use crate::flow;
+use crate::models::conditioning::SpatialRescaler;
 use crate::models::VelocityModel;
 use ema::Ema;
 
@@ -29,13 +33,49 @@ pub struct Batch<B: AutodiffBackend> {
     pub t: Tensor<B, 1>,
     /// Labels of class-conditional models (after label dropout).
     pub y: Option<Tensor<B, 1, Int>>,
+    /// Channels concatenated to `x_t` as they are (inpainting: the masked image's latent and the ±1 mask).
+    pub condition: Option<Tensor<B, 4>>,
+    /// Class shares per latent cell `[n, classes, h, w]` (semantic synthesis), projected by the trained
+    /// network's [`SpatialRescaler`] and concatenated to `x_t`.
+    pub segmentation: Option<Tensor<B, 4>>,
 }
 
-/// LFM's loss: `mean((model(t, x_t, y) − u)²)` with `x_t` and `u` from [`crate::flow`].
+impl<B: AutodiffBackend> Batch<B> {
+    /// A batch without task inputs.
+    pub fn new(z0: Tensor<B, 4>, z1: Tensor<B, 4>, t: Tensor<B, 1>, y: Option<Tensor<B, 1, Int>>) -> Self {
+        Self { z0, z1, t, y, condition: None, segmentation: None }
+    }
+}
+
+/// LFM's loss: `mean((model(t, [x_t, condition], y) − u)²)` with `x_t` and `u` from [`crate::flow`].
 pub fn flow_matching_loss<B: AutodiffBackend>(model: &VelocityModel<B>, batch: Batch<B>) -> Tensor<B, 1> {
+    assert!(batch.segmentation.is_none(), "segmentation maps need a network with a SpatialRescaler (TrainNet)");
+    network_loss(&TrainNet { velocity: model.clone(), rescaler: None }, batch, false)
+}
+
+/// What a run optimises: the velocity network and, for semantic synthesis, the projection of the segmentation
+/// maps (saved apart, as LFM's `cond_stage_model`).
+#[derive(Module, Debug)]
+pub struct TrainNet<B: Backend> {
+    /// The velocity network.
+    pub velocity: VelocityModel<B>,
+    /// The segmentation projection of semantic synthesis.
+    pub rescaler: Option<SpatialRescaler<B>>,
+}
+
+/// The loss of `net` on a batch; with `train_rescaler` false the projection is held fixed (LFM's `no_grad`).
+fn network_loss<B: AutodiffBackend>(net: &TrainNet<B>, batch: Batch<B>, train_rescaler: bool) -> Tensor<B, 1> {
     let x_t = flow::interpolate(batch.z0.clone(), batch.z1.clone(), batch.t.clone());
     let u = flow::target_velocity(batch.z0, batch.z1);
-    flow::loss(model.forward(batch.t, x_t, batch.y), u)
+    let mut input = vec![x_t];
+    input.extend(batch.condition);
+    if let Some(shares) = batch.segmentation {
+        let rescaler = net.rescaler.as_ref().expect("segmentation maps come with a SpatialRescaler");
+        let projected = rescaler.project(shares);
+        input.push(if train_rescaler { projected } else { projected.detach() });
+    }
+    let x = if input.len() == 1 { input.pop().expect("one input") } else { Tensor::cat(input, 1) };
+    flow::loss(net.velocity.forward(batch.t, x, batch.y), u)
 }
 
 /// AdamW as LFM configures it: betas (0.9, 0.999), eps 1e-8, weight decay 0 (LFM's `--beta1/--beta2` are ignored).
@@ -46,10 +86,12 @@ pub fn lfm_adamw() -> AdamWConfig {
 /// A model with its optimiser state.
 pub struct Trainer<B: AutodiffBackend> {
     /// The network being trained (only absent in the middle of a step).
-    model: Option<VelocityModel<B>>,
-    optimizer: OptimizerAdaptor<AdamW, VelocityModel<B>, B>,
+    model: Option<TrainNet<B>>,
+    optimizer: OptimizerAdaptor<AdamW, TrainNet<B>, B>,
     /// The moving average of the weights, when kept.
-    ema: Option<Ema<B::InnerBackend>>,
+    ema: Option<Ema<TrainNet<B::InnerBackend>>>,
+    /// Whether the segmentation projection learns (see [`TrainNet`]).
+    train_rescaler: bool,
     /// Optimiser steps taken.
     pub step: usize,
 }
@@ -77,26 +119,50 @@ pub struct StepReport {
 
 impl<B: AutodiffBackend> Trainer<B>
 where
-    VelocityModel<B>: AutodiffModule<B, InnerModule = VelocityModel<B::InnerBackend>>,
+    TrainNet<B>: AutodiffModule<B, InnerModule = TrainNet<B::InnerBackend>>,
 {
     /// Starts training `model` with `optimizer`.
     pub fn new(model: VelocityModel<B>, optimizer: AdamWConfig) -> Self {
-        Self { model: Some(model), optimizer: optimizer.init(), ema: None, step: 0 }
+        let net = TrainNet { velocity: model, rescaler: None };
+        Self { model: Some(net), optimizer: optimizer.init(), ema: None, train_rescaler: false, step: 0 }
+    }
+
+    /// Adds the segmentation projection of semantic synthesis, learned with the network or held fixed (call
+    /// before [`Trainer::with_ema`]).
+    pub fn with_rescaler(mut self, rescaler: SpatialRescaler<B>, trainable: bool) -> Self {
+        let net = self.model.take().expect("a model between steps");
+        self.model = Some(TrainNet { velocity: net.velocity, rescaler: Some(rescaler) });
+        self.train_rescaler = trainable;
+        self
     }
 
     /// Also keeps a moving average of the weights with this decay, starting from the current weights.
     pub fn with_ema(mut self, decay: f64) -> Self {
-        self.ema = Some(Ema::new(self.model().valid(), decay));
+        self.ema = Some(Ema::new(self.net().valid(), decay));
         self
     }
 
     /// The moving average of the weights, when kept.
     pub fn ema(&self) -> Option<&VelocityModel<B::InnerBackend>> {
-        self.ema.as_ref().map(|e| &e.model)
+        self.ema.as_ref().map(|e| &e.model.velocity)
+    }
+
+    /// The moving average of the segmentation projection, when both are kept.
+    pub fn ema_rescaler(&self) -> Option<&SpatialRescaler<B::InnerBackend>> {
+        self.ema.as_ref().and_then(|e| e.model.rescaler.as_ref())
     }
 
     /// The network being trained.
     pub fn model(&self) -> &VelocityModel<B> {
+        &self.net().velocity
+    }
+
+    /// The segmentation projection, for semantic synthesis.
+    pub fn rescaler(&self) -> Option<&SpatialRescaler<B>> {
+        self.net().rescaler.as_ref()
+    }
+
+    fn net(&self) -> &TrainNet<B> {
         self.model.as_ref().expect("a model between steps")
     }
 
@@ -106,7 +172,7 @@ where
         use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
         let recorder = NamedMpkBytesRecorder::<FullPrecisionSettings>::default();
         let model =
-            Recorder::<B>::record(&recorder, self.model().clone().into_record(), ()).map_err(|e| e.to_string())?;
+            Recorder::<B>::record(&recorder, self.net().clone().into_record(), ()).map_err(|e| e.to_string())?;
         let optimizer = Recorder::<B>::record(&recorder, self.optimizer.to_record(), ()).map_err(|e| e.to_string())?;
         let ema = match &self.ema {
             Some(ema) => Some(
@@ -148,10 +214,11 @@ where
     /// checkpoint key (for checks against the reference).
     pub fn step(&mut self, batch: Batch<B>, lr: f64, keep_grads: bool) -> StepReport {
         let model = self.model.take().expect("a model between steps");
-        let loss = flow_matching_loss(&model, batch);
+        let loss = network_loss(&model, batch, self.train_rescaler);
         let loss_value: f64 = loss.clone().into_scalar().elem();
         let grads = loss.backward();
-        let kept = keep_grads.then(|| crate::checkpoint::collect_grads(&model, &grads, &model.keys()));
+        let kept =
+            keep_grads.then(|| crate::checkpoint::collect_grads(&model.velocity, &grads, &model.velocity.keys()));
         let params = GradientsParams::from_grads(grads, &model);
         self.apply(model, params, lr);
         StepReport { loss: loss_value, grads: kept, grad_norm: None }
@@ -163,11 +230,11 @@ where
     pub fn step_accumulated(&mut self, batches: Vec<Batch<B>>, lr: f64, max_grad_norm: Option<f64>) -> StepReport {
         let model = self.model.take().expect("a model between steps");
         let total: usize = batches.iter().map(|b| b.z0.dims()[0]).sum();
-        let mut accumulator = GradientsAccumulator::<VelocityModel<B>>::new();
+        let mut accumulator = GradientsAccumulator::<TrainNet<B>>::new();
         let mut loss_value = 0.0;
         for batch in batches {
             let share = batch.z0.dims()[0] as f64 / total.max(1) as f64;
-            let loss = flow_matching_loss(&model, batch).mul_scalar(share);
+            let loss = network_loss(&model, batch, self.train_rescaler).mul_scalar(share);
             loss_value += loss.clone().into_scalar().elem::<f64>();
             accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
         }
@@ -181,7 +248,7 @@ where
     }
 
     /// The AdamW update, the moving average, the step count.
-    fn apply(&mut self, model: VelocityModel<B>, params: GradientsParams, lr: f64) {
+    fn apply(&mut self, model: TrainNet<B>, params: GradientsParams, lr: f64) {
         let model = self.optimizer.step(lr, model, params);
         if let Some(ema) = &mut self.ema {
             ema.update(&model.valid());

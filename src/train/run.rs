@@ -17,10 +17,13 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::data::{load_image, Source};
+use super::masks::{self, MaskParams};
+use super::task::{class_fractions, read_mask, read_segmentation, Task, TaskFiles, TaskInputError};
 use super::{lfm_adamw, Batch, SavedState, Trainer};
 use crate::autoencoder::{AnyAutoencoder, Autoencoder};
 use crate::checkpoint::{write_safetensors, CONFIG_METADATA_KEY};
 use crate::io::write_atomic;
+use crate::models::conditioning::SpatialRescaler;
 use crate::models::{ModelConfig, VelocityModel};
 
 /// How the learning rate evolves.
@@ -80,6 +83,9 @@ pub struct RunSettings {
     /// Clip the global gradient norm to this value before each update (`clip_grad_norm_`).
     #[serde(default)]
     pub max_grad_norm: Option<f64>,
+    /// What the network learns: generation, inpainting or semantic synthesis.
+    #[serde(default)]
+    pub task: Task,
 }
 
 fn one() -> usize {
@@ -113,6 +119,11 @@ pub struct State {
     /// Images that could not be read so far.
     pub unreadable_images: usize,
 }
+
+/// The segmentation projection a semantic run writes next to `model.safetensors`.
+pub const RESCALER_FILE: &str = "rescaler.safetensors";
+/// Its moving average, next to `ema.safetensors`.
+pub const EMA_RESCALER_FILE: &str = "rescaler-ema.safetensors";
 
 /// Why a run stopped.
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +172,8 @@ const NOISE: u64 = 0x4E4F_4953;
 const TIME: u64 = 0x5449_4D45;
 const POSTERIOR: u64 = 0x504F_5354;
 const DROP: u64 = 0x4452_4F50;
+const MASK: u64 = 0x4D41_534B;
+const CONDITION: u64 = 0x434F_4E44;
 
 /// The example indices of step `step`.
 fn batch_indices(settings: &RunSettings, len: usize, step: usize) -> Vec<usize> {
@@ -176,13 +189,14 @@ pub fn epoch_of(settings: &RunSettings, len: usize, step: usize) -> usize {
     step / (len / settings.batch_size).max(1)
 }
 
-/// Trains `config` (from `init` weights if given, else freshly initialised) on `source` on backend `B`,
-/// resuming from `out_dir`'s checkpoint when `resume` is set. Returns the final state.
+/// Trains `config` (from `init` weights if given, else freshly initialised) on `source` (with the task's `files`)
+/// on backend `B`, resuming from `out_dir`'s checkpoint when `resume` is set. Returns the final state.
 #[allow(clippy::too_many_arguments)]
 pub fn train<B: Backend>(
     config: &ModelConfig,
     init: Option<&crate::checkpoint::TensorMap>,
     source: &Source,
+    files: &TaskFiles,
     autoencoder: Option<&AnyAutoencoder<B>>,
     settings: &RunSettings,
     out_dir: &Path,
@@ -193,6 +207,22 @@ pub fn train<B: Backend>(
     if source.is_empty() {
         return Err(TrainError::Invalid("the training data is empty".into()));
     }
+    let (c_in, c_out) = config.channels();
+    let extra = settings.task.extra_channels(c_out);
+    if c_in != c_out + extra {
+        return Err(TrainError::Invalid(format!(
+            "--task {} feeds the network {c_out} latent + {extra} condition channels, but the model reads {c_in}: \
+             set its input channels to {}",
+            settings.task.name(),
+            c_out + extra
+        )));
+    }
+    if settings.task != Task::Generate && autoencoder.is_none() {
+        return Err(TrainError::Invalid(format!(
+            "--task {} encodes images every step: it needs --data and the autoencoder",
+            settings.task.name()
+        )));
+    }
     // A fresh network's initialisation is drawn from the backend's generator: seed it so that runs repeat.
     <A<B> as Backend>::seed(device, settings.seed);
     let model = match init {
@@ -202,6 +232,10 @@ pub fn train<B: Backend>(
         None => VelocityModel::<A<B>>::init(config, device),
     };
     let mut trainer = Trainer::new(model, lfm_adamw());
+    if let (Task::Semantic { classes, train_rescaler, .. }, Some(ae)) = (&settings.task, autoencoder) {
+        let stages = ae.factor().trailing_zeros() as usize;
+        trainer = trainer.with_rescaler(SpatialRescaler::new(*classes, c_out, stages, device), *train_rescaler);
+    }
     if let Some(decay) = settings.ema_decay {
         if !(0.0..1.0).contains(&decay) {
             return Err(TrainError::Invalid(format!("--ema-decay {decay} must be in [0, 1), e.g. 0.9999")));
@@ -218,10 +252,11 @@ pub fn train<B: Backend>(
             || state.settings.seed != settings.seed
             || state.settings.batch_size != settings.batch_size
             || state.settings.ema_decay != settings.ema_decay
+            || state.settings.task != settings.task
         {
             return Err(TrainError::Invalid(
-                "--resume: the model, seed, batch size or EMA decay differ from the checkpoint's; resume with the \
-                 same ones"
+                "--resume: the model, seed, batch size, EMA decay or task differ from the checkpoint's; resume with \
+                 the same ones"
                     .into(),
             ));
         }
@@ -267,8 +302,8 @@ pub fn train<B: Backend>(
         let start = Instant::now();
         let indices = batch_indices(settings, source.len(), step);
         let mut rng_flip = crate::noise::rng(settings.seed ^ FLIP, step as u64);
-        // Data latents z0 for the batch (and labels).
-        let (z0, labels): (Tensor<B, 4>, Option<Vec<i64>>) = match source {
+        // Data latents z0 for the batch, labels, and the task's inputs.
+        let (z0, labels, condition, segmentation): (Tensor<B, 4>, Option<Vec<i64>>, _, _) = match source {
             Source::Latents { mean, std, labels } => {
                 let pick = |t: &crate::checkpoint::HostTensor| -> Vec<f32> {
                     let all = t.to_f32();
@@ -287,41 +322,89 @@ pub fn train<B: Backend>(
                     }
                 }
                 let data = TensorData::new(values, [indices.len(), c, side, side]).convert::<B::FloatElem>();
-                (Tensor::from_data(data, device), labels.as_ref().map(|l| indices.iter().map(|&i| l[i]).collect()))
+                let labels = labels.as_ref().map(|l| indices.iter().map(|&i| l[i]).collect());
+                (Tensor::from_data(data, device), labels, None, None)
             }
             Source::Images { items, labels, size } => {
                 let ae = autoencoder.ok_or_else(|| TrainError::Invalid("image data needs an autoencoder".into()))?;
                 let mut images = Vec::new();
+                let mut maps = Vec::new();
                 let mut kept = Vec::new();
                 for &i in &indices {
                     let flip = settings.flip && rng_flip.random_bool(0.5);
-                    match load_image(&items[i], *size, flip) {
-                        Ok(image) => {
-                            images.push(image);
-                            kept.push(i);
-                        }
+                    let image = match load_image(&items[i], *size, flip) {
+                        Ok(image) => image,
                         Err(e) => {
                             unreadable += 1;
                             tracing::warn!("skipping an unreadable image ({unreadable} so far): {e}");
+                            continue;
+                        }
+                    };
+                    if let Task::Semantic { classes, .. } = &settings.task {
+                        match read_segmentation(&files.segmentations[i], *size, flip, *classes) {
+                            Ok(map) => maps.push(map),
+                            Err(TaskInputError::Unreadable(e)) => {
+                                unreadable += 1;
+                                tracing::warn!("skipping an unreadable segmentation map ({unreadable} so far): {e}");
+                                continue;
+                            }
+                            Err(TaskInputError::Invalid(e)) => return Err(TrainError::Invalid(e)),
                         }
                     }
+                    images.push(image);
+                    kept.push(i);
                 }
                 if images.is_empty() {
                     trainer.step += 1;
                     continue;
                 }
+                let n = images.len();
                 let x =
                     crate::image::to_tensor::<B>(&images, device).map_err(|e| TrainError::Invalid(e.to_string()))?;
                 let f = ae.factor();
-                let eps = crate::sample::noise::<B>(
-                    settings.seed ^ POSTERIOR,
-                    step * settings.batch_size,
-                    images.len(),
-                    [c, size / f, size / f],
-                    device,
-                );
-                let z0 = ae.encode(x, Some(eps));
-                (z0, labels.as_ref().map(|l| kept.iter().map(|&i| l[i]).collect()))
+                let latent = [c, size / f, size / f];
+                let first = step * settings.batch_size;
+                let eps = crate::sample::noise::<B>(settings.seed ^ POSTERIOR, first, n, latent, device);
+                let labels = labels.as_ref().map(|l| kept.iter().map(|&i| l[i]).collect());
+                match &settings.task {
+                    Task::Generate => (ae.encode(x, Some(eps)), labels, None, None),
+                    Task::Inpaint { mask_white_is_hole, .. } => {
+                        let holes = (0..n)
+                            .map(|j| inpainting_hole(settings, files, *size, first + j, *mask_white_is_hole))
+                            .collect::<Result<Vec<_>, _>>()?
+                            .concat();
+                        let hole = Tensor::<B, 4>::from_data(
+                            TensorData::new(holes, [n, 1, *size, *size]).convert::<B::FloatElem>(),
+                            device,
+                        );
+                        // As LFM's dataset: masked = (1 − hole)·image in [0, 1], back to [−1, 1]; both encoded with
+                        // posterior samples; the mask as ±1, nearest-resized to the latent grid.
+                        let masked = (x.clone().add_scalar(1.0).div_scalar(2.0) * hole.clone().neg().add_scalar(1.0))
+                            .mul_scalar(2.0)
+                            .sub_scalar(1.0);
+                        let eps_masked = crate::sample::noise::<B>(settings.seed ^ CONDITION, first, n, latent, device);
+                        let z = ae.encode(Tensor::cat(vec![x, masked], 0), Some(Tensor::cat(vec![eps, eps_masked], 0)));
+                        let (h, w) = (latent[1], latent[2]);
+                        let mask_small = hole
+                            .mul_scalar(2.0)
+                            .sub_scalar(1.0)
+                            .reshape([n, 1, h, f, w, f])
+                            .narrow(3, 0, 1)
+                            .narrow(5, 0, 1)
+                            .reshape([n, 1, h, w]);
+                        let condition = Tensor::cat(vec![z.clone().narrow(0, n, n), mask_small], 1);
+                        (z.narrow(0, 0, n), labels, Some(condition), None)
+                    }
+                    Task::Semantic { classes, .. } => {
+                        let shares: Vec<f32> =
+                            maps.iter().flat_map(|map| class_fractions(map, *size, f, *classes)).collect();
+                        let shares = Tensor::<B, 4>::from_data(
+                            TensorData::new(shares, [n, *classes, latent[1], latent[2]]).convert::<B::FloatElem>(),
+                            device,
+                        );
+                        (ae.encode(x, Some(eps)), labels, None, Some(shares))
+                    }
+                }
             }
         };
         let n = z0.dims()[0];
@@ -348,11 +431,14 @@ pub fn train<B: Backend>(
             .step_by(micro)
             .map(|i| {
                 let len = micro.min(n - i);
+                let part = |x: &Tensor<B, 4>| Tensor::from_inner(x.clone().narrow(0, i, len));
                 Batch {
-                    z0: Tensor::from_inner(z0.clone().narrow(0, i, len)),
-                    z1: Tensor::from_inner(z1.clone().narrow(0, i, len)),
+                    z0: part(&z0),
+                    z1: part(&z1),
                     t: Tensor::from_inner(t.clone().narrow(0, i, len)),
                     y: y.clone().map(|y| y.narrow(0, i, len)),
+                    condition: condition.as_ref().map(part),
+                    segmentation: segmentation.as_ref().map(part),
                 }
             })
             .collect();
@@ -376,6 +462,23 @@ pub fn train<B: Backend>(
         Some(state) => Ok(state),
         None => read_state(out_dir)?.ok_or_else(|| TrainError::Invalid("no step was taken".into())),
     }
+}
+
+/// The hole (1 = generate) of inpainting sample `index`: a mask drawn as LFM's training draws them, or one picked
+/// from the mask folder.
+fn inpainting_hole(
+    settings: &RunSettings,
+    files: &TaskFiles,
+    size: usize,
+    index: usize,
+    white_is_hole: bool,
+) -> Result<Vec<f32>, TrainError> {
+    if files.masks.is_empty() {
+        let mut rng = crate::noise::rng(settings.seed ^ MASK, index as u64);
+        return Ok(masks::generate(&mut rng, &MaskParams::default(), size, size).hole);
+    }
+    let pick = crate::noise::uniform_index(settings.seed ^ MASK, index as u64, files.masks.len());
+    read_mask(&files.masks[pick], size, white_is_hole).map_err(|e| TrainError::Invalid(e.to_string()))
 }
 
 /// Writes a checkpoint: the state files of this step, `model.safetensors` for `lfm sample`, then `state.json`;
@@ -410,8 +513,20 @@ fn save<B: Backend>(
     write_safetensors(&weights_path, &trainer.model().state_dict(), Some(metadata.clone()))
         .map_err(|e| TrainError::Io(e.to_string()))?;
     if let Some(ema) = trainer.ema() {
-        write_safetensors(&out_dir.join("ema.safetensors"), &ema.state_dict(), Some(metadata))
+        write_safetensors(&out_dir.join("ema.safetensors"), &ema.state_dict(), Some(metadata.clone()))
             .map_err(|e| TrainError::Io(e.to_string()))?;
+    }
+    // Semantic synthesis: the projection of the maps, for `lfm sample --cond-checkpoint` (LFM's cond_stage_model).
+    let rescalers = [
+        (RESCALER_FILE, trainer.rescaler().map(|r| r.state_dict())),
+        (EMA_RESCALER_FILE, trainer.ema_rescaler().map(|r| r.state_dict())),
+    ];
+    for (name, weights) in rescalers {
+        if let Some(weights) = weights {
+            let step_only = std::collections::HashMap::from([("lfm.train.step".to_string(), step.to_string())]);
+            write_safetensors(&out_dir.join(name), &weights, Some(step_only))
+                .map_err(|e| TrainError::Io(e.to_string()))?;
+        }
     }
     let state = State {
         step,

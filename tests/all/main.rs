@@ -14,6 +14,7 @@ mod kernels;
 mod model_config;
 mod sample;
 mod solver;
+mod tasks;
 mod train;
 mod train_autoencoder;
 mod unet;

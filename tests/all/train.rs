@@ -19,12 +19,12 @@ fn training_step<B: AutodiffBackend>(device: &B::Device, grad_rel: f64, param_ab
     assert_close("train.v", &values(v), &get(&io, "train.v").to_f32(), 1e-5, 1e-6);
 
     let mut trainer = Trainer::new(model, lfm_adamw());
-    let batch = Batch {
-        z0: tensor(get(&io, "train.z0"), device),
-        z1: tensor(get(&io, "train.z1"), device),
-        t: tensor(get(&io, "train.t"), device),
-        y: None,
-    };
+    let batch = Batch::new(
+        tensor(get(&io, "train.z0"), device),
+        tensor(get(&io, "train.z1"), device),
+        tensor(get(&io, "train.t"), device),
+        None,
+    );
     let report = trainer.step(batch, 1e-4, true);
     let want_loss = get(&io, "train.loss").to_f32()[0] as f64;
     assert!((report.loss - want_loss).abs() <= 1e-5 * want_loss, "loss {} vs {want_loss}", report.loss);
@@ -88,11 +88,13 @@ fn the_moving_average_follows_its_definition() {
     let weights = read_weights(&fixture("dit_tiny/model.safetensors")).unwrap().tensors;
     let model = VelocityModel::<A>::load(&config, &weights, &device).unwrap();
     let mut trainer = Trainer::new(model, lfm_adamw()).with_ema(0.75);
-    let batch = || Batch::<A> {
-        z0: tensor(get(&io, "train.z0"), &device),
-        z1: tensor(get(&io, "train.z1"), &device),
-        t: tensor(get(&io, "train.t"), &device),
-        y: None,
+    let batch = || {
+        Batch::<A>::new(
+            tensor(get(&io, "train.z0"), &device),
+            tensor(get(&io, "train.z1"), &device),
+            tensor(get(&io, "train.t"), &device),
+            None,
+        )
     };
     let mut seen = vec![trainer.model().state_dict()];
     for _ in 0..2 {
@@ -110,7 +112,7 @@ fn the_moving_average_follows_its_definition() {
     assert_ne!(seen[0]["x_embedder.proj.weight"].to_f32(), seen[2]["x_embedder.proj.weight"].to_f32());
 }
 
-fn image_folder(dir: &std::path::Path) -> std::path::PathBuf {
+pub(crate) fn image_folder(dir: &std::path::Path) -> std::path::PathBuf {
     let data = dir.join("images");
     std::fs::create_dir_all(data.join("sub")).unwrap();
     for i in 0..12u8 {
@@ -157,16 +159,16 @@ fn train_args<'a>(dir: &'a str, data: &'a str, vae: &'a str, vae_config: &'a str
     ]
 }
 
-struct Setup {
+pub(crate) struct Setup {
     _dir: tempfile::TempDir,
-    root: std::path::PathBuf,
-    data: String,
-    vae: String,
-    vae_config: String,
-    config: String,
+    pub root: std::path::PathBuf,
+    pub data: String,
+    pub vae: String,
+    pub vae_config: String,
+    pub config: String,
 }
 
-fn setup() -> Setup {
+pub(crate) fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     let data = image_folder(&root).to_str().unwrap().to_string();
@@ -184,7 +186,7 @@ fn setup() -> Setup {
     }
 }
 
-fn losses(out: &std::path::Path) -> Vec<f64> {
+pub(crate) fn losses(out: &std::path::Path) -> Vec<f64> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -361,11 +363,13 @@ fn accumulated_micro_batches_and_global_norm_clipping_match_their_definitions() 
     let config = ModelConfig::Dit(crate::dit::config("dit_tiny"));
     let weights = read_weights(&fixture("dit_tiny/model.safetensors")).unwrap().tensors;
     let load = || VelocityModel::<A>::load(&config, &weights, &device).unwrap();
-    let part = |start: usize, len: usize| Batch::<A> {
-        z0: tensor::<A, 4>(get(&io, "train.z0"), &device).narrow(0, start, len),
-        z1: tensor::<A, 4>(get(&io, "train.z1"), &device).narrow(0, start, len),
-        t: tensor::<A, 1>(get(&io, "train.t"), &device).narrow(0, start, len),
-        y: None,
+    let part = |start: usize, len: usize| {
+        Batch::<A>::new(
+            tensor::<A, 4>(get(&io, "train.z0"), &device).narrow(0, start, len),
+            tensor::<A, 4>(get(&io, "train.z1"), &device).narrow(0, start, len),
+            tensor::<A, 1>(get(&io, "train.t"), &device).narrow(0, start, len),
+            None,
+        )
     };
     let lr = 1e-3;
     let mut whole = Trainer::new(load(), lfm_adamw());

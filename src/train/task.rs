@@ -1,0 +1,207 @@
+//! LFM's downstream tasks as training inputs: what each task concatenates to the noisy latent, and reading its
+//! masks and segmentation maps.
+//!
+//! - **Inpainting** (9 channels for a 4-channel latent): the latent of the masked image (a posterior sample) and the
+//!   mask nearest-resized to the latent grid, +1 = hole, −1 = kept.
+//! - **Semantic synthesis** (8 channels): the one-hot map averaged over each latent cell (LDM's `SpatialRescaler`
+//!   halves it bilinearly log₂ f times, which is the mean over f×f blocks) and projected by a bias-free 1×1
+//!   convolution to the latent's channels.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::data::{ImageItem, Source};
+
+/// What a run trains the network to do.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Task {
+    /// Unconditional or class-conditional generation.
+    #[default]
+    Generate,
+    /// Inpainting: masks drawn on the fly as LFM does, or picked from a folder.
+    Inpaint {
+        /// A folder of mask images (each the size of the training images), instead of generated masks.
+        masks: Option<PathBuf>,
+        /// Read folder masks as white = hole (default: black = hole, as LFM's evaluation masks).
+        mask_white_is_hole: bool,
+    },
+    /// Semantic synthesis from segmentation maps.
+    Semantic {
+        /// The folder of segmentation maps, laid out as the image folder (`CelebAMask-HQ/mask/{i}.png` for
+        /// `CelebA-HQ-img/{i}.jpg`).
+        segmentations: PathBuf,
+        /// Number of classes (19 for CelebAMask-HQ).
+        classes: usize,
+        /// Train the 1×1 projection with the network (LFM never does: it runs under `no_grad`, so the reference's
+        /// projection stays at its random initialisation).
+        train_rescaler: bool,
+    },
+}
+
+impl Task {
+    /// Channels the task concatenates to a latent of `latent_channels`.
+    pub fn extra_channels(&self, latent_channels: usize) -> usize {
+        match self {
+            Self::Generate => 0,
+            Self::Inpaint { .. } => latent_channels + 1,
+            Self::Semantic { .. } => latent_channels,
+        }
+    }
+
+    /// The task's name on the command line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Generate => "generate",
+            Self::Inpaint { .. } => "inpaint",
+            Self::Semantic { .. } => "semantic",
+        }
+    }
+}
+
+/// The files a task reads besides the images.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFiles {
+    /// Mask images to pick from (inpainting with a mask folder).
+    pub masks: Vec<PathBuf>,
+    /// The segmentation map of each image, in the images' order (semantic synthesis).
+    pub segmentations: Vec<PathBuf>,
+}
+
+impl TaskFiles {
+    /// Finds the files of `task` for the images of `source`, which were read from `data`.
+    pub fn find(task: &Task, source: &Source, data: Option<&Path>) -> Result<Self, String> {
+        let items = match source {
+            Source::Images { items, .. } => items,
+            Source::Latents { .. } if *task == Task::Generate => return Ok(Self::default()),
+            Source::Latents { .. } => {
+                return Err(format!(
+                    "--task {} builds its condition from the images: train from --data, not --latents",
+                    task.name()
+                ))
+            }
+        };
+        match task {
+            Task::Generate => Ok(Self::default()),
+            Task::Inpaint { masks: None, .. } => Ok(Self::default()),
+            Task::Inpaint { masks: Some(dir), .. } => {
+                let mut masks = Vec::new();
+                super::data::walk_images(dir, &mut masks).map_err(|e| format!("{}: {e}", dir.display()))?;
+                if masks.is_empty() {
+                    return Err(format!("{}: no .png/.jpg/.jpeg masks found", dir.display()));
+                }
+                Ok(Self { masks, segmentations: Vec::new() })
+            }
+            Task::Semantic { segmentations: dir, .. } => {
+                let data = data.ok_or("semantic synthesis needs an image folder (--data DIR)")?;
+                let segmentations = items
+                    .iter()
+                    .map(|item| match item {
+                        ImageItem::File(path) => {
+                            let relative = path.strip_prefix(data).unwrap_or(path);
+                            let map = dir.join(relative).with_extension("png");
+                            if map.exists() {
+                                Ok(map)
+                            } else {
+                                Err(format!(
+                                    "{} has no segmentation map: expected {} (maps mirror the image folder, as \
+                                     CelebAMask-HQ's mask/{{i}}.png for CelebA-HQ-img/{{i}}.jpg)",
+                                    path.display(),
+                                    map.display()
+                                ))
+                            }
+                        }
+                        ImageItem::Gray { .. } => Err("semantic synthesis needs an image folder, not IDX data".into()),
+                    })
+                    .collect::<Result<_, String>>()?;
+                Ok(Self { masks: Vec::new(), segmentations })
+            }
+        }
+    }
+}
+
+/// Reads a mask image as 1 = hole, 0 = kept (`white_is_hole` flips LFM's black = hole); it must be `size × size`.
+pub fn read_mask(path: &Path, size: usize, white_is_hole: bool) -> Result<Vec<f32>, TaskInputError> {
+    let image = image::open(path).map_err(|e| TaskInputError::Unreadable(format!("{}: {e}", path.display())))?;
+    let grey = image.to_luma8();
+    if (grey.width() as usize, grey.height() as usize) != (size, size) {
+        return Err(TaskInputError::Invalid(format!(
+            "the mask {} is {}×{}, the training images are {size}×{size}: masks must have the images' size",
+            path.display(),
+            grey.width(),
+            grey.height()
+        )));
+    }
+    Ok(grey
+        .as_raw()
+        .iter()
+        .map(|&v| {
+            let white = v as f32 / 255.0;
+            if white_is_hole {
+                white
+            } else {
+                1.0 - white
+            }
+        })
+        .collect())
+}
+
+/// Why a task input could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskInputError {
+    /// The file cannot be decoded (skipped with a warning, like an unreadable image).
+    #[error("{0}")]
+    Unreadable(String),
+    /// The file does not fit the run (stops it with this message).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Reads a segmentation map (class index per pixel in its first channel, e.g. CelebAMask-HQ's grey PNGs), resized
+/// as its image is (short side to `size` by nearest neighbour, centre crop, optional flip), and checks every class
+/// is below `classes`.
+pub fn read_segmentation(path: &Path, size: usize, flip: bool, classes: usize) -> Result<Vec<u8>, TaskInputError> {
+    let image = image::open(path).map_err(|e| TaskInputError::Unreadable(format!("{}: {e}", path.display())))?;
+    let grey = image::GrayImage::from_fn(image.width(), image.height(), |x, y| {
+        use image::GenericImageView;
+        image::Luma([image.get_pixel(x, y).0[0]])
+    });
+    let (w, h) = (grey.width() as usize, grey.height() as usize);
+    let scale = size as f64 / w.min(h) as f64;
+    let (nw, nh) =
+        (((w as f64 * scale).round() as u32).max(size as u32), ((h as f64 * scale).round() as u32).max(size as u32));
+    let resized = if (nw, nh) == (w as u32, h as u32) {
+        grey
+    } else {
+        image::imageops::resize(&grey, nw, nh, image::imageops::FilterType::Nearest)
+    };
+    let (x0, y0) = ((nw as usize - size) / 2, (nh as usize - size) / 2);
+    let mut crop = image::imageops::crop_imm(&resized, x0 as u32, y0 as u32, size as u32, size as u32).to_image();
+    if flip {
+        crop = image::imageops::flip_horizontal(&crop);
+    }
+    let values = crop.into_raw();
+    if let Some(&bad) = values.iter().find(|&&c| c as usize >= classes) {
+        return Err(TaskInputError::Invalid(format!(
+            "{} holds class {bad}, but the run has {classes} classes (0..{}): check --seg-classes",
+            path.display(),
+            classes - 1
+        )));
+    }
+    Ok(values)
+}
+
+/// The share of each class in every `factor × factor` cell of a `size × size` class map: `[classes, size/f,
+/// size/f]` values, the one-hot map halved log₂ f times as LDM's `SpatialRescaler` does.
+pub fn class_fractions(map: &[u8], size: usize, factor: usize, classes: usize) -> Vec<f32> {
+    let side = size / factor;
+    let mut out = vec![0f32; classes * side * side];
+    let share = 1.0 / (factor * factor) as f32;
+    for (y, row) in map.chunks(size).enumerate() {
+        for (x, &c) in row.iter().enumerate() {
+            out[(c as usize * side + y / factor) * side + x / factor] += share;
+        }
+    }
+    out
+}

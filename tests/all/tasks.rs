@@ -1,0 +1,327 @@
+//! LFM's downstream tasks: inpainting and semantic synthesis trained by `lfm train --task …`, the masks drawn as the
+//! reference draws them, and the trained models sampled by `lfm sample`.
+
+use lfm::checkpoint::{read_safetensors, read_weights};
+use lfm::models::{ModelConfig, UNetConfig};
+use lfm::train::masks::{generate, MaskParams, MaskShapes};
+
+use crate::common::*;
+
+/// The tiny UNet of the golden fixtures with `in_channels` inputs (4 latent + the task's condition).
+fn unet_config(dir: &std::path::Path, in_channels: usize) -> String {
+    let path = dir.join(format!("unet{in_channels}.json"));
+    std::fs::write(
+        &path,
+        ModelConfig::GuidedUnet(UNetConfig { in_channels, ..crate::unet::golden_config() }).to_json(),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// `lfm train` on the synthetic 16×16 folder with the tiny VAE (16 px → 8×8×4 latents).
+fn train_args(s: &crate::train::Setup, config: &str, out: &std::path::Path, task: &str) -> Vec<String> {
+    [
+        "--backend",
+        "cpu",
+        "train",
+        "--task",
+        task,
+        "--data",
+        &s.data,
+        "--image-size",
+        "16",
+        "--weights",
+        &s.vae,
+        "--vae-config",
+        &s.vae_config,
+        "--config",
+        config,
+        "--out",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "5",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn run(args: &[String], extra: &[&str]) -> (bool, String, String) {
+    let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+    all.extend_from_slice(extra);
+    lfm(&all)
+}
+
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len() as f64
+}
+
+#[test]
+fn generated_masks_follow_the_reference_distribution() {
+    use rand::SeedableRng;
+    let params = MaskParams::default();
+    let (mut irregular, mut stroke_counts, mut pieces, mut box_counts) = (0, [0usize; 12], [0usize; 6], [0usize; 4]);
+    let (mut widths, mut lengths, mut sides) = (Vec::new(), Vec::new(), Vec::new());
+    let masks = 2000;
+    for seed in 0..masks {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mask = generate(&mut rng, &params, 256, 256);
+        assert_eq!(mask.canvas, (256, 256));
+        let hole = |x: i64, y: i64| mask.hole[(y.min(255) * 256 + x.min(255)) as usize];
+        match &mask.shapes {
+            MaskShapes::Strokes(strokes) => {
+                irregular += 1;
+                stroke_counts[strokes.len()] += 1;
+                for stroke in strokes {
+                    pieces[stroke.len()] += 1;
+                    for (k, s) in stroke.iter().enumerate() {
+                        widths.push(s.width);
+                        lengths.push(s.length);
+                        assert!((0..=256).contains(&s.to.0) && (0..=256).contains(&s.to.1), "{s:?} leaves the canvas");
+                        if k > 0 {
+                            assert_eq!(s.from, stroke[k - 1].to, "a stroke's segments are chained");
+                        }
+                        // The brush covers both ends of every segment.
+                        assert_eq!(hole(s.from.0, s.from.1), 1.0, "{s:?}");
+                        assert_eq!(hole(s.to.0, s.to.1), 1.0, "{s:?}");
+                    }
+                }
+                if strokes.is_empty() {
+                    assert!(mask.hole.iter().all(|&v| v == 0.0), "no stroke, no hole");
+                }
+            }
+            MaskShapes::Boxes(boxes) => {
+                box_counts[boxes.len()] += 1;
+                let mut want = vec![0f32; 256 * 256];
+                for b in boxes {
+                    sides.extend([b.width, b.height]);
+                    assert!(b.x >= 10 && b.y >= 10 && b.x + b.width <= 246 && b.y + b.height <= 246, "{b:?}");
+                    for y in b.y..b.y + b.height {
+                        want[(y * 256 + b.x) as usize..(y * 256 + b.x + b.width) as usize].fill(1.0);
+                    }
+                }
+                assert_eq!(mask.hole, want, "the hole is exactly the union of the boxes");
+            }
+        }
+    }
+    // Half strokes, half boxes (binomial sd ≈ 22 of 2000).
+    assert!((900..=1100).contains(&irregular), "{irregular} stroke masks of {masks}");
+    // LaMa draws 0–11 strokes (its max_times + 1), 1–5 segments each, 0–3 boxes: every count occurs.
+    assert!(stroke_counts.iter().all(|&c| c > 0), "stroke counts {stroke_counts:?}");
+    assert!(pieces[0] == 0 && pieces[1..].iter().all(|&c| c > 0), "segments per stroke {pieces:?}");
+    assert!(box_counts.iter().all(|&c| c > 0), "box counts {box_counts:?}");
+    let range = |v: &[u32]| (*v.iter().min().unwrap(), *v.iter().max().unwrap());
+    assert_eq!(range(&widths), (5, 24), "brush widths");
+    assert_eq!(range(&lengths), (10, 69), "segment lengths");
+    assert_eq!(range(&sides), (30, 100), "box sides");
+    // Roughly uniform draws: the means sit mid-range.
+    let m = |v: &[u32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+    assert!((m(&widths) - 14.5).abs() < 0.5 && (m(&lengths) - 39.5).abs() < 1.5 && (m(&sides) - 65.0).abs() < 2.0);
+
+    // Another image size draws the same shapes on the 256-pixel canvas, scaled: the same share of holes.
+    for seed in [3, 8, 13] {
+        let big = generate(&mut rand::rngs::StdRng::seed_from_u64(seed), &params, 256, 256);
+        let small = generate(&mut rand::rngs::StdRng::seed_from_u64(seed), &params, 64, 64);
+        assert_eq!(big.shapes, small.shapes);
+        let share = |h: &[f32]| h.iter().sum::<f32>() / h.len() as f32;
+        assert!((share(&big.hole) - share(&small.hole)).abs() < 0.05, "seed {seed}");
+    }
+}
+
+#[test]
+fn inpainting_trains_resumes_and_keeps_the_unmasked_pixels() {
+    let s = crate::train::setup();
+    let config = unet_config(&s.root, 9);
+    let out = s.root.join("inpaint");
+    let args = train_args(&s, &config, &out, "inpaint");
+    let (ok, stdout, stderr) = run(&args, &["--max-steps", "30", "--save-every", "10"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("trained 30 steps"), "{stdout}");
+    let loss = crate::train::losses(&out);
+    let (first, last) = (mean(&loss[..5]), mean(&loss[25..]));
+    assert!(last < 0.8 * first, "loss went from {first:.4} to {last:.4}");
+
+    // Resuming a run that stopped at step 6 draws the same masks and ends with the same weights.
+    let (straight, split) = (s.root.join("straight"), s.root.join("split"));
+    let (ok, _, stderr) = run(&train_args(&s, &config, &straight, "inpaint"), &["--max-steps", "6"]);
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = run(&train_args(&s, &config, &split, "inpaint"), &["--max-steps", "3"]);
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = run(&train_args(&s, &config, &split, "inpaint"), &["--max-steps", "6", "--resume"]);
+    assert!(ok, "{stderr}");
+    let (a, b) = (
+        read_weights(&straight.join("model.safetensors")).unwrap(),
+        read_weights(&split.join("model.safetensors")).unwrap(),
+    );
+    for (key, tensor) in &a.tensors {
+        assert_eq!(tensor.to_f32(), b.tensors[key].to_f32(), "{key} differs after resuming");
+    }
+
+    // The trained model inpaints an image with `lfm sample`: pixels outside the hole are the original's.
+    let image = std::path::Path::new(&s.data).join("01.png");
+    let mut mask = vec![255u8; 16 * 16 * 3];
+    for y in 4..12 {
+        mask[(y * 16 + 3) * 3..(y * 16 + 11) * 3].fill(0);
+    }
+    let mask_path = s.root.join("mask.png");
+    lfm::image::write_rgb(&mask_path, &lfm::image::RgbImage { width: 16, height: 16, pixels: mask.clone() }).unwrap();
+    let samples = s.root.join("samples");
+    let (ok, _, stderr) = lfm(&[
+        "--backend",
+        "cpu",
+        "sample",
+        "--checkpoint",
+        out.join("model.safetensors").to_str().unwrap(),
+        "-n",
+        "2",
+        "--solver",
+        "euler",
+        "--steps",
+        "4",
+        "--image",
+        image.to_str().unwrap(),
+        "--mask",
+        mask_path.to_str().unwrap(),
+        "--weights",
+        &s.vae,
+        "--vae-config",
+        &s.vae_config,
+        "--out-dir",
+        samples.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let original = lfm::image::read_rgb(&image).unwrap();
+    let result = lfm::image::read_rgb(&samples.join("00000.png")).unwrap();
+    let (mut kept_same, mut hole_changed) = (true, false);
+    for p in 0..16 * 16 {
+        let hole = mask[3 * p] == 0;
+        let same = result.pixels[3 * p..3 * p + 3] == original.pixels[3 * p..3 * p + 3];
+        kept_same &= hole || same;
+        hole_changed |= hole && !same;
+    }
+    assert!(kept_same && hole_changed, "kept pixels unchanged: {kept_same}; hole generated: {hole_changed}");
+
+    // Clear errors: a mask folder holding a mask of another size, and a network without the 9 input channels.
+    let masks = s.root.join("masks");
+    std::fs::create_dir_all(&masks).unwrap();
+    lfm::image::write_rgb(
+        &masks.join("big.png"),
+        &lfm::image::RgbImage { width: 32, height: 32, pixels: vec![0; 32 * 32 * 3] },
+    )
+    .unwrap();
+    let (ok, _, stderr) = run(
+        &train_args(&s, &config, &s.root.join("bad-mask"), "inpaint"),
+        &["--max-steps", "1", "--masks", masks.to_str().unwrap()],
+    );
+    assert!(!ok && stderr.contains("is 32×32, the training images are 16×16"), "{stderr}");
+    let (ok, _, stderr) = run(&train_args(&s, &s.config, &s.root.join("bad-model"), "inpaint"), &["--max-steps", "1"]);
+    assert!(!ok && stderr.contains("set its input channels to 9"), "{stderr}");
+}
+
+/// A folder of segmentation maps mirroring the image folder: three classes in bands whose position follows the
+/// image's index.
+fn segmentations(s: &crate::train::Setup) -> std::path::PathBuf {
+    let dir = s.root.join("maps");
+    let data = std::path::Path::new(&s.data);
+    let mut images = Vec::new();
+    lfm::train::data::walk_images(data, &mut images).unwrap();
+    for (i, image) in images.iter().enumerate() {
+        let path = dir.join(image.strip_prefix(data).unwrap()).with_extension("png");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let pixels = (0..16 * 16).map(|p| (((p % 16) + i) / 6 % 3) as u8).collect();
+        image::GrayImage::from_raw(16, 16, pixels).unwrap().save(&path).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn semantic_synthesis_trains_its_projection_and_the_map_steers_samples() {
+    let s = crate::train::setup();
+    let maps = segmentations(&s);
+    let config = unet_config(&s.root, 8);
+    let with_classes = |out: &std::path::Path, classes: &str| {
+        let mut args = train_args(&s, &config, out, "semantic");
+        args.extend(["--segmentations", maps.to_str().unwrap(), "--seg-classes", classes].map(String::from));
+        args
+    };
+    let semantic = |out: &std::path::Path| with_classes(out, "3");
+    let out = s.root.join("semantic");
+    let (ok, _, stderr) = run(&semantic(&out), &["--max-steps", "30", "--save-every", "10"]);
+    assert!(ok, "{stderr}");
+    let loss = crate::train::losses(&out);
+    let (first, last) = (mean(&loss[..5]), mean(&loss[25..]));
+    assert!(last < 0.8 * first, "loss went from {first:.4} to {last:.4}");
+
+    // The projection learns by default and stays at its initialisation with --freeze-rescaler (LFM's behaviour);
+    // a resumed run ends where an uninterrupted one does, projection included.
+    let projection = |dir: &std::path::Path| {
+        read_weights(&dir.join("rescaler.safetensors")).unwrap().tensors["channel_mapper.weight"].to_f32()
+    };
+    let steps = |dir: &str, n: &str, extra: &[&str]| {
+        let dir = s.root.join(dir);
+        let (ok, _, stderr) = run(&semantic(&dir), &[&["--max-steps", n][..], extra].concat());
+        assert!(ok, "{stderr}");
+        dir
+    };
+    let (one, three) = (steps("one", "1", &[]), steps("three", "3", &[]));
+    assert_ne!(projection(&one), projection(&three), "the projection did not learn");
+    let (one, three) = (steps("frozen1", "1", &["--freeze-rescaler"]), steps("frozen3", "3", &["--freeze-rescaler"]));
+    assert_eq!(projection(&one), projection(&three), "a frozen projection moved");
+    let resumed = steps("three", "5", &["--resume"]);
+    let straight = steps("five", "5", &[]);
+    assert_eq!(projection(&resumed), projection(&straight), "the resumed projection differs");
+    let (a, b) = (
+        read_weights(&resumed.join("model.safetensors")).unwrap(),
+        read_weights(&straight.join("model.safetensors")).unwrap(),
+    );
+    for (key, tensor) in &a.tensors {
+        assert_eq!(tensor.to_f32(), b.tensors[key].to_f32(), "{key} differs after resuming");
+    }
+
+    // `lfm sample` with the trained projection: two maps give two different samples from the same noise.
+    let map = |name: &str, class: &dyn Fn(usize, usize) -> u8| {
+        let pixels = (0..16 * 16).map(|p| class(p % 16, p / 16)).collect();
+        let path = s.root.join(name);
+        image::GrayImage::from_raw(16, 16, pixels).unwrap().save(&path).unwrap();
+        path
+    };
+    let sample = |seg: &std::path::Path, name: &str| {
+        let latents = s.root.join(name);
+        let (ok, _, stderr) = lfm(&[
+            "--backend",
+            "cpu",
+            "sample",
+            "--checkpoint",
+            out.join("model.safetensors").to_str().unwrap(),
+            "-n",
+            "2",
+            "--solver",
+            "euler",
+            "--steps",
+            "4",
+            "--segmentation",
+            seg.to_str().unwrap(),
+            "--cond-checkpoint",
+            out.join("rescaler.safetensors").to_str().unwrap(),
+            "--latents-only",
+            "--save-latents",
+            latents.to_str().unwrap(),
+        ]);
+        assert!(ok, "{stderr}");
+        read_safetensors(&latents).unwrap().0["x0"].to_f32()
+    };
+    let a = sample(&map("left.png", &|x, _| if x < 8 { 0 } else { 2 }), "a.safetensors");
+    let b = sample(&map("bands.png", &|_, y| (y / 6) as u8), "b.safetensors");
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(diff > 1e-2, "the segmentation map had no effect (max difference {diff})");
+
+    // Clear errors: a class beyond --seg-classes, an image without a map.
+    let (ok, _, stderr) = run(&with_classes(&s.root.join("two"), "2"), &["--max-steps", "1"]);
+    assert!(!ok && stderr.contains("holds class 2, but the run has 2 classes"), "{stderr}");
+    std::fs::remove_file(maps.join("05.png")).unwrap();
+    let (ok, _, stderr) = run(&semantic(&s.root.join("missing")), &["--max-steps", "1"]);
+    assert!(!ok && stderr.contains("05.png has no segmentation map"), "{stderr}");
+}

@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod flow;
 pub mod image;
+pub mod inpaint;
 pub mod io;
 pub mod metrics;
 pub mod models;

@@ -3,6 +3,7 @@
 mod autoencode;
 mod bench;
 mod devices;
+mod eval;
 mod fid;
 mod inspect;
 mod sample;
@@ -17,6 +18,53 @@ use clap::{Args, Parser, Subcommand};
 use crate::autoencoder::{AutoencoderKind, AutoencoderWeights};
 use crate::backend::BackendChoice;
 use crate::models::ConfigChoice;
+use crate::solver::{Grid, Method, SolveOptions};
+
+/// The ODE solver of a sampling command.
+#[derive(Debug, Args)]
+pub struct SolverArgs {
+    /// ODE solver: dopri5, euler, midpoint, heun or rk4 [default: dopri5].
+    #[arg(long, value_parser = parse_method)]
+    pub solver: Option<Method>,
+    /// Relative tolerance of dopri5.
+    #[arg(long, default_value_t = 1e-5)]
+    pub rtol: f64,
+    /// Absolute tolerance of dopri5.
+    #[arg(long, default_value_t = 1e-5)]
+    pub atol: f64,
+    /// Fixed-step solvers: number of steps.
+    #[arg(long, conflicts_with = "step_size")]
+    pub steps: Option<usize>,
+    /// Fixed-step solvers: step size on torchdiffeq's grid (LFM's --step_size, default 0.01).
+    #[arg(long)]
+    pub step_size: Option<f64>,
+    /// Give up after this many velocity evaluations per batch.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_nfe: usize,
+}
+
+impl SolverArgs {
+    /// The solver's options (dopri5 unless --solver says otherwise).
+    pub fn options(&self, fused_kernels: bool) -> SolveOptions {
+        SolveOptions {
+            method: self.solver.unwrap_or(Method::Dopri5),
+            rtol: self.rtol,
+            atol: self.atol,
+            grid: match (self.steps, self.step_size) {
+                (Some(steps), _) => Grid::Steps(steps),
+                (None, Some(h)) => Grid::StepSize(h),
+                (None, None) => Grid::StepSize(0.01),
+            },
+            max_nfe: Some(self.max_nfe),
+            fused_kernels,
+            ..SolveOptions::default()
+        }
+    }
+}
+
+fn parse_method(s: &str) -> Result<Method, String> {
+    s.parse().map_err(|e: crate::solver::SolverError| e.to_string())
+}
 
 /// How a command learns a checkpoint's architecture.
 #[derive(Debug, Args)]
@@ -109,6 +157,8 @@ pub enum Command {
     Fid(fid::FidArgs),
     /// Write the FID statistics (mu, sigma) of an image folder as pytorch-fid's .npz.
     FidStats(fid::FidStatsArgs),
+    /// Evaluate a downstream model: `lfm eval inpaint` inpaints a test set and reports FID, P-IDS and U-IDS.
+    Eval(eval::EvalArgs),
     /// Benchmarks: `lfm bench kernels` times lfm's fused GPU kernels against the unfused expressions.
     Bench(bench::BenchArgs),
 }
@@ -127,6 +177,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Decode(args) => autoencode::decode(args, cli.backend),
         Command::Fid(args) => fid::fid(args, cli.backend),
         Command::FidStats(args) => fid::fid_stats(args, cli.backend),
+        Command::Eval(args) => eval::run(args, cli.backend),
         Command::Bench(args) => bench::run(args, cli.backend),
     }
 }

@@ -12,6 +12,7 @@ use crate::autoencoder::{Autoencoder, AutoencoderWeights};
 use crate::backend::{self, BackendChoice, OnBackend};
 use crate::checkpoint::{read_safetensors, write_safetensors, HostTensor, TensorMap};
 use crate::image::{read_rgb, write_rgb, RgbImage};
+use crate::inpaint::{composite, hole_tensor, latent_mask, masked_images, read_hole};
 use crate::metrics::features::{image_files, FeatureExtractor};
 use crate::metrics::fid::{frechet_distance, Accumulator, Statistics};
 use crate::metrics::inception::FEATURE_DIM;
@@ -19,7 +20,6 @@ use crate::metrics::stats_file::read_statistics;
 use crate::models::conditioning::{one_hot, SpatialRescaler};
 use crate::models::{weights_and_config, ConfigChoice, ModelConfig, Preset, VelocityModel};
 use crate::sample::{labels, noise, sample_batch, BatchInput, ClassChoice, Guidance, Summary};
-use crate::solver::{Grid, Method, SolveOptions};
 
 /// Samples drawn when `-n` is not given (for a checkpoint).
 const DEFAULT_SAMPLES: usize = 16;
@@ -49,24 +49,9 @@ pub struct SampleArgs {
     /// A safetensors file with the initial noise `x1` [N, C, h, w] and optionally labels `y` [N].
     #[arg(long)]
     pub noise: Option<PathBuf>,
-    /// ODE solver: dopri5, euler, midpoint, heun or rk4 [default: dopri5; the built-in model: its sampling.json's].
-    #[arg(long, value_parser = parse_method)]
-    pub solver: Option<Method>,
-    /// Relative tolerance of dopri5.
-    #[arg(long, default_value_t = 1e-5)]
-    pub rtol: f64,
-    /// Absolute tolerance of dopri5.
-    #[arg(long, default_value_t = 1e-5)]
-    pub atol: f64,
-    /// Fixed-step solvers: number of steps.
-    #[arg(long, conflicts_with = "step_size")]
-    pub steps: Option<usize>,
-    /// Fixed-step solvers: step size on torchdiffeq's grid (LFM's --step_size, default 0.01).
-    #[arg(long)]
-    pub step_size: Option<f64>,
-    /// Give up after this many velocity evaluations per batch.
-    #[arg(long, default_value_t = 100_000)]
-    pub max_nfe: usize,
+    /// The ODE solver [default: dopri5; the built-in model: its sampling.json's].
+    #[command(flatten)]
+    pub solve: super::SolverArgs,
     /// Class-conditional models: a class index, `random` (LFM's choice), `uniform` (i mod classes) or `rows`
     /// (one class per grid row of --nrow samples) [default: random; the built-in model: rows].
     #[arg(long)]
@@ -136,16 +121,16 @@ pub struct SampleArgs {
     pub inception: super::fid::InceptionSource,
 }
 
-fn parse_method(s: &str) -> Result<Method, String> {
-    s.parse().map_err(|e: crate::solver::SolverError| e.to_string())
+/// The inpainting inputs, on the host.
+pub(crate) struct Inpaint {
+    /// The original image.
+    pub image: RgbImage,
+    /// 1 = generate, 0 = keep, per pixel.
+    pub hole: Vec<f32>,
 }
 
-/// The inpainting inputs, on the host.
-struct Inpaint {
-    image: RgbImage,
-    /// 1 = generate, 0 = keep, per pixel.
-    hole: Vec<f32>,
-}
+/// The noise stream of the masked image's posterior sample.
+pub(crate) const MASKED_IMAGE_NOISE: u64 = 0xC0DE;
 
 /// The semantic-synthesis inputs, on the host.
 struct Semantic {
@@ -223,7 +208,7 @@ impl OnBackend for Job {
         let n = self.noise.as_ref().map_or(args.num_samples.unwrap_or(DEFAULT_SAMPLES), |(x1, _)| x1.shape[0]);
         let classes = model.classes();
         let guidance = Guidance { cfg_scale: self.cfg_scale, null_label: model.null_label().unwrap_or(0) };
-        let options = solve_options(args);
+        let options = args.solve.options(!args.no_fused_kernels);
         // Inpainting: the masked image's latent and the ±1 mask on the latent grid, the same for every sample.
         let condition = match (&self.inpaint, &autoencoder) {
             (Some(inpaint), Some(ae)) => {
@@ -237,21 +222,10 @@ impl OnBackend for Job {
                     side * f
                 );
                 let image = crate::image::to_tensor::<B>(std::slice::from_ref(&inpaint.image), &device)?;
-                let hole = Tensor::<B, 4>::from_data(
-                    TensorData::new(inpaint.hole.clone(), [1, 1, h, w]).convert::<B::FloatElem>(),
-                    &device,
-                );
-                // LFM: masked = (1 − hole)·image in [0, 1], then to [-1, 1]; mask ±1, nearest-resized.
-                let masked = (image.add_scalar(1.0).div_scalar(2.0) * hole.clone().neg().add_scalar(1.0))
-                    .mul_scalar(2.0)
-                    .sub_scalar(1.0);
-                let eps = noise::<B>(args.seed ^ 0xC0DE, 0, 1, [c_out, h / f, w / f], &device);
-                let latent = ae.encode(masked, Some(eps));
-                let mask = hole.mul_scalar(2.0).sub_scalar(1.0);
-                let [_, _, lh, lw] = latent.dims();
-                let mask_small =
-                    mask.reshape([1, 1, lh, f, lw, f]).narrow(3, 0, 1).narrow(5, 0, 1).reshape([1, 1, lh, lw]);
-                Some(Tensor::cat(vec![latent, mask_small], 1))
+                let hole = hole_tensor::<B>(inpaint.hole.clone(), 1, (w, h), &device);
+                let eps = noise::<B>(args.seed ^ MASKED_IMAGE_NOISE, 0, 1, [c_out, h / f, w / f], &device);
+                let latent = ae.encode(masked_images(image, hole.clone()), Some(eps));
+                Some(Tensor::cat(vec![latent, latent_mask(hole, f)], 1))
             }
             _ => None,
         };
@@ -382,32 +356,6 @@ impl OnBackend for Job {
     }
 }
 
-/// LFM's composite: generated pixels in the hole, the original elsewhere.
-fn composite(generated: &mut RgbImage, original: &RgbImage, hole: &[f32]) {
-    for (p, &m) in hole.iter().enumerate() {
-        for c in 0..3 {
-            let (g, o) = (generated.pixels[3 * p + c] as f32, original.pixels[3 * p + c] as f32);
-            generated.pixels[3 * p + c] = (g * m + o * (1.0 - m)).round() as u8;
-        }
-    }
-}
-
-fn solve_options(args: &SampleArgs) -> SolveOptions {
-    SolveOptions {
-        method: args.solver.unwrap_or(Method::Dopri5),
-        rtol: args.rtol,
-        atol: args.atol,
-        grid: match (args.steps, args.step_size) {
-            (Some(steps), _) => Grid::Steps(steps),
-            (None, Some(h)) => Grid::StepSize(h),
-            (None, None) => Grid::StepSize(0.01),
-        },
-        max_nfe: Some(args.max_nfe),
-        fused_kernels: !args.no_fused_kernels,
-        ..SolveOptions::default()
-    }
-}
-
 /// torchvision's `make_grid`: `nrow` images per row, 2-pixel black padding.
 pub fn grid(images: &[RgbImage], nrow: usize) -> RgbImage {
     let (w, h) = (images[0].width, images[0].height);
@@ -434,30 +382,17 @@ fn refuse_existing(path: &Path, force: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read_inpaint(image: &Path, mask: &Path, white_is_hole: bool) -> anyhow::Result<Inpaint> {
+/// An image and its mask (LFM: `1 − png/255`, black = hole; grey levels are kept as they are, as in the reference).
+pub(crate) fn read_inpaint(image: &Path, mask: &Path, white_is_hole: bool) -> anyhow::Result<Inpaint> {
     let image = read_rgb(image)?;
-    let mask_image = read_rgb(mask)?;
+    let (w, h, hole) = read_hole(mask, white_is_hole).map_err(|e| anyhow::anyhow!(e))?;
     anyhow::ensure!(
-        (mask_image.width, mask_image.height) == (image.width, image.height),
-        "the mask is {}×{} but the image is {}×{}: they must have one size",
-        mask_image.width,
-        mask_image.height,
+        (w, h) == (image.width, image.height),
+        "the mask {} is {w}×{h} but the image is {}×{}: they must have one size",
+        mask.display(),
         image.width,
         image.height
     );
-    // LFM: mask = 1 − png/255 (black = hole). Grey levels are kept as they are, as in the reference.
-    let hole = mask_image
-        .pixels
-        .chunks(3)
-        .map(|p| {
-            let white = p[0] as f32 / 255.0;
-            if white_is_hole {
-                white
-            } else {
-                1.0 - white
-            }
-        })
-        .collect();
     Ok(Inpaint { image, hole })
 }
 
@@ -473,10 +408,10 @@ fn builtin_defaults(args: &mut SampleArgs) -> anyhow::Result<(ModelConfig, Tenso
     // The built-in network is small: one solve for everything.
     args.batch_size.get_or_insert(n);
     args.cfg_scale.get_or_insert(defaults.cfg_scale);
-    if args.solver.is_none() {
-        args.solver = Some(defaults.solver.parse().map_err(|e: crate::solver::SolverError| anyhow::anyhow!(e))?);
-        if args.steps.is_none() && args.step_size.is_none() {
-            args.steps = defaults.steps;
+    if args.solve.solver.is_none() {
+        args.solve.solver = Some(defaults.solver.parse().map_err(|e: crate::solver::SolverError| anyhow::anyhow!(e))?);
+        if args.solve.steps.is_none() && args.solve.step_size.is_none() {
+            args.solve.steps = defaults.steps;
         }
     }
     if args.grid.is_none() && args.out_dir.is_none() && args.save_latents.is_none() && args.fid.is_none() {

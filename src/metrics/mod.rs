@@ -1,7 +1,8 @@
-//! Evaluation metrics: pytorch-fid's FID Inception features, feature statistics and the Fréchet distance, and
-//! the statistics files pytorch-fid and LFM write.
+//! Evaluation metrics: pytorch-fid's FID Inception features, feature statistics and the Fréchet distance, the
+//! statistics files pytorch-fid and LFM write, and the inpainting scores P-IDS/U-IDS.
 
 pub mod features;
 pub mod fid;
+pub mod ids;
 pub mod inception;
 pub mod stats_file;

@@ -373,26 +373,14 @@ pub fn train<B: Backend>(
                             .map(|j| inpainting_hole(settings, files, *size, first + j, *mask_white_is_hole))
                             .collect::<Result<Vec<_>, _>>()?
                             .concat();
-                        let hole = Tensor::<B, 4>::from_data(
-                            TensorData::new(holes, [n, 1, *size, *size]).convert::<B::FloatElem>(),
-                            device,
-                        );
-                        // As LFM's dataset: masked = (1 − hole)·image in [0, 1], back to [−1, 1]; both encoded with
-                        // posterior samples; the mask as ±1, nearest-resized to the latent grid.
-                        let masked = (x.clone().add_scalar(1.0).div_scalar(2.0) * hole.clone().neg().add_scalar(1.0))
-                            .mul_scalar(2.0)
-                            .sub_scalar(1.0);
+                        let hole = crate::inpaint::hole_tensor::<B>(holes, n, (*size, *size), device);
+                        // As LFM's dataset: the image and the masked image, both encoded with posterior samples (in
+                        // one pass), then the mask on the latent grid.
+                        let masked = crate::inpaint::masked_images(x.clone(), hole.clone());
                         let eps_masked = crate::sample::noise::<B>(settings.seed ^ CONDITION, first, n, latent, device);
                         let z = ae.encode(Tensor::cat(vec![x, masked], 0), Some(Tensor::cat(vec![eps, eps_masked], 0)));
-                        let (h, w) = (latent[1], latent[2]);
-                        let mask_small = hole
-                            .mul_scalar(2.0)
-                            .sub_scalar(1.0)
-                            .reshape([n, 1, h, f, w, f])
-                            .narrow(3, 0, 1)
-                            .narrow(5, 0, 1)
-                            .reshape([n, 1, h, w]);
-                        let condition = Tensor::cat(vec![z.clone().narrow(0, n, n), mask_small], 1);
+                        let mask = crate::inpaint::latent_mask(hole, f);
+                        let condition = Tensor::cat(vec![z.clone().narrow(0, n, n), mask], 1);
                         (z.narrow(0, 0, n), labels, Some(condition), None)
                     }
                     Task::Semantic { classes, .. } => {

@@ -121,30 +121,16 @@ impl TaskFiles {
     }
 }
 
-/// Reads a mask image as 1 = hole, 0 = kept (`white_is_hole` flips LFM's black = hole); it must be `size × size`.
+/// Reads a mask image as 1 = hole, 0 = kept (see [`crate::inpaint::read_hole`]); it must be `size × size`.
 pub fn read_mask(path: &Path, size: usize, white_is_hole: bool) -> Result<Vec<f32>, TaskInputError> {
-    let image = image::open(path).map_err(|e| TaskInputError::Unreadable(format!("{}: {e}", path.display())))?;
-    let grey = image.to_luma8();
-    if (grey.width() as usize, grey.height() as usize) != (size, size) {
+    let (w, h, hole) = crate::inpaint::read_hole(path, white_is_hole).map_err(TaskInputError::Unreadable)?;
+    if (w, h) != (size, size) {
         return Err(TaskInputError::Invalid(format!(
-            "the mask {} is {}×{}, the training images are {size}×{size}: masks must have the images' size",
-            path.display(),
-            grey.width(),
-            grey.height()
+            "the mask {} is {w}×{h}, the training images are {size}×{size}: masks must have the images' size",
+            path.display()
         )));
     }
-    Ok(grey
-        .as_raw()
-        .iter()
-        .map(|&v| {
-            let white = v as f32 / 255.0;
-            if white_is_hole {
-                white
-            } else {
-                1.0 - white
-            }
-        })
-        .collect())
+    Ok(hole)
 }
 
 /// Why a task input could not be used.

@@ -203,6 +203,7 @@ fn inpainting_trains_resumes_and_keeps_the_unmasked_pixels() {
         hole_changed |= hole && !same;
     }
     assert!(kept_same && hole_changed, "kept pixels unchanged: {kept_same}; hole generated: {hole_changed}");
+    evaluate_inpainting(&s, &out.join("model.safetensors"));
 
     // Clear errors: a mask folder holding a mask of another size, and a network without the 9 input channels.
     let masks = s.root.join("masks");
@@ -317,6 +318,11 @@ fn semantic_synthesis_trains_its_projection_and_the_map_steers_samples() {
     let b = sample(&map("bands.png", &|_, y| (y / 6) as u8), "b.safetensors");
     let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     assert!(diff > 1e-2, "the segmentation map had no effect (max difference {diff})");
+    evaluate_semantic(
+        &s,
+        &out,
+        &[map("left.png", &|x, _| if x < 8 { 0 } else { 2 }), map("bands.png", &|_, y| (y / 6) as u8)],
+    );
 
     // Clear errors: a class beyond --seg-classes, an image without a map.
     let (ok, _, stderr) = run(&with_classes(&s.root.join("two"), "2"), &["--max-steps", "1"]);
@@ -324,4 +330,157 @@ fn semantic_synthesis_trains_its_projection_and_the_map_steers_samples() {
     std::fs::remove_file(maps.join("05.png")).unwrap();
     let (ok, _, stderr) = run(&semantic(&s.root.join("missing")), &["--max-steps", "1"]);
     assert!(!ok && stderr.contains("05.png has no segmentation map"), "{stderr}");
+}
+
+/// `lfm eval inpaint` on three originals and masks: composites named as the originals that keep every unmasked
+/// pixel, and FID, P-IDS and U-IDS in metrics.json.
+fn evaluate_inpainting(s: &crate::train::Setup, checkpoint: &std::path::Path) {
+    let Some(inception) = inception_weights() else { return };
+    let (gt, masks, out) = (s.root.join("gt"), s.root.join("eval-masks"), s.root.join("eval"));
+    std::fs::create_dir_all(&gt).unwrap();
+    std::fs::create_dir_all(&masks).unwrap();
+    let mut holes = Vec::new();
+    for i in 0..3usize {
+        std::fs::copy(
+            std::path::Path::new(&s.data).join(format!("{:02}.png", [1, 2, 4][i])),
+            gt.join(format!("{i:06}.png")),
+        )
+        .unwrap();
+        // Black = hole: a band of rows that moves with i.
+        let hole: Vec<bool> = (0..16 * 16).map(|p| (4 + i..10 + i).contains(&(p / 16))).collect();
+        let pixels = hole.iter().map(|&h| if h { 0 } else { 255 }).collect();
+        image::GrayImage::from_raw(16, 16, pixels).unwrap().save(masks.join(format!("{i:06}.png"))).unwrap();
+        holes.push(hole);
+    }
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "--backend",
+            "cpu",
+            "eval",
+            "inpaint",
+            "--checkpoint",
+            checkpoint.to_str().unwrap(),
+            "--images",
+            gt.to_str().unwrap(),
+            "--masks",
+            masks.to_str().unwrap(),
+            "--weights",
+            &s.vae,
+            "--vae-config",
+            &s.vae_config,
+            "--out",
+            out.to_str().unwrap(),
+            "--solver",
+            "euler",
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--inception",
+            inception.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        lfm(&args)
+    };
+    let (ok, stdout, stderr) = eval(&["--json"]);
+    assert!(ok, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(report, saved);
+    assert_eq!(report["images"], 3);
+    let fid = report["fid"].as_f64().unwrap();
+    assert!(fid.is_finite() && fid >= 0.0, "FID {fid}");
+    for key in ["p_ids", "u_ids"] {
+        let v = report[key].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{key} {v}");
+    }
+    for (i, hole) in holes.iter().enumerate() {
+        let original = lfm::image::read_rgb(&gt.join(format!("{i:06}.png"))).unwrap();
+        let result = lfm::image::read_rgb(&out.join(format!("{i:06}.png"))).unwrap();
+        for (p, &h) in hole.iter().enumerate() {
+            if !h {
+                assert_eq!(result.pixels[3 * p..3 * p + 3], original.pixels[3 * p..3 * p + 3], "image {i} pixel {p}");
+            }
+        }
+    }
+    // An evaluation is not overwritten silently; unpaired folders are refused.
+    let (ok, _, stderr) = eval(&[]);
+    assert!(!ok && stderr.contains("pass --force"), "{stderr}");
+    std::fs::remove_file(masks.join("000002.png")).unwrap();
+    let (ok, _, stderr) = eval(&["--force"]);
+    assert!(!ok && stderr.contains("3 images but 2 masks"), "{stderr}");
+}
+
+/// The SVM behind P-IDS/U-IDS against scikit-learn's `LinearSVC(dual=False)` (tests/fixtures/ids/svm.json).
+#[test]
+fn inpainting_scores_match_scikit_learn() {
+    use lfm::metrics::ids::{fit_linear_svm, inpainting_ids};
+    let fixture: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture("ids/svm.json")).unwrap()).unwrap();
+    let floats = |key: &str| -> Vec<f32> {
+        fixture[key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+    };
+    let (real, fake, dim) = (floats("real"), floats("fake"), fixture["dim"].as_u64().unwrap() as usize);
+    let n = real.len() / dim;
+    let labels: Vec<bool> = (0..2 * n).map(|i| i < n).collect();
+    let svm = fit_linear_svm(&[real.clone(), fake.clone()].concat(), &labels, dim, 1.0);
+    let tight = &fixture["tight"];
+    let want: Vec<f64> = tight["coef"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_close_f64("SVM weights", &svm.weights, &want, 1e-7);
+    assert_close_f64("SVM intercept", &[svm.bias], &[tight["intercept"].as_f64().unwrap()], 1e-7);
+    let ids = inpainting_ids(&real, &fake, dim).unwrap();
+    for source in ["default", "tight"] {
+        assert_eq!(ids.u_ids, fixture[source]["u_ids"].as_f64().unwrap(), "U-IDS vs sklearn ({source} tolerance)");
+        assert_eq!(ids.p_ids, fixture[source]["p_ids"].as_f64().unwrap(), "P-IDS vs sklearn ({source} tolerance)");
+    }
+    assert!(inpainting_ids(&real, &fake[..dim], dim).is_err());
+}
+
+/// `lfm eval semantic`: one image per map, named as the map, and FID against the real images in metrics.json.
+fn evaluate_semantic(s: &crate::train::Setup, run: &std::path::Path, maps: &[std::path::PathBuf]) {
+    let Some(inception) = inception_weights() else { return };
+    let (map_dir, real, out) = (s.root.join("eval-maps"), s.root.join("eval-real"), s.root.join("eval-semantic"));
+    std::fs::create_dir_all(&map_dir).unwrap();
+    std::fs::create_dir_all(&real).unwrap();
+    for (i, map) in maps.iter().enumerate() {
+        std::fs::copy(map, map_dir.join(format!("map{i}.png"))).unwrap();
+    }
+    for i in [1, 2, 4] {
+        let name = format!("{i:02}.png");
+        std::fs::copy(std::path::Path::new(&s.data).join(&name), real.join(&name)).unwrap();
+    }
+    let (ok, stdout, stderr) = lfm(&[
+        "--backend",
+        "cpu",
+        "eval",
+        "semantic",
+        "--checkpoint",
+        run.join("model.safetensors").to_str().unwrap(),
+        "--cond-checkpoint",
+        run.join("rescaler.safetensors").to_str().unwrap(),
+        "--segmentations",
+        map_dir.to_str().unwrap(),
+        "--images",
+        real.to_str().unwrap(),
+        "--weights",
+        &s.vae,
+        "--vae-config",
+        &s.vae_config,
+        "--out",
+        out.to_str().unwrap(),
+        "--solver",
+        "euler",
+        "--steps",
+        "3",
+        "--inception",
+        inception.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!((report["task"].as_str(), report["images"].as_u64()), (Some("semantic"), Some(2)));
+    assert!(report["fid"].as_f64().unwrap().is_finite() && report.get("p_ids").is_none(), "{report}");
+    for i in 0..2 {
+        let image = lfm::image::read_rgb(&out.join(format!("map{i}.png"))).unwrap();
+        assert_eq!((image.width, image.height), (16, 16));
+    }
 }

@@ -202,19 +202,28 @@ pub fn load_image(item: &ImageItem, size: usize, flip: bool) -> Result<RgbImage,
             image::RgbImage::from_raw(*width as u32, *height as u32, rgb).expect("pixels fit the size")
         }
     };
+    let crop = fit_square(image, size, flip, image::imageops::FilterType::CatmullRom);
+    Ok(RgbImage { width: size, height: size, pixels: crop.into_raw() })
+}
+
+/// Resizes the short side to `size` with `filter`, centre-crops `size × size`, optionally flips horizontally.
+pub fn fit_square<P: image::Pixel + 'static>(
+    image: image::ImageBuffer<P, Vec<P::Subpixel>>,
+    size: usize,
+    flip: bool,
+    filter: image::imageops::FilterType,
+) -> image::ImageBuffer<P, Vec<P::Subpixel>> {
     let (w, h) = (image.width() as usize, image.height() as usize);
     let scale = size as f64 / w.min(h) as f64;
     let (nw, nh) =
         (((w as f64 * scale).round() as u32).max(size as u32), ((h as f64 * scale).round() as u32).max(size as u32));
-    let resized = if (nw, nh) == (w as u32, h as u32) {
-        image
-    } else {
-        image::imageops::resize(&image, nw, nh, image::imageops::FilterType::CatmullRom)
-    };
+    let resized =
+        if (nw, nh) == (w as u32, h as u32) { image } else { image::imageops::resize(&image, nw, nh, filter) };
     let (x0, y0) = ((nw as usize - size) / 2, (nh as usize - size) / 2);
-    let mut crop = image::imageops::crop_imm(&resized, x0 as u32, y0 as u32, size as u32, size as u32).to_image();
+    let crop = image::imageops::crop_imm(&resized, x0 as u32, y0 as u32, size as u32, size as u32).to_image();
     if flip {
-        crop = image::imageops::flip_horizontal(&crop);
+        image::imageops::flip_horizontal(&crop)
+    } else {
+        crop
     }
-    Ok(RgbImage { width: size, height: size, pixels: crop.into_raw() })
 }

@@ -153,21 +153,7 @@ pub fn read_segmentation(path: &Path, size: usize, flip: bool, classes: usize) -
         use image::GenericImageView;
         image::Luma([image.get_pixel(x, y).0[0]])
     });
-    let (w, h) = (grey.width() as usize, grey.height() as usize);
-    let scale = size as f64 / w.min(h) as f64;
-    let (nw, nh) =
-        (((w as f64 * scale).round() as u32).max(size as u32), ((h as f64 * scale).round() as u32).max(size as u32));
-    let resized = if (nw, nh) == (w as u32, h as u32) {
-        grey
-    } else {
-        image::imageops::resize(&grey, nw, nh, image::imageops::FilterType::Nearest)
-    };
-    let (x0, y0) = ((nw as usize - size) / 2, (nh as usize - size) / 2);
-    let mut crop = image::imageops::crop_imm(&resized, x0 as u32, y0 as u32, size as u32, size as u32).to_image();
-    if flip {
-        crop = image::imageops::flip_horizontal(&crop);
-    }
-    let values = crop.into_raw();
+    let values = super::data::fit_square(grey, size, flip, image::imageops::FilterType::Nearest).into_raw();
     if let Some(&bad) = values.iter().find(|&&c| c as usize >= classes) {
         return Err(TaskInputError::Invalid(format!(
             "{} holds class {bad}, but the run has {classes} classes (0..{}): check --seg-classes",

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use burn::tensor::{backend::Backend, Int, Tensor};
 use lfm::backend::WgpuDevice;
 use lfm::checkpoint::{read_safetensors, HostTensor, TensorMap};
+use lfm::image::RgbImage;
 
 /// Path of a file under `tests/fixtures`.
 pub fn fixture(rel: &str) -> PathBuf {
@@ -98,6 +99,18 @@ pub fn assert_close_f64(what: &str, got: &[f64], want: &[f64], tol: f64) {
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert!((g - w).abs() <= tol, "{what}[{i}]: got {g:.17}, want {w:.17} (|diff| {:e} > {tol:e})", (g - w).abs());
     }
+}
+
+/// Compares an inpainted result with its original: (every pixel outside the hole unchanged, some hole pixel
+/// changed). `hole(p)` says whether pixel `p` is in the hole.
+pub fn composite_check(original: &RgbImage, result: &RgbImage, hole: impl Fn(usize) -> bool) -> (bool, bool) {
+    let (mut kept_same, mut hole_changed) = (true, false);
+    for p in 0..original.width * original.height {
+        let same = result.pixels[3 * p..3 * p + 3] == original.pixels[3 * p..3 * p + 3];
+        kept_same &= hole(p) || same;
+        hole_changed |= hole(p) && !same;
+    }
+    (kept_same, hole_changed)
 }
 
 /// The CPU device.

@@ -110,14 +110,21 @@ pub fn generate(rng: &mut impl Rng, params: &MaskParams, width: usize, height: u
         MaskShapes::Boxes(boxes(rng, params, canvas))
     };
     let mut hole = vec![0f32; width * height];
-    // A pixel's centre in canvas coordinates (pixel i's centre is the point i at scale 1, as in cv2).
+    // A pixel's centre in canvas coordinates (pixel i's centre is the point i at scale 1, as in cv2), and back.
     let to_canvas = |i: usize| (i as f64 + 0.5) / scale - 0.5;
-    for (y, row) in hole.chunks_mut(width).enumerate() {
-        let cy = to_canvas(y);
-        for (x, value) in row.iter_mut().enumerate() {
-            let cx = to_canvas(x);
-            if covers(&shapes, cx, cy) {
-                *value = 1.0;
+    let to_pixel = |c: f64| (c + 0.5) * scale - 0.5;
+    // Each shape paints only the pixels of its bounding box (a 256² mask has up to 55 segments).
+    for (min, max, shape) in shape_bounds(&shapes) {
+        let x_range =
+            (to_pixel(min.0).floor().max(0.0) as usize)..((to_pixel(max.0).ceil() + 1.0).max(0.0) as usize).min(width);
+        let y_range =
+            (to_pixel(min.1).floor().max(0.0) as usize)..((to_pixel(max.1).ceil() + 1.0).max(0.0) as usize).min(height);
+        for y in y_range {
+            let cy = to_canvas(y);
+            for x in x_range.clone() {
+                if shape.covers(to_canvas(x), cy) {
+                    hole[y * width + x] = 1.0;
+                }
             }
         }
     }
@@ -167,23 +174,59 @@ fn boxes(rng: &mut impl Rng, p: &MaskParams, (w, h): (u32, u32)) -> Vec<Rect> {
         .collect()
 }
 
-/// Whether the canvas point `(x, y)` lies in the mask: within half a brush width of a segment (cv2's thick lines
-/// have round ends), or inside a box.
-fn covers(shapes: &MaskShapes, x: f64, y: f64) -> bool {
+/// One drawn shape.
+#[derive(Clone, Copy)]
+enum Shape<'a> {
+    Segment(&'a Segment),
+    Box(&'a Rect),
+}
+
+impl Shape<'_> {
+    /// Whether the canvas point `(x, y)` is painted: within half a brush width of a segment (cv2's thick lines have
+    /// round ends), or inside a box.
+    fn covers(self, x: f64, y: f64) -> bool {
+        match self {
+            Shape::Segment(s) => {
+                let (ax, ay) = (s.from.0 as f64, s.from.1 as f64);
+                let (dx, dy) = (s.to.0 as f64 - ax, s.to.1 as f64 - ay);
+                let len2 = dx * dx + dy * dy;
+                let t = if len2 > 0.0 { (((x - ax) * dx + (y - ay) * dy) / len2).clamp(0.0, 1.0) } else { 0.0 };
+                let (px, py) = (ax + t * dx - x, ay + t * dy - y);
+                let radius = s.width as f64 / 2.0;
+                px * px + py * py <= radius * radius
+            }
+            Shape::Box(b) => {
+                // Pixels x..x+width (exclusive), with centres at integers.
+                let inside = |v: f64, start: u32, len: u32| v >= start as f64 - 0.5 && v < (start + len) as f64 - 0.5;
+                inside(x, b.x, b.width) && inside(y, b.y, b.height)
+            }
+        }
+    }
+}
+
+/// A canvas point `(x, y)`.
+type Point = (f64, f64);
+
+/// Every shape with the canvas box `(min, max)` that holds it.
+fn shape_bounds(shapes: &MaskShapes) -> Vec<(Point, Point, Shape<'_>)> {
     match shapes {
-        MaskShapes::Strokes(strokes) => strokes.iter().flatten().any(|s| {
-            let (ax, ay) = (s.from.0 as f64, s.from.1 as f64);
-            let (dx, dy) = (s.to.0 as f64 - ax, s.to.1 as f64 - ay);
-            let len2 = dx * dx + dy * dy;
-            let t = if len2 > 0.0 { (((x - ax) * dx + (y - ay) * dy) / len2).clamp(0.0, 1.0) } else { 0.0 };
-            let (px, py) = (ax + t * dx - x, ay + t * dy - y);
-            let radius = s.width as f64 / 2.0;
-            px * px + py * py <= radius * radius
-        }),
-        MaskShapes::Boxes(boxes) => boxes.iter().any(|b| {
-            // Pixels x..x+width (exclusive), with centres at integers.
-            let inside = |v: f64, start: u32, len: u32| v >= start as f64 - 0.5 && v < (start + len) as f64 - 0.5;
-            inside(x, b.x, b.width) && inside(y, b.y, b.height)
-        }),
+        MaskShapes::Strokes(strokes) => strokes
+            .iter()
+            .flatten()
+            .map(|s| {
+                let r = s.width as f64 / 2.0;
+                let (x0, x1) = (s.from.0.min(s.to.0) as f64, s.from.0.max(s.to.0) as f64);
+                let (y0, y1) = (s.from.1.min(s.to.1) as f64, s.from.1.max(s.to.1) as f64);
+                ((x0 - r, y0 - r), (x1 + r, y1 + r), Shape::Segment(s))
+            })
+            .collect(),
+        MaskShapes::Boxes(boxes) => boxes
+            .iter()
+            .map(|b| {
+                let min = (b.x as f64 - 0.5, b.y as f64 - 0.5);
+                let max = ((b.x + b.width) as f64 - 0.5, (b.y + b.height) as f64 - 0.5);
+                (min, max, Shape::Box(b))
+            })
+            .collect(),
     }
 }

@@ -92,6 +92,22 @@ fn generated_masks_follow_the_reference_distribution() {
                 if strokes.is_empty() {
                     assert!(mask.hole.iter().all(|&v| v == 0.0), "no stroke, no hole");
                 }
+                if seed < 40 {
+                    // Exactly the pixels within half a brush width of a segment (round ends, as cv2.line).
+                    let segments: Vec<_> = strokes.iter().flatten().collect();
+                    for (p, &painted) in mask.hole.iter().enumerate() {
+                        let (x, y) = ((p % 256) as f64, (p / 256) as f64);
+                        let inside = segments.iter().any(|s| {
+                            let (a, b) = ((s.from.0 as f64, s.from.1 as f64), (s.to.0 as f64, s.to.1 as f64));
+                            let (dx, dy) = (b.0 - a.0, b.1 - a.1);
+                            let along = ((x - a.0) * dx + (y - a.1) * dy) / (dx * dx + dy * dy).max(1e-12);
+                            let t = along.clamp(0.0, 1.0);
+                            let d2 = (a.0 + t * dx - x).powi(2) + (a.1 + t * dy - y).powi(2);
+                            d2 <= (s.width as f64 / 2.0).powi(2)
+                        });
+                        assert_eq!(painted == 1.0, inside, "seed {seed}: pixel ({x}, {y})");
+                    }
+                }
             }
             MaskShapes::Boxes(boxes) => {
                 box_counts[boxes.len()] += 1;

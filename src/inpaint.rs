@@ -57,6 +57,12 @@ pub fn latent_mask<B: Backend>(holes: Tensor<B, 4>, factor: usize) -> Tensor<B, 
         .reshape([n, 1, lh, lw])
 }
 
+/// The inpainting condition concatenated to `x_t`: the masked image's latent, then the ±1 mask on its grid
+/// ([`latent_mask`]); `[N, C + 1, H/f, W/f]`.
+pub fn condition<B: Backend>(masked_latent: Tensor<B, 4>, holes: Tensor<B, 4>, factor: usize) -> Tensor<B, 4> {
+    Tensor::cat(vec![masked_latent, latent_mask(holes, factor)], 1)
+}
+
 /// LFM's composite: generated pixels in the hole, the original elsewhere (`fake·hole + original·(1 − hole)`).
 pub fn composite(generated: &mut RgbImage, original: &RgbImage, hole: &[f32]) {
     for (p, &m) in hole.iter().enumerate() {

@@ -10,7 +10,7 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::backend::Backend;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -20,15 +20,15 @@ use crate::autoencoder::{Autoencoder, AutoencoderWeights};
 use crate::backend::{self, BackendChoice, OnBackend};
 use crate::checkpoint::TensorMap;
 use crate::image::{read_rgb, write_rgb};
-use crate::inpaint::{composite, hole_tensor, latent_mask, masked_images};
+use crate::inpaint::{self, composite, hole_tensor, masked_images};
 use crate::metrics::features::{image_files, FeatureExtractor};
 use crate::metrics::fid::{frechet_distance, Accumulator};
 use crate::metrics::ids::{inpainting_ids, Ids};
 use crate::metrics::inception::FEATURE_DIM;
-use crate::models::conditioning::SpatialRescaler;
+use crate::models::conditioning::{class_shares, SpatialRescaler};
 use crate::models::{weights_and_config, ModelConfig, VelocityModel};
 use crate::sample::{noise, sample_batch, BatchInput, Guidance, Summary};
-use crate::train::task::{class_fractions, read_segmentation};
+use crate::train::task::read_segmentation;
 
 /// Arguments of `lfm eval`.
 #[derive(Debug, Args)]
@@ -253,20 +253,16 @@ impl OnBackend for Job {
                     let x = crate::image::to_tensor::<B>(&images, &device)?;
                     let eps = noise::<B>(args.seed ^ MASKED_IMAGE_NOISE, first, count, [c_out, side, side], &device);
                     let latent = ae.encode(masked_images(x, hole.clone()), Some(eps));
-                    (Tensor::cat(vec![latent, latent_mask(hole, f)], 1), Some(inputs))
+                    (inpaint::condition(latent, hole, f), Some(inputs))
                 }
                 Inputs::Semantic { maps, .. } => {
                     let rescaler = rescaler.as_ref().expect("semantic inputs load the projection");
                     let classes = rescaler.classes();
-                    let mut shares = Vec::with_capacity(count * classes * side * side);
-                    for map in &maps[first..first + count] {
-                        let values = read_segmentation(map, size, false, classes).map_err(|e| anyhow::anyhow!(e))?;
-                        shares.extend(class_fractions(&values, size, f, classes));
-                    }
-                    let shares = Tensor::<B, 4>::from_data(
-                        TensorData::new(shares, [count, classes, side, side]).convert::<B::FloatElem>(),
-                        &device,
-                    );
+                    let maps = maps[first..first + count]
+                        .iter()
+                        .map(|map| read_segmentation(map, size, false, classes))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let shares = class_shares::<B>(&maps, size, f, classes, &device).map_err(|e| anyhow::anyhow!(e))?;
                     (rescaler.project(shares), None)
                 }
             };

@@ -12,12 +12,12 @@ use crate::autoencoder::{Autoencoder, AutoencoderWeights};
 use crate::backend::{self, BackendChoice, OnBackend};
 use crate::checkpoint::{read_safetensors, write_safetensors, HostTensor, TensorMap};
 use crate::image::{read_rgb, write_rgb, RgbImage};
-use crate::inpaint::{composite, hole_tensor, latent_mask, masked_images, read_hole};
+use crate::inpaint::{self, composite, hole_tensor, masked_images, read_hole};
 use crate::metrics::features::{image_files, FeatureExtractor};
 use crate::metrics::fid::{frechet_distance, Accumulator, Statistics};
 use crate::metrics::inception::FEATURE_DIM;
 use crate::metrics::stats_file::read_statistics;
-use crate::models::conditioning::{one_hot, SpatialRescaler};
+use crate::models::conditioning::{class_shares, SpatialRescaler};
 use crate::models::{weights_and_config, ConfigChoice, ModelConfig, Preset, VelocityModel};
 use crate::sample::{labels, noise, sample_batch, BatchInput, ClassChoice, Guidance, Summary};
 
@@ -225,7 +225,7 @@ impl OnBackend for Job {
                 let hole = hole_tensor::<B>(inpaint.hole.clone(), 1, (w, h), &device);
                 let eps = noise::<B>(args.seed ^ MASKED_IMAGE_NOISE, 0, 1, [c_out, h / f, w / f], &device);
                 let latent = ae.encode(masked_images(image, hole.clone()), Some(eps));
-                Some(Tensor::cat(vec![latent, latent_mask(hole, f)], 1))
+                Some(inpaint::condition(latent, hole, f))
             }
             _ => None,
         };
@@ -247,10 +247,15 @@ impl OnBackend for Job {
                     s = side * decoded.unwrap_or(8),
                 );
                 let rescaler = SpatialRescaler::<B>::load(&semantic.rescaler, f.trailing_zeros() as usize, &device)?;
-                let one_hot =
-                    one_hot::<B>(&semantic.classes, semantic.width, semantic.height, rescaler.classes(), &device)
-                        .map_err(|e| anyhow::anyhow!(e))?;
-                Some(rescaler.forward(one_hot))
+                let shares = class_shares::<B>(
+                    std::slice::from_ref(&semantic.classes),
+                    semantic.width,
+                    f,
+                    rescaler.classes(),
+                    &device,
+                )
+                .map_err(|e| anyhow::anyhow!(e))?;
+                Some(rescaler.project(shares))
             }
             (_, condition) => condition,
         };

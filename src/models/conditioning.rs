@@ -48,7 +48,7 @@ impl<B: Backend> SpatialRescaler<B> {
     }
 
     /// The projection alone, of maps already at the latent's resolution (class shares per latent cell, see
-    /// [`crate::train::task::class_fractions`]).
+    /// [`class_shares`]).
     pub fn project(&self, shares: Tensor<B, 4>) -> Tensor<B, 4> {
         conv2d(&self.channel_mapper, shares)
     }
@@ -75,4 +75,40 @@ pub fn one_hot<B: Backend>(
         values[c as usize * width * height + p] = 1.0;
     }
     Ok(Tensor::from_data(TensorData::new(values, [1, classes, height, width]).convert::<B::FloatElem>(), device))
+}
+
+/// The share of each class in every `factor × factor` cell of a `size × size` class map: `[classes, size/f,
+/// size/f]` values, the one-hot map halved log₂ f times as LDM's `SpatialRescaler` does.
+pub fn class_fractions(map: &[u8], size: usize, factor: usize, classes: usize) -> Vec<f32> {
+    let side = size / factor;
+    let mut out = vec![0f32; classes * side * side];
+    let share = 1.0 / (factor * factor) as f32;
+    for (y, row) in map.chunks(size).enumerate() {
+        for (x, &c) in row.iter().enumerate() {
+            out[(c as usize * side + y / factor) * side + x / factor] += share;
+        }
+    }
+    out
+}
+
+/// Square class maps (`size × size` class indices each) as class shares per latent cell, `[maps, classes, size/f,
+/// size/f]`: the input of [`SpatialRescaler::project`], equal to what [`SpatialRescaler::forward`] makes of the one-hot
+/// maps before projecting them, but built on the host without the full-resolution one-hot tensor.
+pub fn class_shares<B: Backend>(
+    maps: &[Vec<u8>],
+    size: usize,
+    factor: usize,
+    classes: usize,
+    device: &B::Device,
+) -> Result<Tensor<B, 4>, String> {
+    if let Some(map) = maps.iter().find(|m| m.len() != size * size) {
+        return Err(format!("a segmentation map has {} values; {size}×{size} maps have {}", map.len(), size * size));
+    }
+    if let Some(&bad) = maps.iter().flatten().find(|&&c| c as usize >= classes) {
+        return Err(format!("the segmentation map holds class {bad}, but the model knows classes 0..{}", classes - 1));
+    }
+    let side = size / factor;
+    let shares = maps.iter().flat_map(|map| class_fractions(map, size, factor, classes)).collect();
+    let data = TensorData::new(shares, [maps.len(), classes, side, side]).convert::<B::FloatElem>();
+    Ok(Tensor::from_data(data, device))
 }

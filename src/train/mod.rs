@@ -50,7 +50,7 @@ impl<B: AutodiffBackend> Batch<B> {
 /// LFM's loss: `mean((model(t, [x_t, condition], y) − u)²)` with `x_t` and `u` from [`crate::flow`].
 pub fn flow_matching_loss<B: AutodiffBackend>(model: &VelocityModel<B>, batch: Batch<B>) -> Tensor<B, 1> {
     assert!(batch.segmentation.is_none(), "segmentation maps need a network with a SpatialRescaler (TrainNet)");
-    network_loss(&TrainNet { velocity: model.clone(), rescaler: None }, batch, false)
+    network_loss(model, None, batch, false)
 }
 
 /// What a run optimises: the velocity network and, for semantic synthesis, the projection of the segmentation
@@ -63,19 +63,25 @@ pub struct TrainNet<B: Backend> {
     pub rescaler: Option<SpatialRescaler<B>>,
 }
 
-/// The loss of `net` on a batch; with `train_rescaler` false the projection is held fixed (LFM's `no_grad`).
-fn network_loss<B: AutodiffBackend>(net: &TrainNet<B>, batch: Batch<B>, train_rescaler: bool) -> Tensor<B, 1> {
+/// The loss of a velocity network (and, for semantic synthesis, its segmentation projection) on a batch; with
+/// `train_rescaler` false the projection is held fixed (LFM's `no_grad`).
+fn network_loss<B: AutodiffBackend>(
+    velocity: &VelocityModel<B>,
+    rescaler: Option<&SpatialRescaler<B>>,
+    batch: Batch<B>,
+    train_rescaler: bool,
+) -> Tensor<B, 1> {
     let x_t = flow::interpolate(batch.z0.clone(), batch.z1.clone(), batch.t.clone());
     let u = flow::target_velocity(batch.z0, batch.z1);
     let mut input = vec![x_t];
     input.extend(batch.condition);
     if let Some(shares) = batch.segmentation {
-        let rescaler = net.rescaler.as_ref().expect("segmentation maps come with a SpatialRescaler");
+        let rescaler = rescaler.expect("segmentation maps come with a SpatialRescaler");
         let projected = rescaler.project(shares);
         input.push(if train_rescaler { projected } else { projected.detach() });
     }
     let x = if input.len() == 1 { input.pop().expect("one input") } else { Tensor::cat(input, 1) };
-    flow::loss(net.velocity.forward(batch.t, x, batch.y), u)
+    flow::loss(velocity.forward(batch.t, x, batch.y), u)
 }
 
 /// AdamW as LFM configures it: betas (0.9, 0.999), eps 1e-8, weight decay 0 (LFM's `--beta1/--beta2` are ignored).
@@ -214,7 +220,7 @@ where
     /// checkpoint key (for checks against the reference).
     pub fn step(&mut self, batch: Batch<B>, lr: f64, keep_grads: bool) -> StepReport {
         let model = self.model.take().expect("a model between steps");
-        let loss = network_loss(&model, batch, self.train_rescaler);
+        let loss = network_loss(&model.velocity, model.rescaler.as_ref(), batch, self.train_rescaler);
         let loss_value: f64 = loss.clone().into_scalar().elem();
         let grads = loss.backward();
         let kept =
@@ -234,7 +240,8 @@ where
         let mut loss_value = 0.0;
         for batch in batches {
             let share = batch.z0.dims()[0] as f64 / total.max(1) as f64;
-            let loss = network_loss(&model, batch, self.train_rescaler).mul_scalar(share);
+            let loss =
+                network_loss(&model.velocity, model.rescaler.as_ref(), batch, self.train_rescaler).mul_scalar(share);
             loss_value += loss.clone().into_scalar().elem::<f64>();
             accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
         }

@@ -18,12 +18,12 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{load_image, Source};
 use super::masks::{self, MaskParams};
-use super::task::{class_fractions, read_mask, read_segmentation, Task, TaskFiles, TaskInputError};
+use super::task::{read_mask, read_segmentation, Task, TaskFiles, TaskInputError};
 use super::{lfm_adamw, Batch, SavedState, Trainer};
 use crate::autoencoder::{AnyAutoencoder, Autoencoder};
 use crate::checkpoint::{write_safetensors, CONFIG_METADATA_KEY};
 use crate::io::write_atomic;
-use crate::models::conditioning::SpatialRescaler;
+use crate::models::conditioning::{class_shares, SpatialRescaler};
 use crate::models::{ModelConfig, VelocityModel};
 
 /// How the learning rate evolves.
@@ -379,17 +379,12 @@ pub fn train<B: Backend>(
                         let masked = crate::inpaint::masked_images(x.clone(), hole.clone());
                         let eps_masked = crate::sample::noise::<B>(settings.seed ^ CONDITION, first, n, latent, device);
                         let z = ae.encode(Tensor::cat(vec![x, masked], 0), Some(Tensor::cat(vec![eps, eps_masked], 0)));
-                        let mask = crate::inpaint::latent_mask(hole, f);
-                        let condition = Tensor::cat(vec![z.clone().narrow(0, n, n), mask], 1);
+                        let condition = crate::inpaint::condition(z.clone().narrow(0, n, n), hole, f);
                         (z.narrow(0, 0, n), labels, Some(condition), None)
                     }
                     Task::Semantic { classes, .. } => {
-                        let shares: Vec<f32> =
-                            maps.iter().flat_map(|map| class_fractions(map, *size, f, *classes)).collect();
-                        let shares = Tensor::<B, 4>::from_data(
-                            TensorData::new(shares, [n, *classes, latent[1], latent[2]]).convert::<B::FloatElem>(),
-                            device,
-                        );
+                        let shares =
+                            class_shares::<B>(&maps, *size, f, *classes, device).map_err(TrainError::Invalid)?;
                         (ae.encode(x, Some(eps)), labels, None, Some(shares))
                     }
                 }

@@ -163,17 +163,3 @@ pub fn read_segmentation(path: &Path, size: usize, flip: bool, classes: usize) -
     }
     Ok(values)
 }
-
-/// The share of each class in every `factor × factor` cell of a `size × size` class map: `[classes, size/f,
-/// size/f]` values, the one-hot map halved log₂ f times as LDM's `SpatialRescaler` does.
-pub fn class_fractions(map: &[u8], size: usize, factor: usize, classes: usize) -> Vec<f32> {
-    let side = size / factor;
-    let mut out = vec![0f32; classes * side * side];
-    let share = 1.0 / (factor * factor) as f32;
-    for (y, row) in map.chunks(size).enumerate() {
-        for (x, &c) in row.iter().enumerate() {
-            out[(c as usize * side + y / factor) * side + x / factor] += share;
-        }
-    }
-    out
-}

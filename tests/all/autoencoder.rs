@@ -12,7 +12,8 @@ fn vae_config() -> AutoencoderKLConfig {
     AutoencoderKLConfig::from_json(&constructor_kwargs("vae_tiny").to_string()).unwrap()
 }
 
-fn vae<B: Backend>(device: &B::Device) -> AutoencoderKL<B> {
+/// The golden tiny KL VAE (16 px ↔ 4×8×8).
+pub(crate) fn vae<B: Backend>(device: &B::Device) -> AutoencoderKL<B> {
     let weights = read_weights(&fixture("vae_tiny/model.safetensors")).unwrap().tensors;
     AutoencoderKL::load(&vae_config(), &weights, device).unwrap()
 }

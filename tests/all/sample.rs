@@ -253,16 +253,7 @@ fn inpainting_keeps_the_unmasked_pixels() {
 fn semantic_synthesis_depends_on_the_segmentation_map() {
     let dir = tempfile::tempdir().unwrap();
     let config = UNetConfig { in_channels: 8, ..crate::unet::golden_config() };
-    let weights = lfm::checkpoint::read_weights(&fixture("adm_origin_tiny/model.pth")).unwrap().tensors;
-    // The golden UNet's weights with its input convolution widened from 4 to 8 channels.
-    let mut weights = weights.clone();
-    let conv = weights["input_blocks.0.0.weight"].clone();
-    let (c_out, per_in) = (conv.shape[0], conv.numel() / conv.shape[0]);
-    let old = conv.to_f32();
-    let widened: Vec<f32> = (0..c_out)
-        .flat_map(|o| [&old[o * per_in..(o + 1) * per_in], &old[o * per_in..(o + 1) * per_in]].concat())
-        .collect();
-    weights.insert("input_blocks.0.0.weight".into(), HostTensor::f32(vec![c_out, 8, 3, 3], widened));
+    let weights = crate::unet::golden_weights_with_inputs(8);
     let meta =
         std::collections::HashMap::from([(CONFIG_METADATA_KEY.to_string(), ModelConfig::GuidedUnet(config).to_json())]);
     let ckpt = dir.path().join("semantic.safetensors");

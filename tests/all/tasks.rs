@@ -1,9 +1,16 @@
 //! LFM's downstream tasks: inpainting and semantic synthesis trained by `lfm train --task …`, the masks drawn as the
 //! reference draws them, and the trained models sampled by `lfm sample`.
 
+use burn::backend::Autodiff;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Tensor, TensorData};
+use lfm::autoencoder::Autoencoder;
+use lfm::backend::{Cpu, Wgpu};
 use lfm::checkpoint::{read_safetensors, read_weights};
-use lfm::models::{ModelConfig, UNetConfig};
+use lfm::models::{ModelConfig, UNetConfig, VelocityModel};
 use lfm::train::masks::{generate, MaskParams, MaskShapes};
+use lfm::train::{lfm_adamw, Batch, Trainer};
+use rand::SeedableRng;
 
 use crate::common::*;
 
@@ -61,7 +68,6 @@ fn mean(values: &[f64]) -> f64 {
 
 #[test]
 fn generated_masks_follow_the_reference_distribution() {
-    use rand::SeedableRng;
     let params = MaskParams::default();
     let (mut irregular, mut stroke_counts, mut pieces, mut box_counts) = (0, [0usize; 12], [0usize; 6], [0usize; 4]);
     let (mut widths, mut lengths, mut sides) = (Vec::new(), Vec::new(), Vec::new());
@@ -490,4 +496,156 @@ fn evaluate_semantic(s: &crate::train::Setup, run: &std::path::Path, maps: &[std
         let image = lfm::image::read_rgb(&out.join(format!("map{i}.png"))).unwrap();
         assert_eq!((image.width, image.height), (16, 16));
     }
+}
+
+/// What one task training step computes on a backend, read back to the host.
+struct TaskStep {
+    /// The condition concatenated to `x_t` (inpainting: masked latent and ±1 mask; semantic: the projected maps).
+    condition: Vec<f32>,
+    /// The batch's loss.
+    loss: f64,
+    /// The velocity network's gradients.
+    grads: lfm::checkpoint::TensorMap,
+    /// Every trained weight after the AdamW step (the projection's under `rescaler.`).
+    after: lfm::checkpoint::TensorMap,
+}
+
+const STEP_LR: f64 = 1e-4;
+/// AdamW's epsilon in [`lfm_adamw`].
+const ADAM_EPS: f64 = 1e-8;
+
+/// Smooth host values in [−1, 1], different for each `phase`.
+fn wave(len: usize, phase: f32) -> Vec<f32> {
+    (0..len).map(|i| (i as f32 * 0.731 + phase).sin()).collect()
+}
+
+fn host<B: burn::tensor::backend::Backend>(values: Vec<f32>, shape: [usize; 4], device: &B::Device) -> Tensor<B, 4> {
+    Tensor::from_data(TensorData::new(values, shape).convert::<B::FloatElem>(), device)
+}
+
+/// A 9-channel UNet, one step on two 16-px images: LFM's masks, the masked image, one encoder pass for the image and
+/// the masked image with posterior samples, the mask on the latent grid — as `lfm train --task inpaint` builds them.
+fn inpainting_step<B: AutodiffBackend>(device: &B::Device) -> TaskStep {
+    let (n, size, f) = (2, 16, 2);
+    let ae = crate::autoencoder::vae::<B::InnerBackend>(device);
+    let images = host::<B::InnerBackend>(wave(n * 3 * size * size, 0.0), [n, 3, size, size], device);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let holes: Vec<f32> = (0..n).flat_map(|_| generate(&mut rng, &MaskParams::default(), size, size).hole).collect();
+    assert!(holes.contains(&0.0) && holes.contains(&1.0), "the masks keep some pixels and generate others");
+    let hole = lfm::inpaint::hole_tensor::<B::InnerBackend>(holes, n, (size, size), device);
+    let latent = [2 * n, 4, size / f, size / f];
+    let eps = host::<B::InnerBackend>(wave(latent.iter().product(), 1.0), latent, device);
+    let masked = lfm::inpaint::masked_images(images.clone(), hole.clone());
+    let z = ae.encode(Tensor::cat(vec![images, masked], 0), Some(eps));
+    let condition = lfm::inpaint::condition(z.clone().narrow(0, n, n), hole, f);
+    let z1 = host::<B::InnerBackend>(wave(n * 4 * 8 * 8, 2.0), [n, 4, 8, 8], device);
+    let batch = Batch {
+        condition: Some(Tensor::from_inner(condition.clone())),
+        ..Batch::new(
+            Tensor::from_inner(z.narrow(0, 0, n)),
+            Tensor::from_inner(z1),
+            Tensor::from_floats([0.3, 0.85], device),
+            None,
+        )
+    };
+    let config = ModelConfig::GuidedUnet(UNetConfig { in_channels: 9, ..crate::unet::golden_config() });
+    let model = VelocityModel::<B>::load(&config, &crate::unet::golden_weights_with_inputs(9), device).unwrap();
+    let mut trainer = Trainer::new(model, lfm_adamw());
+    let report = trainer.step(batch, STEP_LR, true);
+    TaskStep {
+        condition: values(condition),
+        loss: report.loss,
+        grads: report.grads.unwrap(),
+        after: trainer.model().state_dict(),
+    }
+}
+
+/// An 8-channel UNet with a trained projection, one step: class maps → class shares per latent cell → the 1×1
+/// projection, as `lfm train --task semantic` builds them; the shares equal LFM's halved one-hot maps on this backend.
+fn semantic_step<B: AutodiffBackend>(device: &B::Device, projection: &lfm::checkpoint::TensorMap) -> TaskStep {
+    use lfm::models::conditioning::{class_shares, one_hot, SpatialRescaler};
+    let (n, size, f, classes) = (2, 16, 2, 19);
+    let maps: Vec<Vec<u8>> = (0..n)
+        .map(|k| (0..size * size).map(|p| ((p % size / 3 + p / size / 5 + 7 * k) % classes) as u8).collect())
+        .collect();
+    let rescaler = SpatialRescaler::<B>::load(projection, 1, device).unwrap();
+    let shares = class_shares::<B>(&maps, size, f, classes, device).unwrap();
+    let one_hots = maps.iter().map(|m| one_hot::<B>(m, size, size, classes, device).unwrap()).collect();
+    assert_close(
+        "LFM's halved one-hot maps vs class shares",
+        &values(rescaler.forward(Tensor::cat(one_hots, 0))),
+        &values(rescaler.project(shares.clone())),
+        1e-6,
+        1e-7,
+    );
+    let condition = values(rescaler.project(shares.clone()));
+    let z = |phase| host::<B>(wave(n * 4 * 8 * 8, phase), [n, 4, 8, 8], device);
+    let batch = Batch {
+        segmentation: Some(shares),
+        ..Batch::new(z(0.5), z(2.5), Tensor::from_floats([0.6, 0.1], device), None)
+    };
+    let config = ModelConfig::GuidedUnet(UNetConfig { in_channels: 8, ..crate::unet::golden_config() });
+    let model = VelocityModel::<B>::load(&config, &crate::unet::golden_weights_with_inputs(8), device).unwrap();
+    let mut trainer = Trainer::new(model, lfm_adamw()).with_rescaler(rescaler, true);
+    let report = trainer.step(batch, STEP_LR, true);
+    let mut after = trainer.model().state_dict();
+    for (key, value) in trainer.rescaler().unwrap().state_dict() {
+        after.insert(format!("rescaler.{key}"), value);
+    }
+    TaskStep { condition, loss: report.loss, grads: report.grads.unwrap(), after }
+}
+
+/// The wgpu step against the cpu step: condition, loss, every gradient (5e-4 of its tensor's max) and every weight
+/// after AdamW (1e-6, plus what the two gradients' difference allows where |g| is near AdamW's eps).
+fn assert_same_step(task: &str, cpu: &TaskStep, gpu: &TaskStep) {
+    assert_close(&format!("{task} condition"), &gpu.condition, &cpu.condition, 1e-5, 1e-6);
+    assert!((gpu.loss - cpu.loss).abs() <= 1e-5 * cpu.loss, "{task} loss: wgpu {} vs cpu {}", gpu.loss, cpu.loss);
+    assert_eq!(
+        gpu.grads.keys().collect::<Vec<_>>(),
+        cpu.grads.keys().collect::<Vec<_>>(),
+        "{task}: parameters with a gradient"
+    );
+    // wgpu's autotune picks kernels by timing, so sums are ordered differently from run to run (1.2e-4 of a UNet
+    // tensor's max seen under load): 5e-4. Some gradients are zero in exact arithmetic (a conv bias ahead of a one-channel-per-group GroupNorm) and only
+    // float noise in practice; they are held to a floor of 1e-6 of the largest gradient instead.
+    let largest = cpu.grads.values().flat_map(|g| g.to_f32()).fold(0f64, |m, g| m.max(g.abs() as f64));
+    for (key, want) in &cpu.grads {
+        assert_close(&format!("{task} grad {key}"), &gpu.grads[key].to_f32(), &want.to_f32(), 5e-4, 1e-6 * largest);
+    }
+    assert_eq!(gpu.after.keys().collect::<Vec<_>>(), cpu.after.keys().collect::<Vec<_>>(), "{task}: trained weights");
+    for (key, want) in &cpu.after {
+        let (got, want) = (gpu.after[key].to_f32(), want.to_f32());
+        let grads = cpu.grads.get(key).map(|g| (g.to_f32(), gpu.grads[key].to_f32()));
+        for i in 0..want.len() {
+            // AdamW's first step moves a weight by −lr·g/(|g| + eps): near g = 0 (|g| ≲ eps) the step follows the
+            // gradient's last bits, so the two steps may part by what the two gradients make of that formula.
+            let parted = grads.as_ref().map_or(0.0, |(c, g)| {
+                let step = |g: f32| STEP_LR * g as f64 / (g.abs() as f64 + ADAM_EPS);
+                (step(c[i]) - step(g[i])).abs()
+            });
+            let bound = 1e-6 + 1.01 * parted;
+            let diff = (got[i] - want[i]).abs() as f64;
+            assert!(
+                diff <= bound,
+                "{task}: {key}[{i}] after the step: wgpu {}, cpu {} (bound {bound:e})",
+                got[i],
+                want[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn task_training_steps_match_between_cpu_and_wgpu() {
+    let inpaint_cpu = inpainting_step::<Autodiff<Cpu>>(&cpu());
+    let projection = lfm::models::conditioning::SpatialRescaler::<Cpu>::new(19, 4, 1, &cpu()).state_dict();
+    let semantic_cpu = semantic_step::<Autodiff<Cpu>>(&cpu(), &projection);
+    // The projection learned on cpu (so the comparison of its weights below is not vacuous).
+    assert_ne!(
+        semantic_cpu.after["rescaler.channel_mapper.weight"].to_f32(),
+        projection["channel_mapper.weight"].to_f32()
+    );
+    let Some(device) = wgpu() else { return };
+    assert_same_step("inpainting", &inpaint_cpu, &inpainting_step::<Autodiff<Wgpu>>(&device));
+    assert_same_step("semantic", &semantic_cpu, &semantic_step::<Autodiff<Wgpu>>(&device, &projection));
 }

@@ -41,6 +41,22 @@ fn golden_weights() -> TensorMap {
     read_weights(&fixture(&format!("{CASE}/model.pth"))).unwrap().tensors
 }
 
+/// The golden UNet's weights with its input convolution widened to `in_channels` (input channel `i` reads the
+/// weights of the golden channel `i mod 4`): a conditional UNet with real, non-zero weights everywhere.
+pub(crate) fn golden_weights_with_inputs(in_channels: usize) -> TensorMap {
+    let mut weights = golden_weights();
+    let conv = weights["input_blocks.0.0.weight"].clone();
+    let [c_out, c_in, kh, kw] = conv.shape[..] else { panic!("a 4-d input convolution") };
+    let old = conv.to_f32();
+    let per_in = kh * kw;
+    let widened: Vec<f32> = (0..c_out)
+        .flat_map(|o| (0..in_channels).map(move |i| (o, i % c_in)))
+        .flat_map(|(o, i)| old[(o * c_in + i) * per_in..(o * c_in + i + 1) * per_in].to_vec())
+        .collect();
+    weights.insert("input_blocks.0.0.weight".into(), HostTensor::f32(vec![c_out, in_channels, kh, kw], widened));
+    weights
+}
+
 fn check<B: Backend>(model: &UNetModel<B>, device: &B::Device, rel: f64) {
     let io = io(CASE);
     let x = tensor::<B, 4>(get(&io, "x"), device);

@@ -51,11 +51,14 @@ pub struct EncodeArgs {
     /// Images (PNG or JPEG) of one size, divisible by the autoencoder's factor (8 for SD's VAE and TAESD).
     #[arg(required_unless_present = "data", conflicts_with = "data")]
     pub images: Vec<PathBuf>,
-    /// A whole dataset instead: a folder (searched recursively) or an IDX file such as Fashion-MNIST's
-    /// `train-images-idx3-ubyte.gz`; its labels (IDX labels file beside it, or --class-folders) are written as `y`,
-    /// ready for `lfm train --latents`.
+    /// A whole dataset instead: a folder (searched recursively), an LMDB dataset (NVAE or LSUN layout) or an IDX
+    /// file such as Fashion-MNIST's `train-images-idx3-ubyte.gz`; its labels (IDX labels file beside it, or
+    /// --class-folders) are written as `y`, ready for `lfm train --latents`.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// With --data: the first N images only (LFM trains LSUN on its first 120000).
+    #[arg(long, requires = "data")]
+    pub max_images: Option<usize>,
     /// With --data: side of the square images (resize the short side, centre-crop).
     #[arg(long, default_value_t = 256)]
     pub image_size: usize,
@@ -141,15 +144,16 @@ impl OnBackend for Encode {
     }
 }
 
-/// Every image of a dataset (folder or IDX file), cut to `size`, with its labels when it has any.
+/// Every image of a dataset (folder, LMDB or IDX file; the first `max_images`), cut to `size`, with its labels
+/// when it has any.
 fn dataset_images(
     path: &std::path::Path,
     size: usize,
     class_folders: bool,
+    max_images: Option<usize>,
 ) -> anyhow::Result<(Vec<RgbImage>, Option<Vec<i64>>)> {
-    use crate::train::data::{idx_images, image_folder, is_idx, load_image, Source};
-    let source = if is_idx(path) { idx_images(path, size) } else { image_folder(path, size, class_folders) }
-        .map_err(|e| anyhow::anyhow!(e))?;
+    use crate::train::data::{load_image, open_images, Source};
+    let source = open_images(path, size, class_folders, max_images).map_err(|e| anyhow::anyhow!(e))?;
     let Source::Images { items, labels, .. } = source else { anyhow::bail!("{}: expected images", path.display()) };
     let images = items.iter().map(|item| load_image(item, size, false)).collect::<Result<Vec<_>, _>>();
     Ok((images.map_err(|e| anyhow::anyhow!(e))?, labels))
@@ -160,7 +164,7 @@ pub(crate) fn encode(args: EncodeArgs, choice: BackendChoice) -> anyhow::Result<
         anyhow::bail!("{} exists; pass --force to overwrite it", args.out.display());
     }
     let (images, labels) = match &args.data {
-        Some(path) => dataset_images(path, args.image_size, args.class_folders)?,
+        Some(path) => dataset_images(path, args.image_size, args.class_folders, args.max_images)?,
         None => (args.images.iter().map(|p| read_rgb(p)).collect::<Result<Vec<_>, _>>()?, None),
     };
     anyhow::ensure!(!images.is_empty(), "no images to encode");

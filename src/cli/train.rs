@@ -10,7 +10,7 @@ use crate::autoencoder::AutoencoderWeights;
 use crate::backend::{self, BackendChoice, OnBackend};
 use crate::checkpoint::TensorMap;
 use crate::models::{read_config, ModelConfig, Preset};
-use crate::train::data::{idx_images, image_folder, is_idx, latent_file, Source};
+use crate::train::data::{latent_file, open_images, Source};
 use crate::train::run::{read_state, train, RunSettings, Schedule, State};
 use crate::train::task::{Task, TaskFiles};
 
@@ -28,10 +28,15 @@ pub enum TaskKind {
 /// Arguments of `lfm train`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Images encoded every step as LFM does: a folder (searched recursively), or an IDX file such as
-    /// Fashion-MNIST's `train-images-idx3-ubyte.gz` (labelled by the `…labels-idx1…` file beside it).
+    /// Images encoded every step as LFM does: a folder (searched recursively; PNG, JPEG, WebP), an LMDB dataset
+    /// (NVAE's `train.lmdb` of raw RGB as LFM's CelebA-HQ/FFHQ, or LSUN's `bedroom_train_lmdb`; opened read-only,
+    /// so nothing may write to it meanwhile), or an IDX file such as Fashion-MNIST's `train-images-idx3-ubyte.gz`
+    /// (labelled by the `…labels-idx1…` file beside it).
     #[arg(long, conflicts_with = "latents", required_unless_present = "latents")]
     pub data: Option<PathBuf>,
+    /// Train on the first N images of --data only (LFM trains LSUN on its first 120000).
+    #[arg(long, requires = "data")]
+    pub max_images: Option<usize>,
     /// Pre-encoded latents from `lfm encode` (`latents`, or `mean`+`std` to re-sample the posterior each step).
     #[arg(long)]
     pub latents: Option<PathBuf>,
@@ -203,8 +208,9 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
     };
     config.validate().map_err(|e| anyhow::anyhow!(e))?;
     let source = match (&args.data, &args.latents) {
-        (Some(file), _) if is_idx(file) => idx_images(file, args.image_size).map_err(|e| anyhow::anyhow!(e))?,
-        (Some(dir), _) => image_folder(dir, args.image_size, args.class_folders).map_err(|e| anyhow::anyhow!(e))?,
+        (Some(data), _) => {
+            open_images(data, args.image_size, args.class_folders, args.max_images).map_err(|e| anyhow::anyhow!(e))?
+        }
         (None, Some(file)) => latent_file(file).map_err(|e| anyhow::anyhow!(e))?,
         (None, None) => anyhow::bail!("give the training data with --data DIR or --latents FILE"),
     };

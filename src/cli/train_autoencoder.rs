@@ -9,7 +9,7 @@ use clap::Args;
 use crate::autoencoder::AutoencoderKLConfig;
 use crate::backend::{self, BackendChoice, OnBackend};
 use crate::train::autoencoder::{train_autoencoder, AutoencoderData, AutoencoderRun, AutoencoderState};
-use crate::train::data::{idx_images, image_folder, is_idx, ImageItem, Source};
+use crate::train::data::{open_images, ImageItem, Source};
 
 /// Arguments of `lfm train-autoencoder`.
 #[derive(Debug, Args)]
@@ -69,8 +69,7 @@ pub struct TrainAutoencoderArgs {
 }
 
 fn images(path: &Path, size: usize) -> anyhow::Result<Vec<ImageItem>> {
-    let source = if is_idx(path) { idx_images(path, size) } else { image_folder(path, size, false) }
-        .map_err(|e| anyhow::anyhow!(e))?;
+    let source = open_images(path, size, false, None).map_err(|e| anyhow::anyhow!(e))?;
     match source {
         Source::Images { items, .. } => Ok(items),
         Source::Latents { .. } => anyhow::bail!("{}: expected images", path.display()),

@@ -1,10 +1,13 @@
-//! Training data: an image folder (recursive; PNG/JPEG; optional class sub-folders) or an IDX file (MNIST,
-//! Fashion-MNIST; gzip or not, labels from its `labels-idx1` twin) encoded on the fly, or a latent file written by
-//! `lfm encode` (LFM's posterior is re-sampled every step when it holds `mean` and `std`).
+//! Training data: an image folder (recursive; PNG/JPEG/WebP; optional class sub-folders), an LMDB dataset (NVAE's
+//! raw RGB or LSUN's encoded images, see [`super::lmdb`]) or an IDX file (MNIST, Fashion-MNIST; gzip or not, labels
+//! from its `labels-idx1` twin) encoded on the fly, or a latent file written by `lfm encode` (LFM's posterior is
+//! re-sampled every step when it holds `mean` and `std`).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use super::lmdb::{is_lmdb, LmdbImages};
 use crate::checkpoint::{read_safetensors, HostTensor};
 use crate::image::RgbImage;
 
@@ -31,11 +34,18 @@ pub enum Source {
     },
 }
 
-/// One image example: a file decoded when needed, or pixels already in memory.
+/// One image example: a file or an LMDB entry decoded when needed, or pixels already in memory.
 #[derive(Debug, Clone)]
 pub enum ImageItem {
-    /// A PNG/JPEG file.
+    /// A PNG/JPEG/WebP file.
     File(PathBuf),
+    /// An entry of an LMDB dataset.
+    Lmdb {
+        /// The open dataset (shared by its entries).
+        db: Arc<LmdbImages>,
+        /// The entry's key.
+        key: Box<[u8]>,
+    },
     /// An 8-bit grey image (IDX datasets).
     Gray {
         /// Width.
@@ -71,7 +81,7 @@ impl Source {
 
 fn is_image(path: &Path) -> bool {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    matches!(ext.as_str(), "png" | "jpg" | "jpeg")
+    matches!(ext.as_str(), "png" | "jpg" | "jpeg" | "webp")
 }
 
 /// Every image file under `dir`, recursively, in sorted order.
@@ -93,7 +103,7 @@ pub fn image_folder(dir: &Path, size: usize, class_folders: bool) -> Result<Sour
     let mut files = Vec::new();
     walk_images(dir, &mut files).map_err(|e| format!("{}: {e}", dir.display()))?;
     if files.is_empty() {
-        return Err(format!("{}: no .png/.jpg/.jpeg images found (searched recursively)", dir.display()));
+        return Err(format!("{}: no .png/.jpg/.jpeg/.webp images found (searched recursively)", dir.display()));
     }
     let labels = if class_folders {
         let class_of = |p: &PathBuf| {
@@ -112,6 +122,44 @@ pub fn image_folder(dir: &Path, size: usize, class_folders: bool) -> Result<Sour
         None
     };
     Ok(Source::Images { items: files.into_iter().map(ImageItem::File).collect(), labels, size })
+}
+
+/// An LMDB dataset (NVAE or LSUN layout), unlabelled as in LFM; `max` keeps the first examples only.
+pub fn lmdb_images(path: &Path, size: usize, max: Option<usize>) -> Result<Source, String> {
+    let db = LmdbImages::open(path)?;
+    let keys = db.keys(max)?;
+    if keys.is_empty() {
+        return Err(format!("{}: the LMDB dataset has no entries", path.display()));
+    }
+    let items = keys.into_iter().map(|key| ImageItem::Lmdb { db: db.clone(), key }).collect();
+    Ok(Source::Images { items, labels: None, size })
+}
+
+/// The images of a dataset, whatever its kind: an IDX file, an LMDB environment, or a folder (with
+/// `class_folders`, labelled by sub-folder); `max` keeps the first `max` examples (LFM trains LSUN on its first
+/// 120,000).
+pub fn open_images(path: &Path, size: usize, class_folders: bool, max: Option<usize>) -> Result<Source, String> {
+    if !path.exists() {
+        return Err(format!("{}: no such file or folder", path.display()));
+    }
+    let lmdb = is_lmdb(path);
+    if class_folders && (lmdb || is_idx(path)) {
+        return Err(format!("{}: --class-folders applies to image folders only", path.display()));
+    }
+    let mut source = if is_idx(path) {
+        idx_images(path, size)?
+    } else if lmdb {
+        return lmdb_images(path, size, max);
+    } else {
+        image_folder(path, size, class_folders)?
+    };
+    if let (Some(max), Source::Images { items, labels, .. }) = (max, &mut source) {
+        items.truncate(max);
+        if let Some(labels) = labels {
+            labels.truncate(max);
+        }
+    }
+    Ok(source)
 }
 
 /// Reads an IDX file of unsigned bytes (`0 0 0x08 ndim`, big-endian sizes), gzip-compressed or not: its shape and
@@ -197,6 +245,7 @@ pub fn latent_file(path: &Path) -> Result<Source, String> {
 pub fn load_image(item: &ImageItem, size: usize, flip: bool) -> Result<RgbImage, String> {
     let image = match item {
         ImageItem::File(path) => image::open(path).map_err(|e| format!("{}: {e}", path.display()))?.to_rgb8(),
+        ImageItem::Lmdb { db, key } => db.image(key)?,
         ImageItem::Gray { width, height, pixels } => {
             let rgb = pixels.iter().flat_map(|&p| [p, p, p]).collect();
             image::RgbImage::from_raw(*width as u32, *height as u32, rgb).expect("pixels fit the size")

@@ -5,6 +5,7 @@ pub mod autoencoder;
 pub mod data;
 pub mod ema;
 pub mod grads;
+pub mod lmdb;
 pub mod masks;
 pub mod run;
 pub mod task;

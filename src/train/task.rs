@@ -113,6 +113,10 @@ impl TaskFiles {
                             }
                         }
                         ImageItem::Gray { .. } => Err("semantic synthesis needs an image folder, not IDX data".into()),
+                        ImageItem::Lmdb { .. } => {
+                            Err("semantic synthesis needs an image folder (its maps mirror the image files), not LMDB"
+                                .into())
+                        }
                     })
                     .collect::<Result<_, String>>()?;
                 Ok(Self { masks: Vec::new(), segmentations })

@@ -6,6 +6,7 @@ mod checkpoint;
 mod cli;
 mod commands;
 mod common;
+mod datasets;
 mod dit;
 mod edm;
 mod fid;

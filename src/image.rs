@@ -58,6 +58,25 @@ pub fn write_rgb(path: &Path, image: &RgbImage) -> Result<(), ImageError> {
     crate::io::write_atomic(path, &bytes).map_err(|e| codec(e.to_string()))
 }
 
+/// torchvision's `make_grid`: `nrow` images per row, 2-pixel black padding.
+pub fn grid(images: &[RgbImage], nrow: usize) -> RgbImage {
+    let (w, h) = (images[0].width, images[0].height);
+    let pad = 2;
+    let cols = nrow.min(images.len()).max(1);
+    let rows = images.len().div_ceil(cols);
+    let (gw, gh) = (cols * (w + pad) + pad, rows * (h + pad) + pad);
+    let mut pixels = vec![0u8; gw * gh * 3];
+    for (i, image) in images.iter().enumerate() {
+        let (x0, y0) = (pad + (i % cols) * (w + pad), pad + (i / cols) * (h + pad));
+        for y in 0..h {
+            let src = &image.pixels[y * w * 3..(y + 1) * w * 3];
+            let at = ((y0 + y) * gw + x0) * 3;
+            pixels[at..at + w * 3].copy_from_slice(src);
+        }
+    }
+    RgbImage { width: gw, height: gh, pixels }
+}
+
 /// Same-sized images → `[N, 3, H, W]` in [-1, 1] (`x / 127.5 − 1`).
 pub fn to_tensor<B: Backend>(images: &[RgbImage], device: &B::Device) -> Result<Tensor<B, 4>, ImageError> {
     let first = images.first().ok_or_else(|| ImageError::Shape("no images".into()))?;

@@ -1,9 +1,11 @@
-//! Reading and writing weights: LFM's `.pth` files (torch zip pickles, read by a restricted unpickler),
+//! Reading and writing weights: LFM's `.pth` files (torch zip pickles, read by a restricted unpickler, written as
+//! `torch.save` writes a state_dict),
 //! `.safetensors` in PyTorch layout, and our own format (safetensors with the model config in its metadata).
 
 mod apply;
 pub mod pickle;
 mod pth;
+mod pth_write;
 mod tensor_map;
 
 use std::collections::HashMap;
@@ -11,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 pub use apply::{apply_weights, collect_grads, collect_weights, KeyMap, LoadReport};
 pub use pth::{dict_get, PthArchive};
+pub use pth_write::write_pth;
 pub use tensor_map::{parameter_count, strip_module_prefix, HostData, HostTensor, TensorMap};
 
 use pickle::{StorageDType, Value};

@@ -75,3 +75,37 @@ pub(crate) fn convert(args: ConvertArgs) -> anyhow::Result<()> {
     println!("wrote {} ({} tensors)", args.out.display(), weights.len());
     Ok(())
 }
+
+/// Arguments of `lfm export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Weights to export: a run's `model.safetensors` or `ema.safetensors`, a semantic run's `rescaler.safetensors`
+    /// (LFM's `cond_stage_model_<E>.pth`), or any checkpoint lfm reads.
+    pub checkpoint: PathBuf,
+    /// The `.pth` to write, named as LFM names them (`model_<E>.pth`) for its scripts' `--epoch_id`.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Write the keys without DDP's `module.` prefix (LFM's test scripts cut 7 characters off every key, so they
+    /// need it; a plain `load_state_dict` does not).
+    #[arg(long)]
+    pub no_module_prefix: bool,
+    /// Overwrite an existing output file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub(crate) fn export(args: ExportArgs) -> anyhow::Result<()> {
+    if args.out.exists() && !args.force {
+        anyhow::bail!("{} exists; pass --force to overwrite it", args.out.display());
+    }
+    let loaded = crate::checkpoint::read_weights(&args.checkpoint)?;
+    // lfm's own model files carry their config: refuse weights that do not fit it before writing anything.
+    if let Some(json) = &loaded.config_json {
+        let config = crate::models::ModelConfig::from_json(json).map_err(|e| anyhow::anyhow!(e))?;
+        crate::models::VelocityModel::<crate::backend::Cpu>::load(&config, &loaded.tensors, &Default::default())?;
+    }
+    let prefix = if args.no_module_prefix { "" } else { "module." };
+    crate::checkpoint::write_pth(&args.out, &loaded.tensors, prefix)?;
+    println!("wrote {} ({} tensors, keys prefixed {prefix:?})", args.out.display(), loaded.tensors.len());
+    Ok(())
+}

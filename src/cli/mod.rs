@@ -141,6 +141,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Convert a checkpoint to lfm's format: safetensors with the model config in its metadata.
     Convert(inspect::ConvertArgs),
+    /// Write weights in LFM's layout (a `torch.save`d state_dict with DDP's `module.` prefix) for LFM's scripts.
+    Export(inspect::ExportArgs),
     /// Evaluate v = model(t, x, y) on tensors from a safetensors file (parity checks against PyTorch).
     Velocity(velocity::VelocityArgs),
     /// Sample images (or latents) from a checkpoint: noise → ODE (dopri5/euler/midpoint/heun/rk4) → autoencoder.
@@ -169,6 +171,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Devices(args) => devices::run(args, cli.backend),
         Command::Inspect(args) => inspect::inspect(args),
         Command::Convert(args) => inspect::convert(args),
+        Command::Export(args) => inspect::export(args),
         Command::Velocity(args) => velocity::run(args, cli.backend),
         Command::Sample(args) => sample::run(*args, cli.backend),
         Command::Train(args) => train::run(*args, cli.backend),

@@ -11,7 +11,7 @@ use super::ModelSource;
 use crate::autoencoder::{Autoencoder, AutoencoderWeights};
 use crate::backend::{self, BackendChoice, OnBackend};
 use crate::checkpoint::{read_safetensors, write_safetensors, HostTensor, TensorMap};
-use crate::image::{read_rgb, write_rgb, RgbImage};
+use crate::image::{grid, read_rgb, write_rgb, RgbImage};
 use crate::inpaint::{self, composite, hole_tensor, masked_images, read_hole};
 use crate::metrics::features::{image_files, FeatureExtractor};
 use crate::metrics::fid::{frechet_distance, Accumulator, Statistics};
@@ -359,25 +359,6 @@ impl OnBackend for Job {
             images,
         })
     }
-}
-
-/// torchvision's `make_grid`: `nrow` images per row, 2-pixel black padding.
-pub fn grid(images: &[RgbImage], nrow: usize) -> RgbImage {
-    let (w, h) = (images[0].width, images[0].height);
-    let pad = 2;
-    let cols = nrow.min(images.len()).max(1);
-    let rows = images.len().div_ceil(cols);
-    let (gw, gh) = (cols * (w + pad) + pad, rows * (h + pad) + pad);
-    let mut pixels = vec![0u8; gw * gh * 3];
-    for (i, image) in images.iter().enumerate() {
-        let (x0, y0) = (pad + (i % cols) * (w + pad), pad + (i / cols) * (h + pad));
-        for y in 0..h {
-            let src = &image.pixels[y * w * 3..(y + 1) * w * 3];
-            let at = ((y0 + y) * gw + x0) * 3;
-            pixels[at..at + w * 3].copy_from_slice(src);
-        }
-    }
-    RgbImage { width: gw, height: gh, pixels }
 }
 
 fn refuse_existing(path: &Path, force: bool) -> anyhow::Result<()> {

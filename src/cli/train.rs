@@ -96,6 +96,10 @@ pub struct TrainArgs {
     /// Checkpoint every this many steps (and at the end).
     #[arg(long, default_value_t = 500)]
     pub save_every: usize,
+    /// Write a 4×4 grid of samples to OUT/previews/step-N.png every this many steps and at the end (the moving
+    /// average if kept, 20 Euler steps from the same noise every time, one row per class); needs the autoencoder.
+    #[arg(long, default_value_t = 0)]
+    pub preview_every: usize,
     /// Seed of every random choice (data order, noise, times, flips, label dropout).
     #[arg(long, default_value_t = 1024)]
     pub seed: u64,
@@ -231,6 +235,9 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
         Source::Images { .. } => {
             Some(args.encoder.read("--data needs the autoencoder's --weights to encode the images")?)
         }
+        Source::Latents { .. } if args.preview_every > 0 => {
+            Some(args.encoder.read("--preview-every decodes its samples: give the autoencoder's --weights")?)
+        }
         Source::Latents { .. } => None,
     };
     let init = args.init.as_ref().map(|p| crate::checkpoint::read_weights(p).map(|w| w.tensors)).transpose()?;
@@ -252,6 +259,7 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
         grad_accum: args.grad_accum,
         max_grad_norm: args.max_grad_norm,
         task: args.task()?,
+        preview_every: args.preview_every,
     };
     anyhow::ensure!(
         (1..=settings.batch_size).contains(&settings.grad_accum),

@@ -86,7 +86,16 @@ pub struct RunSettings {
     /// What the network learns: generation, inpainting or semantic synthesis.
     #[serde(default)]
     pub task: Task,
+    /// Write a grid of samples to `previews/` every this many steps (0: never); see [`PREVIEW_SAMPLES`].
+    #[serde(default)]
+    pub preview_every: usize,
 }
+
+/// Samples in a preview grid (one row per class for class-conditional models, classes cycling), drawn from the same
+/// noise every time, so the grids of a run show one set of samples improving.
+pub const PREVIEW_SAMPLES: usize = 16;
+/// Euler steps of a preview (previews are for watching a run, not for scoring it).
+pub const PREVIEW_STEPS: usize = 20;
 
 fn one() -> usize {
     1
@@ -174,6 +183,7 @@ const POSTERIOR: u64 = 0x504F_5354;
 const DROP: u64 = 0x4452_4F50;
 const MASK: u64 = 0x4D41_534B;
 const CONDITION: u64 = 0x434F_4E44;
+const PREVIEW: u64 = 0x5052_4556;
 
 /// The example indices of step `step`.
 fn batch_indices(settings: &RunSettings, len: usize, step: usize) -> Vec<usize> {
@@ -206,6 +216,13 @@ pub fn train<B: Backend>(
     type A<B> = Autodiff<B>;
     if source.is_empty() {
         return Err(TrainError::Invalid("the training data is empty".into()));
+    }
+    if settings.preview_every > 0 && (settings.task != Task::Generate || autoencoder.is_none()) {
+        return Err(TrainError::Invalid(
+            "--preview-every samples unconditional or class-conditional models and decodes them: it needs --task \
+             generate and the autoencoder (--weights)"
+                .into(),
+        ));
     }
     let (c_in, c_out) = config.channels();
     let extra = settings.task.extra_channels(c_out);
@@ -439,12 +456,59 @@ pub fn train<B: Backend>(
         if trainer.step % settings.save_every.max(1) == 0 || trainer.step == settings.max_steps {
             state = Some(save(&trainer, config, settings, out_dir, unreadable)?);
         }
+        if let (Some(ae), true) = (autoencoder, settings.preview_every > 0) {
+            if trainer.step % settings.preview_every == 0 || trainer.step == settings.max_steps {
+                write_preview(&trainer, ae, settings.seed, out_dir, device)?;
+            }
+        }
     }
     progress.finish_and_clear();
     match state {
         Some(state) => Ok(state),
         None => read_state(out_dir)?.ok_or_else(|| TrainError::Invalid("no step was taken".into())),
     }
+}
+
+/// Samples [`PREVIEW_SAMPLES`] images from the moving average (or the network, without one) with
+/// [`PREVIEW_STEPS`] Euler steps from fixed noise, and writes them as `previews/step-<step>.png`, four per row.
+fn write_preview<B: Backend>(
+    trainer: &Trainer<Autodiff<B>>,
+    autoencoder: &AnyAutoencoder<B>,
+    seed: u64,
+    out_dir: &Path,
+    device: &B::Device,
+) -> Result<(), TrainError> {
+    use burn::module::AutodiffModule;
+    let current;
+    let model = match trainer.ema() {
+        Some(ema) => ema,
+        None => {
+            current = trainer.model().valid();
+            &current
+        }
+    };
+    let config = model.config();
+    let (c, side) = (config.channels().1, config.latent_size());
+    // One row per class, for as many classes as fit, then cycling.
+    let labels = model.classes().map(|k| (0..PREVIEW_SAMPLES).map(|i| ((i / 4) % k) as i64).collect());
+    let input = crate::sample::BatchInput {
+        noise: crate::sample::noise::<B>(seed ^ PREVIEW, 0, PREVIEW_SAMPLES, [c, side, side], device),
+        labels,
+        condition: None,
+    };
+    let options = crate::solver::SolveOptions {
+        method: crate::solver::Method::Euler,
+        grid: crate::solver::Grid::Steps(PREVIEW_STEPS),
+        ..Default::default()
+    };
+    let guidance = crate::sample::Guidance { cfg_scale: None, null_label: model.null_label().unwrap_or(0) };
+    let out = crate::sample::sample_batch(model, input, &guidance, &options, &mut |_, _| {})
+        .map_err(|e| TrainError::Invalid(format!("preview: {e}")))?;
+    let images = crate::image::from_tensor(autoencoder.decode_sliced(out.latents, 4));
+    let dir = out_dir.join("previews");
+    std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+    let path = dir.join(format!("step-{:09}.png", trainer.step));
+    crate::image::write_rgb(&path, &crate::image::grid(&images, 4)).map_err(|e| io_error(&path, e))
 }
 
 /// The hole (1 = generate) of inpainting sample `index`: a mask drawn as LFM's training draws them, or one picked

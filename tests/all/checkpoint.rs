@@ -104,3 +104,61 @@ fn wrong_architecture_flags_are_explained_key_by_key() {
     assert!(report.missing.contains(&"blocks.2.attn.qkv.weight".to_string()), "{report}");
     assert_eq!(report.unexpected, vec!["blocks.0.attn.extra".to_string()]);
 }
+
+/// The raw (unstripped) keys and tensors of a `.pth` state_dict.
+fn raw_state_dict(path: &std::path::Path) -> lfm::checkpoint::TensorMap {
+    let archive = lfm::checkpoint::PthArchive::open(path).unwrap();
+    let lfm::checkpoint::pickle::Value::Dict(dict) = &archive.root else { panic!("{}: not a dict", path.display()) };
+    archive.tensors_of(dict).unwrap()
+}
+
+/// `lfm export` writes LFM's layout: the same `module.`-prefixed keys and values as LFM's own `model_<E>.pth`
+/// (the golden file was written by `torch.save` from LFM's code).
+#[test]
+fn export_writes_the_layout_of_lfm_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let golden = fixture("dit_tiny/model.pth");
+    let weights = read_weights(&golden).unwrap().tensors;
+    let config = lfm::models::ModelConfig::Dit(config("dit_tiny")).to_json();
+    let metadata =
+        std::collections::HashMap::from([(lfm::checkpoint::CONFIG_METADATA_KEY.to_string(), config.clone())]);
+    let model = dir.path().join("model.safetensors");
+    lfm::checkpoint::write_safetensors(&model, &weights, Some(metadata)).unwrap();
+
+    let out = dir.path().join("model_5.pth");
+    let (ok, stdout, stderr) = lfm(&["export", model.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("keys prefixed \"module.\""), "{stdout}");
+    let (ours, theirs) = (raw_state_dict(&out), raw_state_dict(&golden));
+    assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>());
+    for (key, want) in &theirs {
+        assert_eq!((&ours[key].shape, ours[key].to_f32()), (&want.shape, want.to_f32()), "{key}");
+    }
+    // Never overwritten without --force; without the prefix on request.
+    let (ok, _, stderr) = lfm(&["export", model.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("pass --force"), "{stderr}");
+    let plain = dir.path().join("plain.pth");
+    let (ok, _, stderr) =
+        lfm(&["export", model.to_str().unwrap(), "--out", plain.to_str().unwrap(), "--no-module-prefix"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(raw_state_dict(&plain).keys().collect::<Vec<_>>(), weights.keys().collect::<Vec<_>>());
+
+    // Integer and double tensors keep their type.
+    let mixed = lfm::checkpoint::TensorMap::from([
+        ("y".to_string(), lfm::checkpoint::HostTensor::i64(vec![3], vec![1, -2, 1 << 40])),
+        ("scale".to_string(), lfm::checkpoint::HostTensor::f32(vec![], vec![0.18215])),
+    ]);
+    let path = dir.path().join("mixed.pth");
+    lfm::checkpoint::write_pth(&path, &mixed, "").unwrap();
+    assert_eq!(raw_state_dict(&path)["y"].to_i64(), vec![1, -2, 1 << 40]);
+    assert_eq!(raw_state_dict(&path)["scale"].shape, Vec::<usize>::new());
+
+    // Weights that do not fit their own config are refused before anything is written.
+    let mut broken = weights.clone();
+    broken.remove("final_layer.linear.weight");
+    let metadata = std::collections::HashMap::from([(lfm::checkpoint::CONFIG_METADATA_KEY.to_string(), config)]);
+    lfm::checkpoint::write_safetensors(&model, &broken, Some(metadata)).unwrap();
+    let refused = dir.path().join("refused.pth");
+    let (ok, _, stderr) = lfm(&["export", model.to_str().unwrap(), "--out", refused.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("final_layer.linear.weight") && !refused.exists(), "{stderr}");
+}

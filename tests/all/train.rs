@@ -406,3 +406,33 @@ fn accumulated_micro_batches_and_global_norm_clipping_match_their_definitions() 
     let unchanged = clip_global_norm::<A, _>(&model, &mut params, want_norm);
     assert!((global_norm::<A, _>(&model, &params) - unchanged).abs() <= 1e-9 * want_norm);
 }
+
+/// `--preview-every`: a 4×4 grid of the moving average's samples at the chosen steps and at the end, from the same
+/// noise each time; refused where it cannot sample (a task with inputs).
+#[test]
+fn previews_show_the_same_noise_improving() {
+    let s = setup();
+    let out = s.root.join("run");
+    let mut args = train_args(out.to_str().unwrap(), &s.data, &s.vae, &s.vae_config, &s.config);
+    args.extend_from_slice(&["--max-steps", "5", "--preview-every", "2", "--ema-decay", "0.5"]);
+    let (ok, _, stderr) = lfm(&args);
+    assert!(ok, "{stderr}");
+    let names: Vec<String> = std::fs::read_dir(out.join("previews"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(names, ["step-000000002.png", "step-000000004.png", "step-000000005.png"]);
+    let read = |name: &str| lfm::image::read_rgb(&out.join("previews").join(name)).unwrap();
+    let (early, late) = (read("step-000000002.png"), read("step-000000005.png"));
+    // 16 samples of 16 px, four per row with 2-px padding.
+    assert_eq!((early.width, early.height), (4 * 18 + 2, 4 * 18 + 2));
+    assert_ne!(early.pixels, late.pixels, "the model moved between the previews");
+
+    let inpaint = s.root.join("inpaint");
+    let mut args = train_args(inpaint.to_str().unwrap(), &s.data, &s.vae, &s.vae_config, &s.config);
+    args.extend_from_slice(&["--max-steps", "1", "--preview-every", "1", "--task", "inpaint"]);
+    let (ok, _, stderr) = lfm(&args);
+    assert!(!ok && stderr.contains("--preview-every samples unconditional or class-conditional models"), "{stderr}");
+}

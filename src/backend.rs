@@ -74,6 +74,16 @@ pub enum BackendError {
     /// CUDA is compiled in but unusable here.
     #[error("no usable CUDA device: {0}. Install the NVIDIA driver (libcuda) and NVRTC, or use --backend wgpu/cpu")]
     NoCudaDevice(String),
+    /// Data parallelism asked for more devices than there are.
+    #[error("--data-parallel {wanted} needs {wanted} {what}, but {found} were found: lower --data-parallel")]
+    TooFewDevices {
+        /// Devices asked for.
+        wanted: usize,
+        /// Devices found.
+        found: usize,
+        /// Of what kind.
+        what: String,
+    },
     /// No wgpu adapter at all.
     #[error(
         "no GPU adapter found through wgpu (Vulkan/Metal/DX12). Install a GPU driver — on Debian/Ubuntu without a GPU, \
@@ -211,6 +221,37 @@ fn cuda_device() -> Result<Device, BackendError> {
     #[cfg(not(feature = "cuda"))]
     {
         Err(BackendError::CudaNotCompiled)
+    }
+}
+
+/// The first of `count` devices for data parallelism (`lfm train --data-parallel`), checked to exist: the replicas
+/// are the devices with the next indices of the same kind. On wgpu the default adapter becomes the first hardware
+/// GPU of the most capable kind; the CPU takes any count (the copies share it).
+pub fn data_parallel_device(device: Device, count: usize) -> Result<Device, BackendError> {
+    if count <= 1 {
+        return Ok(device);
+    }
+    let too_few = |found: usize, what: &str| BackendError::TooFewDevices { wanted: count, found, what: what.into() };
+    match device {
+        Device::Cpu => Ok(Device::Cpu),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => {
+            let found = cuda_devices()?.len();
+            if i + count > found {
+                return Err(too_few(found.saturating_sub(i), "CUDA devices"));
+            }
+            Ok(Device::Cuda(i))
+        }
+        Device::Wgpu(_) => {
+            let adapters = wgpu_adapters();
+            let count_of = |t: &str| adapters.iter().filter(|a| a.device_type == t).count();
+            let kinds = [("DiscreteGpu", "discrete GPUs"), ("IntegratedGpu", "integrated GPUs")];
+            match kinds.iter().find(|(t, _)| count_of(t) >= count) {
+                Some(("DiscreteGpu", _)) => Ok(Device::Wgpu(WgpuDevice::DiscreteGpu(0))),
+                Some(_) => Ok(Device::Wgpu(WgpuDevice::IntegratedGpu(0))),
+                None => Err(too_few(count_of("DiscreteGpu").max(count_of("IntegratedGpu")), "wgpu GPUs of one kind")),
+            }
+        }
     }
 }
 

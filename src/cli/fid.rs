@@ -159,9 +159,7 @@ pub(crate) fn fid(args: FidArgs, choice: BackendChoice) -> anyhow::Result<()> {
 }
 
 pub(crate) fn fid_stats(args: FidStatsArgs, choice: BackendChoice) -> anyhow::Result<()> {
-    if args.out.exists() && !args.force {
-        anyhow::bail!("{} exists; pass --force to overwrite it", args.out.display());
-    }
+    super::refuse_existing(&args.out, args.force)?;
     anyhow::ensure!(args.images.is_dir(), "{}: not a folder of images", args.images.display());
     let (stats, device) = statistics_of(&[args.images.as_path()], &args.inception, choice)?;
     write_npz(&args.out, &stats[0].0)?;

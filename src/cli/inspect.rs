@@ -64,9 +64,7 @@ pub struct ConvertArgs {
 }
 
 pub(crate) fn convert(args: ConvertArgs) -> anyhow::Result<()> {
-    if args.out.exists() && !args.force {
-        anyhow::bail!("{} exists; pass --force to overwrite it", args.out.display());
-    }
+    super::refuse_existing(&args.out, args.force)?;
     let (config, weights, _) = weights_and_config(&args.checkpoint, args.model.choice())?;
     // Refuse weights that do not fit the config before writing anything.
     crate::models::VelocityModel::<crate::backend::Cpu>::load(&config, &weights, &Default::default())?;
@@ -95,9 +93,7 @@ pub struct ExportArgs {
 }
 
 pub(crate) fn export(args: ExportArgs) -> anyhow::Result<()> {
-    if args.out.exists() && !args.force {
-        anyhow::bail!("{} exists; pass --force to overwrite it", args.out.display());
-    }
+    super::refuse_existing(&args.out, args.force)?;
     let loaded = crate::checkpoint::read_weights(&args.checkpoint)?;
     // lfm's own model files carry their config: refuse weights that do not fit it before writing anything.
     if let Some(json) = &loaded.config_json {

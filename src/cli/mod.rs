@@ -62,6 +62,14 @@ impl SolverArgs {
     }
 }
 
+/// Refuses to overwrite an existing output unless `--force` was passed.
+pub(crate) fn refuse_existing(path: &std::path::Path, force: bool) -> anyhow::Result<()> {
+    if path.exists() && !force {
+        anyhow::bail!("{} exists; pass --force to overwrite it", path.display());
+    }
+    Ok(())
+}
+
 fn parse_method(s: &str) -> Result<Method, String> {
     s.parse().map_err(|e: crate::solver::SolverError| e.to_string())
 }

@@ -361,13 +361,6 @@ impl OnBackend for Job {
     }
 }
 
-fn refuse_existing(path: &Path, force: bool) -> anyhow::Result<()> {
-    if path.exists() && !force {
-        anyhow::bail!("{} exists; pass --force to overwrite it", path.display());
-    }
-    Ok(())
-}
-
 /// An image and its mask (LFM: `1 − png/255`, black = hole; grey levels are kept as they are, as in the reference).
 pub(crate) fn read_inpaint(image: &Path, mask: &Path, white_is_hole: bool) -> anyhow::Result<Inpaint> {
     let image = read_rgb(image)?;
@@ -471,7 +464,7 @@ pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result
         None => None,
     };
     for path in [&args.grid, &args.save_latents].into_iter().flatten() {
-        refuse_existing(path, args.force)?;
+        super::refuse_existing(path, args.force)?;
     }
     if let Some(dir) = &args.out_dir {
         let first = dir.join(format!("00000.{}", args.format));

@@ -10,7 +10,8 @@ use crate::autoencoder::AutoencoderWeights;
 use crate::backend::{self, BackendChoice, OnBackend};
 use crate::checkpoint::TensorMap;
 use crate::models::{read_config, ModelConfig, Preset};
-use crate::train::data::{latent_file, open_images, Source};
+use crate::train::data::{open_images, Source};
+use crate::train::latents::LatentStore;
 use crate::train::run::{read_state, train, RunSettings, Schedule, State};
 use crate::train::task::{Task, TaskFiles};
 
@@ -90,6 +91,13 @@ pub struct TrainArgs {
     /// update as one pass with a fraction of the activation memory.
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
+    /// Data parallelism on one node: each step's batch is split over N devices — CUDA devices 0..N-1, or N wgpu
+    /// GPUs of one kind — that each run forward and backward on a copy of the network; the gradients are summed on
+    /// the first, which takes the optimiser step (the same update as one device, up to summation order). With
+    /// --backend cpu, N copies share the CPU (to check a run's result, not for speed). Images are encoded on the
+    /// first device: for speed, train from `lfm encode` latents.
+    #[arg(long, default_value_t = 1)]
+    pub data_parallel: usize,
     /// Clip the global gradient norm (over all parameters, as torch's clip_grad_norm_) to this value.
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
@@ -215,15 +223,15 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
         (Some(data), _) => {
             open_images(data, args.image_size, args.class_folders, args.max_images).map_err(|e| anyhow::anyhow!(e))?
         }
-        (None, Some(file)) => latent_file(file).map_err(|e| anyhow::anyhow!(e))?,
+        (None, Some(path)) => Source::Latents(LatentStore::open(path).map_err(|e| anyhow::anyhow!(e))?),
         (None, None) => anyhow::bail!("give the training data with --data DIR or --latents FILE"),
     };
-    if let (Source::Latents { mean, .. }, (_, c)) = (&source, config.channels()) {
+    if let (Source::Latents(store), (_, c)) = (&source, config.channels()) {
         let side = config.latent_size();
         anyhow::ensure!(
-            mean.shape[1..] == [c, side, side],
+            store.shape()[1..] == [c, side, side],
             "the latents are {:?}; the model trains on [N, {c}, {side}, {side}]",
-            mean.shape
+            store.shape()
         );
     }
     if let (Some(k), Some(labels)) = (config.classes(), source.labels()) {
@@ -235,10 +243,10 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
         Source::Images { .. } => {
             Some(args.encoder.read("--data needs the autoencoder's --weights to encode the images")?)
         }
-        Source::Latents { .. } if args.preview_every > 0 => {
+        Source::Latents(_) if args.preview_every > 0 => {
             Some(args.encoder.read("--preview-every decodes its samples: give the autoencoder's --weights")?)
         }
-        Source::Latents { .. } => None,
+        Source::Latents(_) => None,
     };
     let init = args.init.as_ref().map(|p| crate::checkpoint::read_weights(p).map(|w| w.tensors)).transpose()?;
     let per_epoch = (source.len() / args.batch_size.max(1)).max(1);
@@ -260,6 +268,7 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
         max_grad_norm: args.max_grad_norm,
         task: args.task()?,
         preview_every: args.preview_every,
+        data_parallel: args.data_parallel,
     };
     anyhow::ensure!(
         (1..=settings.batch_size).contains(&settings.grad_accum),
@@ -267,11 +276,19 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
         settings.grad_accum,
         settings.batch_size
     );
+    anyhow::ensure!(
+        settings.data_parallel >= 1 && settings.grad_accum * settings.data_parallel <= settings.batch_size,
+        "--data-parallel {} × --grad-accum {} micro-batches do not fit a --batch-size of {}: every device needs at \
+         least one example",
+        settings.data_parallel,
+        settings.grad_accum,
+        settings.batch_size
+    );
     if let Some(max) = settings.max_grad_norm {
         anyhow::ensure!(max > 0.0 && max.is_finite(), "--max-grad-norm {max} must be a positive number");
     }
     std::fs::create_dir_all(&args.out)?;
-    let device = backend::select(choice)?;
+    let device = backend::data_parallel_device(backend::select(choice)?, settings.data_parallel)?;
     let n = source.len();
     let files = TaskFiles::find(&settings.task, &source, args.data.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
     let job = Job { config, init, source, files, autoencoder, settings, out: args.out.clone(), resume: args.resume };

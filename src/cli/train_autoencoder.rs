@@ -72,7 +72,7 @@ fn images(path: &Path, size: usize) -> anyhow::Result<Vec<ImageItem>> {
     let source = open_images(path, size, false, None).map_err(|e| anyhow::anyhow!(e))?;
     match source {
         Source::Images { items, .. } => Ok(items),
-        Source::Latents { .. } => anyhow::bail!("{}: expected images", path.display()),
+        Source::Latents(_) => anyhow::bail!("{}: expected images", path.display()),
     }
 }
 

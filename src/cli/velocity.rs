@@ -87,9 +87,7 @@ impl OnBackend for Evaluate {
 }
 
 pub(crate) fn run(args: VelocityArgs, choice: BackendChoice) -> anyhow::Result<()> {
-    if args.output.exists() && !args.force {
-        anyhow::bail!("{} exists; pass --force to overwrite it", args.output.display());
-    }
+    super::refuse_existing(&args.output, args.force)?;
     let (config, weights, _) = weights_and_config(&args.checkpoint, args.model.choice())?;
     let (inputs, _) = read_safetensors(&args.input)?;
     let device = backend::select(choice)?;

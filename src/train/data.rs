@@ -7,8 +7,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::latents::LatentStore;
 use super::lmdb::{is_lmdb, LmdbImages};
-use crate::checkpoint::{read_safetensors, HostTensor};
 use crate::image::RgbImage;
 
 /// Where training examples come from.
@@ -23,15 +23,8 @@ pub enum Source {
         /// Side of the square crops.
         size: usize,
     },
-    /// Pre-encoded latents.
-    Latents {
-        /// `latents` (or the posterior `mean`) `[N, C, h, w]`.
-        mean: HostTensor,
-        /// The posterior's `std`, if stored: then each step samples `mean + std·ε`.
-        std: Option<HostTensor>,
-        /// Labels `y`, if stored.
-        labels: Option<Vec<i64>>,
-    },
+    /// Pre-encoded latents (a file or a sharded cache).
+    Latents(LatentStore),
 }
 
 /// One image example: a file or an LMDB entry decoded when needed, or pixels already in memory.
@@ -62,7 +55,7 @@ impl Source {
     pub fn len(&self) -> usize {
         match self {
             Self::Images { items, .. } => items.len(),
-            Self::Latents { mean, .. } => mean.shape[0],
+            Self::Latents(store) => store.len(),
         }
     }
 
@@ -74,7 +67,8 @@ impl Source {
     /// The labels, if the data has any.
     pub fn labels(&self) -> Option<&[i64]> {
         match self {
-            Self::Images { labels, .. } | Self::Latents { labels, .. } => labels.as_deref(),
+            Self::Images { labels, .. } => labels.as_deref(),
+            Self::Latents(store) => store.labels(),
         }
     }
 }
@@ -142,11 +136,11 @@ pub fn open_images(path: &Path, size: usize, class_folders: bool, max: Option<us
     if !path.exists() {
         return Err(format!("{}: no such file or folder", path.display()));
     }
-    let lmdb = is_lmdb(path);
-    if class_folders && (lmdb || is_idx(path)) {
+    let (lmdb, idx) = (is_lmdb(path), is_idx(path));
+    if class_folders && (lmdb || idx) {
         return Err(format!("{}: --class-folders applies to image folders only", path.display()));
     }
-    let mut source = if is_idx(path) {
+    let mut source = if idx {
         idx_images(path, size)?
     } else if lmdb {
         return lmdb_images(path, size, max);
@@ -223,21 +217,6 @@ pub fn idx_images(path: &Path, size: usize) -> Result<Source, String> {
 /// Whether `path` is an IDX file (by its name, as the MNIST family names them).
 pub fn is_idx(path: &Path) -> bool {
     path.is_file() && path.file_name().and_then(|f| f.to_str()).is_some_and(|f| f.contains("-idx"))
-}
-
-/// Latents written by `lfm encode` (`latents`, or `mean` + `std`, and optional `y`).
-pub fn latent_file(path: &Path) -> Result<Source, String> {
-    let (tensors, _) = read_safetensors(path).map_err(|e| e.to_string())?;
-    let mean = tensors
-        .get("mean")
-        .or_else(|| tensors.get("latents"))
-        .ok_or_else(|| format!("{}: no `latents` or `mean` tensor (write one with `lfm encode`)", path.display()))?
-        .clone();
-    if mean.shape.len() != 4 {
-        return Err(format!("{}: the latents must be [N, C, h, w], got {:?}", path.display(), mean.shape));
-    }
-    let std = tensors.get("std").filter(|_| tensors.contains_key("mean")).cloned();
-    Ok(Source::Latents { mean, std, labels: tensors.get("y").map(HostTensor::to_i64) })
 }
 
 /// An example, transformed as LFM does: resize the short side to `size` (bicubic), centre-crop `size × size`,

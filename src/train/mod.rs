@@ -5,7 +5,9 @@ pub mod autoencoder;
 pub mod data;
 pub mod ema;
 pub mod grads;
+pub mod latents;
 pub mod lmdb;
+pub mod loader;
 pub mod masks;
 pub mod run;
 pub mod task;
@@ -64,6 +66,20 @@ pub struct TrainNet<B: Backend> {
     pub rescaler: Option<SpatialRescaler<B>>,
 }
 
+impl<B: AutodiffBackend> Batch<B> {
+    /// The batch moved to `device`.
+    pub fn to_device(self, device: &B::Device) -> Self {
+        Self {
+            z0: self.z0.to_device(device),
+            z1: self.z1.to_device(device),
+            t: self.t.to_device(device),
+            y: self.y.map(|y| y.to_device(device)),
+            condition: self.condition.map(|c| c.to_device(device)),
+            segmentation: self.segmentation.map(|s| s.to_device(device)),
+        }
+    }
+}
+
 /// The loss of a velocity network (and, for semantic synthesis, its segmentation projection) on a batch; with
 /// `train_rescaler` false the projection is held fixed (LFM's `no_grad`).
 fn network_loss<B: AutodiffBackend>(
@@ -83,6 +99,25 @@ fn network_loss<B: AutodiffBackend>(
     }
     let x = if input.len() == 1 { input.pop().expect("one input") } else { Tensor::cat(input, 1) };
     flow::loss(velocity.forward(batch.t, x, batch.y), u)
+}
+
+/// The summed gradients of `batches` (micro-batches of a step of `total` samples), each micro-batch's mean loss
+/// weighted by its share of the step, and the weighted loss: one backward pass per micro-batch.
+fn micro_batch_gradients<B: AutodiffBackend>(
+    net: &TrainNet<B>,
+    batches: Vec<Batch<B>>,
+    total: usize,
+    train_rescaler: bool,
+) -> (f64, GradientsParams) {
+    let mut accumulator = GradientsAccumulator::<TrainNet<B>>::new();
+    let mut loss_value = 0.0;
+    for batch in batches {
+        let share = batch.z0.dims()[0] as f64 / total.max(1) as f64;
+        let loss = network_loss(&net.velocity, net.rescaler.as_ref(), batch, train_rescaler).mul_scalar(share);
+        loss_value += loss.clone().into_scalar().elem::<f64>();
+        accumulator.accumulate(net, GradientsParams::from_grads(loss.backward(), net));
+    }
+    (loss_value, accumulator.grads())
 }
 
 /// AdamW as LFM configures it: betas (0.9, 0.999), eps 1e-8, weight decay 0 (LFM's `--beta1/--beta2` are ignored).
@@ -237,22 +272,63 @@ where
     pub fn step_accumulated(&mut self, batches: Vec<Batch<B>>, lr: f64, max_grad_norm: Option<f64>) -> StepReport {
         let model = self.model.take().expect("a model between steps");
         let total: usize = batches.iter().map(|b| b.z0.dims()[0]).sum();
+        let (loss, params) = micro_batch_gradients(&model, batches, total, self.train_rescaler);
+        self.clip_and_apply(model, params, loss, lr, max_grad_norm)
+    }
+
+    /// Single-node data parallelism: one optimiser step on the mean loss over micro-batches spread over devices.
+    /// `shards[d]` holds device `d`'s micro-batches (already on it); each device runs forward and backward passes on
+    /// its own copy of the network in its own thread; the gradients are summed on the network's device, optionally
+    /// clipped to a global norm, and the update is applied there (the copies are refreshed every step). The result
+    /// is [`Self::step_accumulated`]'s on the same micro-batches, up to the order of the sums.
+    pub fn step_data_parallel(
+        &mut self,
+        shards: Vec<(B::Device, Vec<Batch<B>>)>,
+        lr: f64,
+        max_grad_norm: Option<f64>,
+    ) -> StepReport {
+        let model = self.model.take().expect("a model between steps");
+        let main = model.devices().into_iter().next().expect("a network with parameters");
+        let total: usize = shards.iter().flat_map(|(_, b)| b).map(|b| b.z0.dims()[0]).sum();
+        let train_rescaler = self.train_rescaler;
+        let results: Vec<(f64, GradientsParams)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = shards
+                .into_iter()
+                .filter(|(_, batches)| !batches.is_empty())
+                .map(|(device, batches)| {
+                    let replica = model.clone().fork(&device);
+                    scope.spawn(move || micro_batch_gradients(&replica, batches, total, train_rescaler))
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|worker| worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                .collect()
+        });
         let mut accumulator = GradientsAccumulator::<TrainNet<B>>::new();
         let mut loss_value = 0.0;
-        for batch in batches {
-            let share = batch.z0.dims()[0] as f64 / total.max(1) as f64;
-            let loss =
-                network_loss(&model.velocity, model.rescaler.as_ref(), batch, self.train_rescaler).mul_scalar(share);
-            loss_value += loss.clone().into_scalar().elem::<f64>();
-            accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
+        for (loss, grads) in results {
+            loss_value += loss;
+            accumulator.accumulate(&model, grads.to_device(&main, &model));
         }
-        let mut params = accumulator.grads();
+        self.clip_and_apply(model, accumulator.grads(), loss_value, lr, max_grad_norm)
+    }
+
+    /// Clips the gradients to a global norm of `max_grad_norm` (if given), applies them, reports the step.
+    fn clip_and_apply(
+        &mut self,
+        model: TrainNet<B>,
+        mut params: GradientsParams,
+        loss: f64,
+        lr: f64,
+        max_grad_norm: Option<f64>,
+    ) -> StepReport {
         let grad_norm = match max_grad_norm {
             Some(max) => grads::clip_global_norm::<B, _>(&model, &mut params, max),
             None => grads::global_norm::<B, _>(&model, &params),
         };
         self.apply(model, params, lr);
-        StepReport { loss: loss_value, grads: None, grad_norm: Some(grad_norm) }
+        StepReport { loss, grads: None, grad_norm: Some(grad_norm) }
     }
 
     /// The AdamW update, the moving average, the step count.

@@ -12,13 +12,13 @@ use std::time::Instant;
 use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::seq::SliceRandom;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::data::{load_image, Source};
+use super::data::Source;
+use super::loader::{prefetch, HostContent};
 use super::masks::{self, MaskParams};
-use super::task::{read_mask, read_segmentation, Task, TaskFiles, TaskInputError};
+use super::task::{read_mask, Task, TaskFiles};
 use super::{lfm_adamw, Batch, SavedState, Trainer};
 use crate::autoencoder::{AnyAutoencoder, Autoencoder};
 use crate::checkpoint::{write_safetensors, CONFIG_METADATA_KEY};
@@ -89,6 +89,10 @@ pub struct RunSettings {
     /// Write a grid of samples to `previews/` every this many steps (0: never); see [`PREVIEW_SAMPLES`].
     #[serde(default)]
     pub preview_every: usize,
+    /// Devices that share each step (single-node data parallelism): the given device and the next ones of its kind
+    /// (device ids `index + 1`, …); on the CPU, that many copies sharing its cores. 1: one device.
+    #[serde(default = "one")]
+    pub data_parallel: usize,
 }
 
 /// Samples in a preview grid (one row per class for class-conditional models, classes cycling), drawn from the same
@@ -175,23 +179,26 @@ pub fn read_state(out_dir: &Path) -> Result<Option<State>, TrainError> {
 }
 
 /// Stream keys, so that the random choices of different kinds never share values.
-const SHUFFLE: u64 = 0x5348_5546;
-const FLIP: u64 = 0x464C_4950;
+pub(super) const SHUFFLE: u64 = 0x5348_5546;
+pub(super) const FLIP: u64 = 0x464C_4950;
 const NOISE: u64 = 0x4E4F_4953;
 const TIME: u64 = 0x5449_4D45;
-const POSTERIOR: u64 = 0x504F_5354;
+pub(super) const POSTERIOR: u64 = 0x504F_5354;
 const DROP: u64 = 0x4452_4F50;
 const MASK: u64 = 0x4D41_534B;
 const CONDITION: u64 = 0x434F_4E44;
 const PREVIEW: u64 = 0x5052_4556;
 
-/// The example indices of step `step`.
-fn batch_indices(settings: &RunSettings, len: usize, step: usize) -> Vec<usize> {
-    let per_epoch = (len / settings.batch_size).max(1);
-    let (epoch, k) = (step / per_epoch, step % per_epoch);
-    let mut order: Vec<usize> = (0..len).collect();
-    order.shuffle(&mut crate::noise::rng(settings.seed ^ SHUFFLE, epoch as u64));
-    order.into_iter().cycle().skip(k * settings.batch_size).take(settings.batch_size.min(len)).collect()
+/// `count` devices for data parallelism: `device` and the next ones of its kind (device ids `index + 1`, …).
+pub fn replica_devices<B: Backend>(device: &B::Device, count: usize) -> Vec<B::Device> {
+    use burn::tensor::backend::Device;
+    (0..count.max(1))
+        .map(|k| {
+            let mut id = device.to_id();
+            id.index_id += k as u16;
+            B::Device::from_id(id)
+        })
+        .collect()
 }
 
 /// Epoch of a step.
@@ -313,155 +320,143 @@ pub fn train<B: Backend>(
         ModelConfig::Dit(d) if d.label_dropout > 0.0 => Some((d.label_dropout, d.num_classes as i64)),
         _ => None,
     };
+    let devices = replica_devices::<B>(device, settings.data_parallel);
+    if devices.len() > 1 {
+        tracing::info!("data parallel: each step's batch split over {devices:?}");
+    }
     let mut state = None;
-    while trainer.step < settings.max_steps {
-        let step = trainer.step;
-        let start = Instant::now();
-        let indices = batch_indices(settings, source.len(), step);
-        let mut rng_flip = crate::noise::rng(settings.seed ^ FLIP, step as u64);
-        // Data latents z0 for the batch, labels, and the task's inputs.
-        let (z0, labels, condition, segmentation): (Tensor<B, 4>, Option<Vec<i64>>, _, _) = match source {
-            Source::Latents { mean, std, labels } => {
-                let pick = |t: &crate::checkpoint::HostTensor| -> Vec<f32> {
-                    let all = t.to_f32();
-                    indices.iter().flat_map(|&i| all[i * per_sample..(i + 1) * per_sample].to_vec()).collect()
-                };
-                let mut values = pick(mean);
-                if let Some(std) = std {
-                    let eps = crate::noise::batch(
-                        settings.seed ^ POSTERIOR,
-                        (step * settings.batch_size) as u64,
-                        indices.len(),
-                        per_sample,
-                    );
-                    for ((v, s), e) in values.iter_mut().zip(pick(std)).zip(eps) {
-                        *v += s * e;
-                    }
-                }
-                let data = TensorData::new(values, [indices.len(), c, side, side]).convert::<B::FloatElem>();
-                let labels = labels.as_ref().map(|l| indices.iter().map(|&i| l[i]).collect());
-                (Tensor::from_data(data, device), labels, None, None)
-            }
-            Source::Images { items, labels, size } => {
-                let ae = autoencoder.ok_or_else(|| TrainError::Invalid("image data needs an autoencoder".into()))?;
-                let mut images = Vec::new();
-                let mut maps = Vec::new();
-                let mut kept = Vec::new();
-                for &i in &indices {
-                    let flip = settings.flip && rng_flip.random_bool(0.5);
-                    let image = match load_image(&items[i], *size, flip) {
-                        Ok(image) => image,
-                        Err(e) => {
-                            unreadable += 1;
-                            tracing::warn!("skipping an unreadable image ({unreadable} so far): {e}");
-                            continue;
-                        }
-                    };
-                    if let Task::Semantic { classes, .. } = &settings.task {
-                        match read_segmentation(&files.segmentations[i], *size, flip, *classes) {
-                            Ok(map) => maps.push(map),
-                            Err(TaskInputError::Unreadable(e)) => {
-                                unreadable += 1;
-                                tracing::warn!("skipping an unreadable segmentation map ({unreadable} so far): {e}");
-                                continue;
-                            }
-                            Err(TaskInputError::Invalid(e)) => return Err(TrainError::Invalid(e)),
-                        }
-                    }
-                    images.push(image);
-                    kept.push(i);
-                }
-                if images.is_empty() {
+    // The host prepares batches on its own thread while the device trains (see `loader`); the receiver is dropped
+    // on any early return, which stops that thread.
+    std::thread::scope(|scope| -> Result<(), TrainError> {
+        let batches =
+            prefetch(scope, source, files, settings, per_sample, (trainer.step, settings.max_steps), unreadable);
+        while trainer.step < settings.max_steps {
+            let step = trainer.step;
+            let start = Instant::now();
+            let prepared = batches.recv().map_err(|_| TrainError::Invalid("the data loader stopped".into()))??;
+            debug_assert_eq!(prepared.step, step);
+            unreadable = prepared.unreadable;
+            // Data latents z0 for the batch, labels, and the task's inputs.
+            let (z0, labels, condition, segmentation): (Tensor<B, 4>, Option<Vec<i64>>, _, _) = match prepared.content {
+                HostContent::Nothing => {
                     trainer.step += 1;
                     continue;
                 }
-                let n = images.len();
-                let x =
-                    crate::image::to_tensor::<B>(&images, device).map_err(|e| TrainError::Invalid(e.to_string()))?;
-                let f = ae.factor();
-                let latent = [c, size / f, size / f];
-                let first = step * settings.batch_size;
-                let eps = crate::sample::noise::<B>(settings.seed ^ POSTERIOR, first, n, latent, device);
-                let labels = labels.as_ref().map(|l| kept.iter().map(|&i| l[i]).collect());
-                match &settings.task {
-                    Task::Generate => (ae.encode(x, Some(eps)), labels, None, None),
-                    Task::Inpaint { mask_white_is_hole, .. } => {
-                        let holes = (0..n)
-                            .map(|j| inpainting_hole(settings, files, *size, first + j, *mask_white_is_hole))
-                            .collect::<Result<Vec<_>, _>>()?
-                            .concat();
-                        let hole = crate::inpaint::hole_tensor::<B>(holes, n, (*size, *size), device);
-                        // As LFM's dataset: the image and the masked image, both encoded with posterior samples (in
-                        // one pass), then the mask on the latent grid.
-                        let masked = crate::inpaint::masked_images(x.clone(), hole.clone());
-                        let eps_masked = crate::sample::noise::<B>(settings.seed ^ CONDITION, first, n, latent, device);
-                        let z = ae.encode(Tensor::cat(vec![x, masked], 0), Some(Tensor::cat(vec![eps, eps_masked], 0)));
-                        let condition = crate::inpaint::condition(z.clone().narrow(0, n, n), hole, f);
-                        (z.narrow(0, 0, n), labels, Some(condition), None)
-                    }
-                    Task::Semantic { classes, .. } => {
-                        let shares =
-                            class_shares::<B>(&maps, *size, f, *classes, device).map_err(TrainError::Invalid)?;
-                        (ae.encode(x, Some(eps)), labels, None, Some(shares))
+                HostContent::Latents { values, n, labels } => {
+                    let data = TensorData::new(values, [n, c, side, side]).convert::<B::FloatElem>();
+                    (Tensor::from_data(data, device), labels, None, None)
+                }
+                HostContent::Images { images, maps, labels } => {
+                    let Source::Images { size, .. } = source else { unreachable!("images come from an image source") };
+                    let ae =
+                        autoencoder.ok_or_else(|| TrainError::Invalid("image data needs an autoencoder".into()))?;
+                    let n = images.len();
+                    let x = crate::image::to_tensor::<B>(&images, device)
+                        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+                    let f = ae.factor();
+                    let latent = [c, size / f, size / f];
+                    let first = step * settings.batch_size;
+                    let eps = crate::sample::noise::<B>(settings.seed ^ POSTERIOR, first, n, latent, device);
+                    match &settings.task {
+                        Task::Generate => (ae.encode(x, Some(eps)), labels, None, None),
+                        Task::Inpaint { mask_white_is_hole, .. } => {
+                            let holes = (0..n)
+                                .map(|j| inpainting_hole(settings, files, *size, first + j, *mask_white_is_hole))
+                                .collect::<Result<Vec<_>, _>>()?
+                                .concat();
+                            let hole = crate::inpaint::hole_tensor::<B>(holes, n, (*size, *size), device);
+                            // As LFM's dataset: the image and the masked image, both encoded with posterior samples (in
+                            // one pass), then the mask on the latent grid.
+                            let masked = crate::inpaint::masked_images(x.clone(), hole.clone());
+                            let eps_masked =
+                                crate::sample::noise::<B>(settings.seed ^ CONDITION, first, n, latent, device);
+                            let z =
+                                ae.encode(Tensor::cat(vec![x, masked], 0), Some(Tensor::cat(vec![eps, eps_masked], 0)));
+                            let condition = crate::inpaint::condition(z.clone().narrow(0, n, n), hole, f);
+                            (z.narrow(0, 0, n), labels, Some(condition), None)
+                        }
+                        Task::Semantic { classes, .. } => {
+                            let shares =
+                                class_shares::<B>(&maps, *size, f, *classes, device).map_err(TrainError::Invalid)?;
+                            (ae.encode(x, Some(eps)), labels, None, Some(shares))
+                        }
                     }
                 }
+            };
+            let n = z0.dims()[0];
+            let z1 = crate::sample::noise::<B>(
+                settings.seed ^ NOISE,
+                step * settings.batch_size,
+                n,
+                [c, side, side],
+                device,
+            );
+            let mut rng_time = crate::noise::rng(settings.seed ^ TIME, step as u64);
+            let t: Vec<f32> = (0..n).map(|_| rng_time.random::<f32>()).collect();
+            let t = Tensor::<B, 1>::from_data(TensorData::new(t, [n]).convert::<B::FloatElem>(), device);
+            let y = labels.map(|mut y| {
+                if let Some((p, null)) = null_label {
+                    let mut rng = crate::noise::rng(settings.seed ^ DROP, step as u64);
+                    for label in &mut y {
+                        if rng.random_bool(p) {
+                            *label = null;
+                        }
+                    }
+                }
+                Tensor::<A<B>, 1, Int>::from_data(TensorData::new(y, [n]), device)
+            });
+            let epoch = epoch_of(settings, source.len(), step);
+            let lr = settings.lr_at(step, epoch);
+            let micro = n.div_ceil(settings.grad_accum.max(1) * devices.len());
+            let batches: Vec<_> = (0..n)
+                .step_by(micro)
+                .map(|i| {
+                    let len = micro.min(n - i);
+                    let part = |x: &Tensor<B, 4>| Tensor::from_inner(x.clone().narrow(0, i, len));
+                    Batch {
+                        z0: part(&z0),
+                        z1: part(&z1),
+                        t: Tensor::from_inner(t.clone().narrow(0, i, len)),
+                        y: y.clone().map(|y| y.narrow(0, i, len)),
+                        condition: condition.as_ref().map(part),
+                        segmentation: segmentation.as_ref().map(part),
+                    }
+                })
+                .collect();
+            let report = if devices.len() > 1 {
+                // Each device takes `grad_accum` consecutive micro-batches.
+                let mut batches = batches.into_iter();
+                let shards = devices
+                    .iter()
+                    .map(|d| {
+                        (d.clone(), batches.by_ref().take(settings.grad_accum.max(1)).map(|b| b.to_device(d)).collect())
+                    })
+                    .collect();
+                trainer.step_data_parallel(shards, lr, settings.max_grad_norm)
+            } else {
+                trainer.step_accumulated(batches, lr, settings.max_grad_norm)
+            };
+            if !report.loss.is_finite() {
+                return Err(TrainError::NonFinite { step, loss: report.loss });
             }
-        };
-        let n = z0.dims()[0];
-        let z1 =
-            crate::sample::noise::<B>(settings.seed ^ NOISE, step * settings.batch_size, n, [c, side, side], device);
-        let mut rng_time = crate::noise::rng(settings.seed ^ TIME, step as u64);
-        let t: Vec<f32> = (0..n).map(|_| rng_time.random::<f32>()).collect();
-        let t = Tensor::<B, 1>::from_data(TensorData::new(t, [n]).convert::<B::FloatElem>(), device);
-        let y = labels.map(|mut y| {
-            if let Some((p, null)) = null_label {
-                let mut rng = crate::noise::rng(settings.seed ^ DROP, step as u64);
-                for label in &mut y {
-                    if rng.random_bool(p) {
-                        *label = null;
-                    }
-                }
-            }
-            Tensor::<A<B>, 1, Int>::from_data(TensorData::new(y, [n]), device)
-        });
-        let epoch = epoch_of(settings, source.len(), step);
-        let lr = settings.lr_at(step, epoch);
-        let micro = n.div_ceil(settings.grad_accum.max(1));
-        let batches = (0..n)
-            .step_by(micro)
-            .map(|i| {
-                let len = micro.min(n - i);
-                let part = |x: &Tensor<B, 4>| Tensor::from_inner(x.clone().narrow(0, i, len));
-                Batch {
-                    z0: part(&z0),
-                    z1: part(&z1),
-                    t: Tensor::from_inner(t.clone().narrow(0, i, len)),
-                    y: y.clone().map(|y| y.narrow(0, i, len)),
-                    condition: condition.as_ref().map(part),
-                    segmentation: segmentation.as_ref().map(part),
-                }
-            })
-            .collect();
-        let report = trainer.step_accumulated(batches, lr, settings.max_grad_norm);
-        if !report.loss.is_finite() {
-            return Err(TrainError::NonFinite { step, loss: report.loss });
-        }
-        let seconds = start.elapsed().as_secs_f64();
-        let line = serde_json::json!({"step": step + 1, "epoch": epoch, "loss": report.loss, "lr": lr,
+            let seconds = start.elapsed().as_secs_f64();
+            let line = serde_json::json!({"step": step + 1, "epoch": epoch, "loss": report.loss, "lr": lr,
             "grad_norm": report.grad_norm,
             "samples_per_s": n as f64 / seconds, "unreadable_images": unreadable});
-        writeln!(log, "{line}").map_err(|e| io_error(&log_path, e))?;
-        progress.set_message(format!("loss {:.4}, {:.1} samples/s", report.loss, n as f64 / seconds));
-        progress.set_position(trainer.step as u64);
-        if trainer.step % settings.save_every.max(1) == 0 || trainer.step == settings.max_steps {
-            state = Some(save(&trainer, config, settings, out_dir, unreadable)?);
-        }
-        if let (Some(ae), true) = (autoencoder, settings.preview_every > 0) {
-            if trainer.step % settings.preview_every == 0 || trainer.step == settings.max_steps {
-                write_preview(&trainer, ae, settings.seed, out_dir, device)?;
+            writeln!(log, "{line}").map_err(|e| io_error(&log_path, e))?;
+            progress.set_message(format!("loss {:.4}, {:.1} samples/s", report.loss, n as f64 / seconds));
+            progress.set_position(trainer.step as u64);
+            if trainer.step % settings.save_every.max(1) == 0 || trainer.step == settings.max_steps {
+                state = Some(save(&trainer, config, settings, out_dir, unreadable)?);
+            }
+            if let (Some(ae), true) = (autoencoder, settings.preview_every > 0) {
+                if trainer.step % settings.preview_every == 0 || trainer.step == settings.max_steps {
+                    write_preview(&trainer, ae, settings.seed, out_dir, device)?;
+                }
             }
         }
-    }
+        Ok(())
+    })?;
     progress.finish_and_clear();
     match state {
         Some(state) => Ok(state),

@@ -74,8 +74,8 @@ impl TaskFiles {
     pub fn find(task: &Task, source: &Source, data: Option<&Path>) -> Result<Self, String> {
         let items = match source {
             Source::Images { items, .. } => items,
-            Source::Latents { .. } if *task == Task::Generate => return Ok(Self::default()),
-            Source::Latents { .. } => {
+            Source::Latents(_) if *task == Task::Generate => return Ok(Self::default()),
+            Source::Latents(_) => {
                 return Err(format!(
                     "--task {} builds its condition from the images: train from --data, not --latents",
                     task.name()
@@ -89,7 +89,7 @@ impl TaskFiles {
                 let mut masks = Vec::new();
                 super::data::walk_images(dir, &mut masks).map_err(|e| format!("{}: {e}", dir.display()))?;
                 if masks.is_empty() {
-                    return Err(format!("{}: no .png/.jpg/.jpeg masks found", dir.display()));
+                    return Err(format!("{}: no .png/.jpg/.jpeg/.webp masks found", dir.display()));
                 }
                 Ok(Self { masks, segmentations: Vec::new() })
             }

@@ -27,7 +27,7 @@ fn items(source: Source) -> Vec<ImageItem> {
             assert!(labels.is_none(), "LMDB datasets are unlabelled, as in LFM");
             items
         }
-        Source::Latents { .. } => panic!("expected images"),
+        Source::Latents(_) => panic!("expected images"),
     }
 }
 
@@ -106,31 +106,109 @@ fn training_reads_lmdb_data() {
     let s = crate::train::setup();
     let out = s.root.join("run");
     let lsun = fixture("lmdb/lsun.lmdb");
-    let (ok, stdout, stderr) = lfm(&[
-        "--backend",
-        "cpu",
-        "train",
-        "--data",
-        lsun.to_str().unwrap(),
-        "--max-images",
-        "3",
-        "--image-size",
-        "16",
-        "--weights",
-        &s.vae,
-        "--vae-config",
-        &s.vae_config,
-        "--config",
-        &s.config,
-        "--out",
-        out.to_str().unwrap(),
-        "--batch-size",
-        "3",
-        "--max-steps",
-        "2",
-    ]);
+    // Three of the fixture's entries (one of them corrupt), each step a batch of all of them.
+    let mut args =
+        crate::train::train_args(out.to_str().unwrap(), lsun.to_str().unwrap(), &s.vae, &s.vae_config, &s.config);
+    args.extend_from_slice(&["--max-images", "3", "--max-steps", "2"]);
+    let (ok, stdout, stderr) = lfm(&args);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("trained 2 steps on 3 examples"), "{stdout}");
     assert!(stderr.contains("skipping an unreadable image") && stderr.contains("not an encoded image"), "{stderr}");
     assert!(crate::train::losses(&out).iter().all(|l| l.is_finite()));
+}
+
+/// `lfm encode --data DIR --out CACHE`: a sharded cache holds the same posteriors as the one-file form (the corrupt
+/// image skipped and counted), trains to the same losses, resumes an interrupted encode at its first missing shard,
+/// refuses other settings without --force, and a damaged cache is refused clearly.
+#[test]
+fn a_sharded_latent_cache_matches_the_single_file_and_resumes() {
+    use lfm::train::latents::LatentStore;
+    let s = crate::train::setup();
+    let cache = s.root.join("cache");
+    let encode = |data: &str, out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["--backend", "cpu", "encode", "--data", data, "--image-size", "16", "--weights", &s.vae];
+        args.extend_from_slice(&["--config", &s.vae_config, "--out", out.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        lfm(&args)
+    };
+    let (ok, stdout, stderr) = encode(&s.data, &cache, &["--shard-size", "5"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("12 latents in 3 shards, 1 unreadable images skipped"), "{stdout}");
+    assert!(stderr.contains("corrupt.png"), "{stderr}");
+    // The one-file form of the same images (the corrupt one removed, so `lfm encode` accepts the folder).
+    std::fs::remove_file(std::path::Path::new(&s.data).join("corrupt.png")).unwrap();
+    let single = s.root.join("latents.safetensors");
+    let (ok, _, stderr) = encode(&s.data, &single, &[]);
+    assert!(ok, "{stderr}");
+    let all: Vec<usize> = (0..12).collect();
+    let same_posteriors = |what: &str| {
+        let (a, b) = (LatentStore::open(&cache).unwrap(), LatentStore::open(&single).unwrap());
+        assert_eq!((a.shape(), a.has_std()), (b.shape(), b.has_std()));
+        assert_eq!(a.shape(), [12, 4, 8, 8]);
+        let ((mean_a, std_a), (mean_b, std_b)) = (a.gather(&all).unwrap(), b.gather(&all).unwrap());
+        assert_close(&format!("{what}: means"), &mean_a, &mean_b, 1e-6, 1e-7);
+        assert_close(&format!("{what}: stds"), &std_a.unwrap(), &std_b.unwrap(), 1e-6, 1e-7);
+        // A batch in shuffled order, across shards.
+        let (mean, _) = a.gather(&[11, 0, 7, 5]).unwrap();
+        let want: Vec<f32> = [11, 0, 7, 5].iter().flat_map(|&i| mean_b[i * 256..(i + 1) * 256].to_vec()).collect();
+        assert_close(&format!("{what}: a shuffled batch"), &mean, &want, 1e-6, 1e-7);
+    };
+    same_posteriors("fresh");
+
+    // Training reads the cache a batch at a time and takes the same steps as from the file.
+    let train = |latents: &std::path::Path, out: &str| {
+        let mut args = vec!["--backend", "cpu", "train", "--latents", latents.to_str().unwrap(), "--config", &s.config];
+        args.extend_from_slice(&["--out", out, "--batch-size", "4", "--max-steps", "2", "--seed", "5"]);
+        lfm(&args)
+    };
+    let (run_cache, run_file) = (s.root.join("run-cache"), s.root.join("run-file"));
+    for (latents, run) in [(&cache, &run_cache), (&single, &run_file)] {
+        let (ok, _, stderr) = train(latents, run.to_str().unwrap());
+        assert!(ok, "{stderr}");
+    }
+    let (from_cache, from_file) = (crate::train::losses(&run_cache), crate::train::losses(&run_file));
+    assert_eq!(from_cache.len(), 2);
+    for (a, b) in from_cache.iter().zip(&from_file) {
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "losses from the cache {from_cache:?} vs the file {from_file:?}");
+    }
+
+    // An encode interrupted before its last shard: training refuses the cache; the same command finishes it,
+    // rewriting only the missing shard.
+    let index_path = cache.join("index.json");
+    let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    index["shards"].as_array_mut().unwrap().pop();
+    index["complete"] = false.into();
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    std::fs::remove_file(cache.join("shard-00002.safetensors")).unwrap();
+    let (ok, _, stderr) = train(&cache, s.root.join("run-incomplete").to_str().unwrap());
+    assert!(!ok && stderr.contains("incomplete (2 of 3 shards)") && stderr.contains("lfm encode"), "{stderr}");
+    #[cfg(unix)]
+    let inode = |k: usize| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(cache.join(format!("shard-{k:05}.safetensors"))).unwrap().ino()
+    };
+    #[cfg(unix)]
+    let kept = [inode(0), inode(1)];
+    // The same command as the first: the corrupt image back in place.
+    std::fs::write(std::path::Path::new(&s.data).join("corrupt.png"), b"not a png at all").unwrap();
+    let (ok, stdout, stderr) = encode(&s.data, &cache, &["--shard-size", "5"]);
+    assert!(ok && stdout.contains("12 latents in 3 shards"), "{stdout}{stderr}");
+    #[cfg(unix)]
+    assert_eq!([inode(0), inode(1)], kept, "finished shards are not rewritten");
+    same_posteriors("resumed");
+
+    // Other settings are refused without --force, and replace the cache with it.
+    let (ok, _, stderr) = encode(&s.data, &cache, &["--shard-size", "4"]);
+    assert!(!ok && stderr.contains("--shard-size 5 there, 4 now") && stderr.contains("--force"), "{stderr}");
+    let (ok, stdout, stderr) = encode(&s.data, &cache, &["--shard-size", "4", "--force"]);
+    assert!(ok && stdout.contains("12 latents in 4 shards"), "{stdout}{stderr}");
+    assert!(!cache.join("shard-00004.safetensors").exists());
+    same_posteriors("re-sharded");
+
+    // A truncated shard is named, with the fix.
+    let shard = cache.join("shard-00001.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
+    let error = LatentStore::open(&cache).unwrap_err();
+    assert!(error.contains("shard-00001") && error.contains("truncated") && error.contains("--force"), "{error}");
 }

@@ -133,7 +133,13 @@ pub(crate) fn image_folder(dir: &std::path::Path) -> std::path::PathBuf {
     data
 }
 
-fn train_args<'a>(dir: &'a str, data: &'a str, vae: &'a str, vae_config: &'a str, config: &'a str) -> Vec<&'a str> {
+pub(crate) fn train_args<'a>(
+    dir: &'a str,
+    data: &'a str,
+    vae: &'a str,
+    vae_config: &'a str,
+    config: &'a str,
+) -> Vec<&'a str> {
     vec![
         "--backend",
         "cpu",
@@ -239,6 +245,46 @@ fn training_on_an_image_folder_lowers_the_loss_and_skips_corrupt_images() {
         let (ok, _, stderr) = lfm(&bad);
         assert!(!ok && stderr.contains(complaint), "{flag} {value}: {stderr}");
     }
+}
+
+/// `--data-parallel 2` (two copies of the network, here sharing the CPU, each taking half of every batch in its own
+/// thread, gradients summed on the first) ends with the weights of one device taking the same two micro-batches
+/// with `--grad-accum 2`; asking for more GPUs than exist is refused.
+#[test]
+fn data_parallel_training_equals_one_device_with_the_same_micro_batches() {
+    let s = setup();
+    let run = |name: &str, steps: &str, extra: &[&str]| {
+        let out = s.root.join(name);
+        let mut args = train_args(out.to_str().unwrap(), &s.data, &s.vae, &s.vae_config, &s.config);
+        args.extend_from_slice(&["--max-steps", steps, "--max-grad-norm", "0.5"]);
+        args.extend_from_slice(extra);
+        let (ok, _, stderr) = lfm(&args);
+        assert!(ok, "{stderr}");
+        let split = stderr.contains("data parallel: each step's batch split over [Cpu, Cpu]");
+        assert_eq!(split, extra.contains(&"--data-parallel"), "{stderr}");
+        (read_safetensors(&out.join("model.safetensors")).unwrap().0, losses(&out))
+    };
+    let (one, one_losses) = run("one-device", "3", &["--grad-accum", "2"]);
+    let (two, two_losses) = run("two-devices", "3", &["--data-parallel", "2"]);
+    assert_close_f64("losses", &two_losses, &one_losses, 1e-6);
+    assert_eq!(one.len(), two.len());
+    for (key, tensor) in &one {
+        assert_close(&format!("{key} after 3 steps"), &two[key].to_f32(), &tensor.to_f32(), 1e-6, 1e-7);
+    }
+    // The later steps moved the weights, so the comparison covers more than one update.
+    let (first, _) = run("one-step", "1", &["--grad-accum", "2"]);
+    assert!(one.iter().any(|(key, t)| t.to_f32() != first[key].to_f32()));
+
+    let out = s.root.join("too-many");
+    let mut args = train_args(out.to_str().unwrap(), &s.data, &s.vae, &s.vae_config, &s.config);
+    args[1] = "wgpu";
+    args.extend_from_slice(&["--max-steps", "1", "--data-parallel", "2"]);
+    let (ok, _, stderr) = lfm(&args);
+    assert!(!ok && (stderr.contains("--data-parallel 2 needs 2") || stderr.contains("no GPU adapter")), "{stderr}");
+    let mut args = train_args(out.to_str().unwrap(), &s.data, &s.vae, &s.vae_config, &s.config);
+    args.extend_from_slice(&["--max-steps", "1", "--data-parallel", "3", "--grad-accum", "2"]);
+    let (ok, _, stderr) = lfm(&args);
+    assert!(!ok && stderr.contains("every device needs at least one example"), "{stderr}");
 }
 
 #[test]

@@ -1,0 +1,164 @@
+//! The host side of training batches — example indices, decoding and transforming images (in parallel),
+//! segmentation maps, cached latents with their posterior samples — prepared on a background thread a few steps
+//! ahead, so that the device never waits on the CPU.
+//!
+//! Everything here is a function of the settings and the step number alone (see [`super::run`]), so preparing
+//! ahead, in parallel or after a resume gives exactly the batches a sequential run would.
+
+use std::sync::mpsc::{sync_channel, Receiver};
+
+use rand::seq::SliceRandom;
+use rand::Rng;
+use rayon::prelude::*;
+
+use super::data::{load_image, Source};
+use super::run::{RunSettings, TrainError, FLIP, POSTERIOR, SHUFFLE};
+use super::task::{read_segmentation, Task, TaskFiles, TaskInputError};
+use crate::image::RgbImage;
+
+/// How many prepared batches may wait for the device.
+pub const PREFETCH_DEPTH: usize = 2;
+
+/// The example indices of step `step`.
+pub fn batch_indices(settings: &RunSettings, len: usize, step: usize) -> Vec<usize> {
+    let per_epoch = (len / settings.batch_size).max(1);
+    let (epoch, k) = (step / per_epoch, step % per_epoch);
+    let mut order: Vec<usize> = (0..len).collect();
+    order.shuffle(&mut crate::noise::rng(settings.seed ^ SHUFFLE, epoch as u64));
+    order.into_iter().cycle().skip(k * settings.batch_size).take(settings.batch_size.min(len)).collect()
+}
+
+/// One decoded example: the image and, for semantic synthesis, its class map.
+type Decoded = (RgbImage, Option<Vec<u8>>);
+
+/// What a step's batch holds before it reaches the device.
+#[derive(Debug)]
+pub enum HostContent {
+    /// Latents with the posterior already sampled, `[n, C, h, w]` row-major.
+    Latents {
+        /// The values.
+        values: Vec<f32>,
+        /// Number of examples.
+        n: usize,
+        /// Their labels.
+        labels: Option<Vec<i64>>,
+    },
+    /// Decoded, cropped (and maybe flipped) images to encode on the device.
+    Images {
+        /// The readable images of the batch, in batch order.
+        images: Vec<RgbImage>,
+        /// Their segmentation maps (semantic synthesis only).
+        maps: Vec<Vec<u8>>,
+        /// Their labels.
+        labels: Option<Vec<i64>>,
+    },
+    /// Every image of the batch was unreadable: the step is skipped.
+    Nothing,
+}
+
+/// One step's batch, prepared on the host.
+#[derive(Debug)]
+pub struct HostBatch {
+    /// The step it belongs to.
+    pub step: usize,
+    /// Its content.
+    pub content: HostContent,
+    /// Unreadable images and maps skipped so far in the run, this batch included.
+    pub unreadable: usize,
+}
+
+/// Prepares step `step`'s batch; `unreadable` counts the skipped inputs of the run so far.
+pub fn prepare(
+    source: &Source,
+    files: &TaskFiles,
+    settings: &RunSettings,
+    per_sample: usize,
+    step: usize,
+    unreadable: &mut usize,
+) -> Result<HostBatch, TrainError> {
+    let indices = batch_indices(settings, source.len(), step);
+    let content = match source {
+        Source::Latents(store) => {
+            let (mut values, std) = store.gather(&indices).map_err(TrainError::Io)?;
+            if let Some(std) = std {
+                let eps = crate::noise::batch(
+                    settings.seed ^ POSTERIOR,
+                    (step * settings.batch_size) as u64,
+                    indices.len(),
+                    per_sample,
+                );
+                for ((v, s), e) in values.iter_mut().zip(std).zip(eps) {
+                    *v += s * e;
+                }
+            }
+            let labels = store.labels().map(|l| indices.iter().map(|&i| l[i]).collect());
+            HostContent::Latents { values, n: indices.len(), labels }
+        }
+        Source::Images { items, labels, size } => {
+            // The flips are drawn in batch order first, so decoding can run in any order.
+            let mut rng_flip = crate::noise::rng(settings.seed ^ FLIP, step as u64);
+            let flips: Vec<bool> = indices.iter().map(|_| settings.flip && rng_flip.random_bool(0.5)).collect();
+            let classes = match &settings.task {
+                Task::Semantic { classes, .. } => Some(*classes),
+                _ => None,
+            };
+            let decoded: Vec<Result<Decoded, TaskInputError>> = indices
+                .par_iter()
+                .zip(flips)
+                .map(|(&i, flip)| {
+                    let image = load_image(&items[i], *size, flip).map_err(TaskInputError::Unreadable)?;
+                    let map = classes
+                        .map(|classes| read_segmentation(&files.segmentations[i], *size, flip, classes))
+                        .transpose()?;
+                    Ok((image, map))
+                })
+                .collect();
+            let (mut images, mut maps, mut kept) = (Vec::new(), Vec::new(), Vec::new());
+            for (&i, result) in indices.iter().zip(decoded) {
+                match result {
+                    Ok((image, map)) => {
+                        images.push(image);
+                        maps.extend(map);
+                        kept.push(i);
+                    }
+                    Err(TaskInputError::Unreadable(e)) => {
+                        *unreadable += 1;
+                        tracing::warn!("skipping an unreadable image or map ({} so far): {e}", *unreadable);
+                    }
+                    Err(TaskInputError::Invalid(e)) => return Err(TrainError::Invalid(e)),
+                }
+            }
+            if images.is_empty() {
+                HostContent::Nothing
+            } else {
+                let labels = labels.as_ref().map(|l| kept.iter().map(|&i| l[i]).collect());
+                HostContent::Images { images, maps, labels }
+            }
+        }
+    };
+    Ok(HostBatch { step, content, unreadable: *unreadable })
+}
+
+/// Starts preparing the batches of steps `first..end` on a thread of `scope`, [`PREFETCH_DEPTH`] ahead of the
+/// consumer. The thread stops after an error, or as soon as the receiver is dropped.
+pub fn prefetch<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    source: &'env Source,
+    files: &'env TaskFiles,
+    settings: &'env RunSettings,
+    per_sample: usize,
+    (first, end): (usize, usize),
+    mut unreadable: usize,
+) -> Receiver<Result<HostBatch, TrainError>> {
+    let (sender, receiver) = sync_channel(PREFETCH_DEPTH);
+    scope.spawn(move || {
+        for step in first..end {
+            let batch = prepare(source, files, settings, per_sample, step, &mut unreadable);
+            let failed = batch.is_err();
+            if sender.send(batch).is_err() || failed {
+                break;
+            }
+        }
+    });
+    receiver
+}

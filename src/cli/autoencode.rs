@@ -11,8 +11,6 @@ use crate::autoencoder::{AnyAutoencoder, Autoencoder, AutoencoderKind, Autoencod
 use crate::backend::{self, BackendChoice, OnBackend};
 use crate::checkpoint::{read_safetensors, write_safetensors, HostTensor, TensorMap};
 use crate::image::{read_rgb, write_rgb, RgbImage};
-use crate::train::data::load_image;
-use crate::train::latents::{CacheIndex, CachePlan, ShardEntry, INDEX_FILE};
 
 /// Which autoencoder and where its weights are.
 #[derive(Debug, Args)]
@@ -33,12 +31,12 @@ pub struct AutoencoderArgs {
 }
 
 impl AutoencoderArgs {
-    fn read(&self) -> anyhow::Result<AutoencoderWeights> {
+    pub(super) fn read(&self) -> anyhow::Result<AutoencoderWeights> {
         Ok(AutoencoderWeights::read(self.autoencoder, &self.weights, self.config.as_deref())?)
     }
 }
 
-fn progress(len: usize, what: &str) -> ProgressBar {
+pub(super) fn progress(len: usize, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len as u64);
     bar.set_style(
         ProgressStyle::with_template(&format!("{what} {{bar:30}} {{pos}}/{{len}} images, {{elapsed}} (ETA {{eta}})"))
@@ -94,6 +92,8 @@ pub struct EncodeArgs {
 struct Encode {
     weights: AutoencoderWeights,
     images: Vec<RgbImage>,
+    /// The posterior-noise stream of each image: its index in the dataset (or the argument list).
+    noise_keys: Vec<u64>,
     seed: u64,
     mean: bool,
     batch_size: usize,
@@ -111,9 +111,8 @@ impl OnBackend for Encode {
             "the images are {w}×{h}; the autoencoder needs sides divisible by {f}: crop or resize them"
         );
         let bar = progress(self.images.len(), "encoding");
-        let noise_keys: Vec<u64> = (0..self.images.len() as u64).collect();
         let sample = (!self.mean).then_some(self.seed);
-        let out = encode_images(&model, &self.images, &noise_keys, sample, self.batch_size, &bar, &device);
+        let out = encode_images(&model, &self.images, &self.noise_keys, sample, self.batch_size, &bar, &device);
         bar.finish_and_clear();
         out
     }
@@ -122,7 +121,7 @@ impl OnBackend for Encode {
 /// Encodes `images` (one size) in batches of `batch_size`: `latents` (a posterior sample with noise stream
 /// `noise_keys[i]` of `sample`'s seed, or the mean without a seed), and for the KL VAE also the posterior's `mean`
 /// and `std` on LFM's scale, so that training can re-sample it every step.
-fn encode_images<B: Backend>(
+pub(super) fn encode_images<B: Backend>(
     model: &AnyAutoencoder<B>,
     images: &[RgbImage],
     noise_keys: &[u64],
@@ -169,218 +168,61 @@ fn encode_images<B: Backend>(
     Ok(out)
 }
 
-/// `lfm encode --data DATASET --out DIR`: a sharded latent cache, written a shard at a time (each atomically,
-/// then the index), so that memory holds one shard and an interrupted run resumes at its first missing shard.
-struct EncodeCache {
-    weights: AutoencoderWeights,
-    items: Vec<crate::train::data::ImageItem>,
-    labels: Option<Vec<i64>>,
-    dir: PathBuf,
-    plan: CachePlan,
-    sample: Option<u64>,
-    batch_size: usize,
-    force: bool,
-}
-
-impl EncodeCache {
-    /// The index to continue from: the existing one when its plan matches, a new one otherwise (replacing an
-    /// existing cache only with --force).
-    fn start(&self) -> anyhow::Result<CacheIndex> {
-        let dir = &self.dir;
-        match CacheIndex::read(dir).map_err(|e| anyhow::anyhow!(e))? {
-            Some(old) if old.plan == self.plan => return Ok(old),
-            Some(old) if !self.force => anyhow::bail!(
-                "{} holds a latent cache with other settings ({}); pass --force to replace it, or choose another --out",
-                dir.display(),
-                plan_difference(&old.plan, &self.plan)
-            ),
-            Some(old) => {
-                for entry in &old.shards {
-                    let path = dir.join(&entry.file);
-                    std::fs::remove_file(&path)
-                        .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-                }
-            }
-            None if dir.read_dir().is_ok_and(|mut entries| entries.next().is_some()) => anyhow::bail!(
-                "{} is a folder that is not a latent cache (no {INDEX_FILE}); choose a new or empty folder",
-                dir.display()
-            ),
-            None => {}
-        }
-        Ok(CacheIndex::new(self.plan.clone()))
-    }
-}
-
-/// The first plan field that differs, for the error message.
-fn plan_difference(old: &CachePlan, new: &CachePlan) -> String {
-    let fields = [
-        ("data", &old.source, &new.source),
-        ("autoencoder", &old.autoencoder, &new.autoencoder),
-        ("sample", &old.sample, &new.sample),
-    ];
-    let numbers = [
-        ("images", old.examples_in_source, new.examples_in_source),
-        ("--image-size", old.image_size, new.image_size),
-        ("--shard-size", old.shard_size, new.shard_size),
-    ];
-    fields
-        .iter()
-        .find(|(_, a, b)| a != b)
-        .map(|(name, a, b)| format!("{name} {a} there, {b} now"))
-        .or_else(|| numbers.iter().find(|(_, a, b)| a != b).map(|(name, a, b)| format!("{name} {a} there, {b} now")))
-        .unwrap_or_else(|| format!("latent shape {:?} there, {:?} now", old.latent_shape, new.latent_shape))
-}
-
-impl OnBackend for EncodeCache {
-    /// The index, and whether any shard was encoded.
-    type Output = anyhow::Result<(CacheIndex, bool)>;
-
-    fn run<B: Backend>(mut self, device: B::Device) -> Self::Output {
-        use rayon::prelude::*;
-        let model = self.weights.load::<B>(&device)?;
-        let (f, size) = (model.factor(), self.plan.image_size);
-        anyhow::ensure!(size % f == 0, "--image-size {size} is not divisible by the autoencoder's factor {f}");
-        self.plan.latent_shape = vec![model.latent_channels(), size / f, size / f];
-        let mut index = self.start()?;
-        if index.complete {
-            return Ok((index, false));
-        }
-        std::fs::create_dir_all(&self.dir).map_err(|e| anyhow::anyhow!("{}: {e}", self.dir.display()))?;
-        index.write(&self.dir).map_err(|e| anyhow::anyhow!(e))?;
-        let (n, shard_size) = (self.plan.examples_in_source, self.plan.shard_size);
-        let bar = progress(n, "encoding");
-        bar.set_position((index.shards.len() * shard_size).min(n) as u64);
-        if !index.shards.is_empty() {
-            tracing::info!(
-                "resuming {} at shard {} of {}",
-                self.dir.display(),
-                index.shards.len(),
-                index.shard_count()
-            );
-        }
-        for k in index.shards.len()..index.shard_count() {
-            let range = k * shard_size..((k + 1) * shard_size).min(n);
-            // Decoding is the CPU's share: all cores, while the device waits only once per shard.
-            let loaded: Vec<Result<RgbImage, String>> =
-                range.clone().into_par_iter().map(|i| load_image(&self.items[i], size, false)).collect();
-            let (mut images, mut keys) = (Vec::new(), Vec::new());
-            for (i, result) in range.clone().zip(loaded) {
-                match result {
-                    Ok(image) => {
-                        images.push(image);
-                        keys.push(i as u64);
-                    }
-                    Err(e) => {
-                        tracing::warn!("skipping an unreadable image: {e}");
-                        bar.inc(1);
-                    }
-                }
-            }
-            let skipped = range.len() - images.len();
-            let mut tensors = if images.is_empty() {
-                // The same tensors as the other shards, with no rows.
-                let mut shape = vec![0];
-                shape.extend(&self.plan.latent_shape);
-                let names: &[&str] =
-                    if matches!(model, AnyAutoencoder::Kl(_)) { &["mean", "std"] } else { &["latents"] };
-                names.iter().map(|name| (name.to_string(), HostTensor::f32(shape.clone(), Vec::new()))).collect()
-            } else {
-                let mut tensors = encode_images(&model, &images, &keys, self.sample, self.batch_size, &bar, &device)?;
-                // Training re-samples the posterior from `mean` and `std`; the sample would only take space.
-                if tensors.contains_key("std") {
-                    tensors.remove("latents");
-                }
-                tensors
-            };
-            if let Some(labels) = &self.labels {
-                let y: Vec<i64> = keys.iter().map(|&i| labels[i as usize]).collect();
-                tensors.insert("y".into(), HostTensor::i64(vec![y.len()], y));
-            }
-            let file = CacheIndex::shard_file(k);
-            write_safetensors(&self.dir.join(&file), &tensors, None)?;
-            index.shards.push(ShardEntry { file, examples: images.len(), skipped });
-            index.complete = index.shards.len() == index.shard_count();
-            index.write(&self.dir).map_err(|e| anyhow::anyhow!(e))?;
-        }
-        bar.finish_and_clear();
-        Ok((index, true))
-    }
-}
-
-/// Every image of a dataset (folder, LMDB or IDX file; the first `max_images`), cut to `size`, with its labels
-/// when it has any.
+/// The readable images of a dataset (folder, LMDB or IDX file; the first `max_images`), cut to `size` and decoded on
+/// every core, with their dataset indices and labels; unreadable ones are skipped with a warning and counted.
 fn dataset_images(
     path: &std::path::Path,
     size: usize,
     class_folders: bool,
     max_images: Option<usize>,
-) -> anyhow::Result<(Vec<RgbImage>, Option<Vec<i64>>)> {
+) -> anyhow::Result<DatasetImages> {
     use crate::train::data::{load_image, open_images, Source};
+    use rayon::prelude::*;
     let source = open_images(path, size, class_folders, max_images).map_err(|e| anyhow::anyhow!(e))?;
     let Source::Images { items, labels, .. } = source else { anyhow::bail!("{}: expected images", path.display()) };
-    let images = items.iter().map(|item| load_image(item, size, false)).collect::<Result<Vec<_>, _>>();
-    Ok((images.map_err(|e| anyhow::anyhow!(e))?, labels))
+    let loaded: Vec<Result<RgbImage, String>> = items.par_iter().map(|item| load_image(item, size, false)).collect();
+    let mut out =
+        DatasetImages { images: Vec::new(), keys: Vec::new(), labels: labels.as_ref().map(|_| Vec::new()), skipped: 0 };
+    for (i, result) in loaded.into_iter().enumerate() {
+        match result {
+            Ok(image) => {
+                out.images.push(image);
+                out.keys.push(i as u64);
+                if let (Some(kept), Some(all)) = (out.labels.as_mut(), labels.as_ref()) {
+                    kept.push(all[i]);
+                }
+            }
+            Err(e) => {
+                out.skipped += 1;
+                tracing::warn!("skipping an unreadable image: {e}");
+            }
+        }
+    }
+    Ok(out)
 }
 
-/// `lfm encode --data DATASET --out DIR` (any name but `*.safetensors`): the sharded cache.
-fn encode_cache(args: EncodeArgs, data: &std::path::Path, choice: BackendChoice) -> anyhow::Result<()> {
-    use crate::train::data::{open_images, Source};
-    anyhow::ensure!(args.shard_size > 0, "--shard-size must be at least 1");
-    anyhow::ensure!(!args.out.is_file(), "{} is a file; a latent cache is a folder", args.out.display());
-    let source =
-        open_images(data, args.image_size, args.class_folders, args.max_images).map_err(|e| anyhow::anyhow!(e))?;
-    let Source::Images { items, labels, .. } = source else { anyhow::bail!("{}: expected images", data.display()) };
-    anyhow::ensure!(!items.is_empty(), "{}: no images to encode", data.display());
-    let plan = CachePlan {
-        // Absolute paths, so that the same run resumed from another folder matches.
-        source: absolute(data),
-        examples_in_source: items.len(),
-        image_size: args.image_size,
-        shard_size: args.shard_size,
-        autoencoder: format!("{:?} {}", args.autoencoder.autoencoder, args.autoencoder.weights.display())
-            .to_lowercase(),
-        sample: if args.mean { "mean".into() } else { format!("seed {}", args.seed) },
-        latent_shape: Vec::new(),
-    };
-    let job = EncodeCache {
-        weights: args.autoencoder.read()?,
-        items,
-        labels,
-        dir: args.out.clone(),
-        plan,
-        sample: (!args.mean).then_some(args.seed),
-        batch_size: args.autoencoder.batch_size,
-        force: args.force,
-    };
-    let device = backend::select(choice)?;
-    let (index, encoded) = backend::dispatch(&device, job)?;
-    let examples: usize = index.shards.iter().map(|s| s.examples).sum();
-    let skipped: usize = index.shards.iter().map(|s| s.skipped).sum();
-    println!(
-        "{} {} ({examples} latents in {} shards, {skipped} unreadable images skipped, device {device})",
-        if encoded { "wrote" } else { "nothing to do: already complete:" },
-        args.out.display(),
-        index.shards.len()
-    );
-    Ok(())
-}
-
-/// `path` made absolute (as given when that fails).
-fn absolute(path: &std::path::Path) -> String {
-    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string()
+/// What [`dataset_images`] read.
+struct DatasetImages {
+    images: Vec<RgbImage>,
+    /// Dataset index of each image (its posterior-noise stream).
+    keys: Vec<u64>,
+    labels: Option<Vec<i64>>,
+    skipped: usize,
 }
 
 pub(crate) fn encode(args: EncodeArgs, choice: BackendChoice) -> anyhow::Result<()> {
     if let Some(data) = args.data.clone() {
         if args.out.extension().is_none_or(|e| e != "safetensors") {
-            return encode_cache(args, &data, choice);
+            return super::latent_cache::encode_cache(args, &data, choice);
         }
     }
     super::refuse_existing(&args.out, args.force)?;
-    let (images, labels) = match &args.data {
+    let DatasetImages { images, keys, labels, skipped } = match &args.data {
         Some(path) => dataset_images(path, args.image_size, args.class_folders, args.max_images)?,
-        None => (args.images.iter().map(|p| read_rgb(p)).collect::<Result<Vec<_>, _>>()?, None),
+        None => {
+            let images = args.images.iter().map(|p| read_rgb(p)).collect::<Result<Vec<_>, _>>()?;
+            DatasetImages { keys: (0..images.len() as u64).collect(), images, labels: None, skipped: 0 }
+        }
     };
     anyhow::ensure!(!images.is_empty(), "no images to encode");
     if let Some(other) =
@@ -399,7 +241,14 @@ pub(crate) fn encode(args: EncodeArgs, choice: BackendChoice) -> anyhow::Result<
     let weights = args.autoencoder.read()?;
     let device = backend::select(choice)?;
     let n = images.len();
-    let job = Encode { weights, images, seed: args.seed, mean: args.mean, batch_size: args.autoencoder.batch_size };
+    let job = Encode {
+        weights,
+        images,
+        noise_keys: keys,
+        seed: args.seed,
+        mean: args.mean,
+        batch_size: args.autoencoder.batch_size,
+    };
     let mut tensors = backend::dispatch(&device, job)?;
     if let Some(labels) = labels {
         tensors.insert("y".into(), HostTensor::i64(vec![labels.len()], labels));
@@ -415,7 +264,7 @@ pub(crate) fn encode(args: EncodeArgs, choice: BackendChoice) -> anyhow::Result<
         ("images".to_string(), source),
     ]);
     write_safetensors(&args.out, &tensors, Some(metadata))?;
-    println!("wrote {} ({n} latents, device {device})", args.out.display());
+    println!("wrote {} ({n} latents, {skipped} unreadable images skipped, device {device})", args.out.display());
     Ok(())
 }
 

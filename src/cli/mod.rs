@@ -6,6 +6,7 @@ mod devices;
 mod eval;
 mod fid;
 mod inspect;
+mod latent_cache;
 mod sample;
 mod train;
 mod train_autoencoder;

@@ -38,7 +38,8 @@ pub struct TrainArgs {
     /// Train on the first N images of --data only (LFM trains LSUN on its first 120000).
     #[arg(long, requires = "data")]
     pub max_images: Option<usize>,
-    /// Pre-encoded latents from `lfm encode` (`latents`, or `mean`+`std` to re-sample the posterior each step).
+    /// Pre-encoded latents from `lfm encode`: a `.safetensors` file (loaded into memory) or a sharded cache folder
+    /// (read a batch at a time); `mean` + `std` re-sample the posterior every step, as LFM encodes on the fly.
     #[arg(long)]
     pub latents: Option<PathBuf>,
     /// Label images by their top-level sub-folder (ImageNet layout).

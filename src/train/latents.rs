@@ -141,7 +141,7 @@ impl Shard {
 /// Parses a shard's safetensors header: the row layout of `mean` (or `latents`) and `std`, and the labels.
 fn open_shard(path: &Path, examples: usize, per_example: usize) -> Result<(Shard, Option<Vec<i64>>), String> {
     let bad = |why: String| format!("{}: {why}; the cache is damaged: rerun `lfm encode` with --force", path.display());
-    let mut file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut file = File::open(path).map_err(|e| bad(e.to_string()))?;
     let file_len = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len();
     let mut len = [0u8; 8];
     file.read_exact(&mut len).map_err(|e| bad(e.to_string()))?;

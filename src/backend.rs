@@ -224,31 +224,34 @@ fn cuda_device() -> Result<Device, BackendError> {
     }
 }
 
-/// The first of `count` devices for data parallelism (`lfm train --data-parallel`), checked to exist: the replicas
-/// are the devices with the next indices of the same kind. On wgpu the default adapter becomes the first hardware
-/// GPU of the most capable kind; the CPU takes any count (the copies share it).
-pub fn data_parallel_device(device: Device, count: usize) -> Result<Device, BackendError> {
-    if count <= 1 {
+/// The first of `count` devices for data parallelism (`lfm train --data-parallel`), starting `first` devices after
+/// the chosen one (`--local-rank`: one process per GPU), checked to exist: the replicas are the devices with the
+/// next indices of the same kind. On wgpu the default adapter becomes a hardware GPU of the most capable kind with
+/// enough of them; the CPU takes any count (the copies share it).
+pub fn data_parallel_device(device: Device, first: usize, count: usize) -> Result<Device, BackendError> {
+    let count = count.max(1);
+    if first + count <= 1 {
         return Ok(device);
     }
-    let too_few = |found: usize, what: &str| BackendError::TooFewDevices { wanted: count, found, what: what.into() };
+    let too_few =
+        |found: usize, what: &str| BackendError::TooFewDevices { wanted: first + count, found, what: what.into() };
     match device {
         Device::Cpu => Ok(Device::Cpu),
         #[cfg(feature = "cuda")]
         Device::Cuda(i) => {
             let found = cuda_devices()?.len();
-            if i + count > found {
+            if i + first + count > found {
                 return Err(too_few(found.saturating_sub(i), "CUDA devices"));
             }
-            Ok(Device::Cuda(i))
+            Ok(Device::Cuda(i + first))
         }
         Device::Wgpu(_) => {
             let adapters = wgpu_adapters();
             let count_of = |t: &str| adapters.iter().filter(|a| a.device_type == t).count();
             let kinds = [("DiscreteGpu", "discrete GPUs"), ("IntegratedGpu", "integrated GPUs")];
-            match kinds.iter().find(|(t, _)| count_of(t) >= count) {
-                Some(("DiscreteGpu", _)) => Ok(Device::Wgpu(WgpuDevice::DiscreteGpu(0))),
-                Some(_) => Ok(Device::Wgpu(WgpuDevice::IntegratedGpu(0))),
+            match kinds.iter().find(|(t, _)| count_of(t) >= first + count) {
+                Some(("DiscreteGpu", _)) => Ok(Device::Wgpu(WgpuDevice::DiscreteGpu(first))),
+                Some(_) => Ok(Device::Wgpu(WgpuDevice::IntegratedGpu(first))),
                 None => Err(too_few(count_of("DiscreteGpu").max(count_of("IntegratedGpu")), "wgpu GPUs of one kind")),
             }
         }

@@ -176,29 +176,16 @@ fn dataset_images(
     class_folders: bool,
     max_images: Option<usize>,
 ) -> anyhow::Result<DatasetImages> {
-    use crate::train::data::{load_image, open_images, Source};
-    use rayon::prelude::*;
+    use crate::train::data::{open_images, read_images, Source};
     let source = open_images(path, size, class_folders, max_images).map_err(|e| anyhow::anyhow!(e))?;
     let Source::Images { items, labels, .. } = source else { anyhow::bail!("{}: expected images", path.display()) };
-    let loaded: Vec<Result<RgbImage, String>> = items.par_iter().map(|item| load_image(item, size, false)).collect();
-    let mut out =
-        DatasetImages { images: Vec::new(), keys: Vec::new(), labels: labels.as_ref().map(|_| Vec::new()), skipped: 0 };
-    for (i, result) in loaded.into_iter().enumerate() {
-        match result {
-            Ok(image) => {
-                out.images.push(image);
-                out.keys.push(i as u64);
-                if let (Some(kept), Some(all)) = (out.labels.as_mut(), labels.as_ref()) {
-                    kept.push(all[i]);
-                }
-            }
-            Err(e) => {
-                out.skipped += 1;
-                tracing::warn!("skipping an unreadable image: {e}");
-            }
-        }
-    }
-    Ok(out)
+    let read = read_images(&items, 0..items.len(), size);
+    Ok(DatasetImages {
+        labels: labels.map(|all| read.indices.iter().map(|&i| all[i]).collect()),
+        keys: read.indices.iter().map(|&i| i as u64).collect(),
+        images: read.images,
+        skipped: read.skipped,
+    })
 }
 
 /// What [`dataset_images`] read.

@@ -9,8 +9,7 @@ use super::autoencode::{encode_images, progress, EncodeArgs};
 use crate::autoencoder::{AnyAutoencoder, Autoencoder, AutoencoderWeights};
 use crate::backend::{self, BackendChoice, OnBackend};
 use crate::checkpoint::{write_safetensors, HostTensor};
-use crate::image::RgbImage;
-use crate::train::data::load_image;
+use crate::train::data::{read_images, ReadableImages};
 use crate::train::latents::{CacheIndex, CachePlan, ShardEntry, INDEX_FILE};
 
 /// `lfm encode --data DATASET --out DIR` (any name but `*.safetensors`): the sharded cache.
@@ -129,7 +128,6 @@ impl OnBackend for EncodeCache {
     type Output = anyhow::Result<(CacheIndex, bool)>;
 
     fn run<B: Backend>(mut self, device: B::Device) -> Self::Output {
-        use rayon::prelude::*;
         let model = self.weights.load::<B>(&device)?;
         let (f, size) = (model.factor(), self.plan.image_size);
         anyhow::ensure!(size % f == 0, "--image-size {size} is not divisible by the autoencoder's factor {f}");
@@ -154,22 +152,9 @@ impl OnBackend for EncodeCache {
         for k in index.shards.len()..index.shard_count() {
             let range = k * shard_size..((k + 1) * shard_size).min(n);
             // Decoding is the CPU's share: all cores, while the device waits only once per shard.
-            let loaded: Vec<Result<RgbImage, String>> =
-                range.clone().into_par_iter().map(|i| load_image(&self.items[i], size, false)).collect();
-            let (mut images, mut keys) = (Vec::new(), Vec::new());
-            for (i, result) in range.clone().zip(loaded) {
-                match result {
-                    Ok(image) => {
-                        images.push(image);
-                        keys.push(i as u64);
-                    }
-                    Err(e) => {
-                        tracing::warn!("skipping an unreadable image: {e}");
-                        bar.inc(1);
-                    }
-                }
-            }
-            let skipped = range.len() - images.len();
+            let ReadableImages { images, indices, skipped } = read_images(&self.items, range, size);
+            bar.inc(skipped as u64);
+            let keys: Vec<u64> = indices.iter().map(|&i| i as u64).collect();
             let mut tensors = if images.is_empty() {
                 // The same tensors as the other shards, with no rows.
                 let mut shape = vec![0];

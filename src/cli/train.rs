@@ -12,6 +12,7 @@ use crate::checkpoint::TensorMap;
 use crate::models::{read_config, ModelConfig, Preset};
 use crate::train::data::{open_images, Source};
 use crate::train::latents::LatentStore;
+use crate::train::nodes::{fingerprint, NodeGroup, NodeSpec};
 use crate::train::run::{read_state, train, RunSettings, Schedule, State};
 use crate::train::task::{Task, TaskFiles};
 
@@ -99,6 +100,28 @@ pub struct TrainArgs {
     /// first device: for speed, train from `lfm encode` latents.
     #[arg(long, default_value_t = 1)]
     pub data_parallel: usize,
+    /// Multi-node training: the number of nodes, each running this same command on the same data (one process per
+    /// node, or per GPU with --local-rank). Each node trains on its share of every batch; the gradients are summed
+    /// over the nodes every step (a ring all-reduce over TCP), so every node holds the same weights. Node 0 writes
+    /// --out; --resume reads it on every node (a shared file system, or a copy).
+    #[arg(long, env = "WORLD_SIZE", default_value_t = 1)]
+    pub nodes: usize,
+    /// This node's rank among --nodes, from 0.
+    #[arg(long, env = "RANK", default_value_t = 0)]
+    pub node_rank: usize,
+    /// Which of this machine's devices the process uses: the devices from --local-rank × --data-parallel on
+    /// (for one process per GPU).
+    #[arg(long, env = "LOCAL_RANK", default_value_t = 0)]
+    pub local_rank: usize,
+    /// Address of node 0, which every other node must reach.
+    #[arg(long, env = "MASTER_ADDR", default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// Port node 0 listens on for the others to join (each node also opens one ephemeral port for the ring).
+    #[arg(long, env = "MASTER_PORT", default_value_t = 29500)]
+    pub master_port: u16,
+    /// Seconds to wait for every node to join.
+    #[arg(long, default_value_t = 600)]
+    pub node_timeout: u64,
     /// Clip the global gradient norm (over all parameters, as torch's clip_grad_norm_) to this value.
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
@@ -177,12 +200,13 @@ struct Job {
     settings: RunSettings,
     out: PathBuf,
     resume: bool,
+    nodes: NodeGroup,
 }
 
 impl OnBackend for Job {
     type Output = anyhow::Result<State>;
 
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+    fn run<B: Backend>(mut self, device: B::Device) -> Self::Output {
         let autoencoder = self.autoencoder.as_ref().map(|w| w.load::<B>(&device)).transpose()?;
         if let Some(ae) = &autoencoder {
             use crate::autoencoder::Autoencoder;
@@ -206,6 +230,7 @@ impl OnBackend for Job {
             &self.settings,
             &self.out,
             self.resume,
+            &mut self.nodes,
             &device,
         )?)
     }
@@ -289,11 +314,19 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
         anyhow::ensure!(max > 0.0 && max.is_finite(), "--max-grad-norm {max} must be a positive number");
     }
     std::fs::create_dir_all(&args.out)?;
-    let device = backend::data_parallel_device(backend::select(choice)?, settings.data_parallel)?;
+    let first = args.local_rank * settings.data_parallel;
+    let device = backend::data_parallel_device(backend::select(choice)?, first, settings.data_parallel)?;
     let n = source.len();
     let files = TaskFiles::find(&settings.task, &source, args.data.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
-    let job = Job { config, init, source, files, autoencoder, settings, out: args.out.clone(), resume: args.resume };
+    let nodes = join_nodes(&args, &config, &settings, n)?;
+    let (rank, world) = (nodes.rank(), nodes.world());
+    let job =
+        Job { config, init, source, files, autoencoder, settings, out: args.out.clone(), resume: args.resume, nodes };
     let state = backend::dispatch(&device, job)?;
+    if rank > 0 {
+        println!("node {rank} of {world}: trained {} steps on {device}; node 0 wrote the weights", state.step);
+        return Ok(());
+    }
     println!(
         "trained {} steps on {n} examples on {device}; weights in {} ({} unreadable images skipped)",
         state.step,
@@ -301,4 +334,34 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
         state.unreadable_images
     );
     Ok(())
+}
+
+/// The group of nodes of a multi-node run (`--nodes`, or `WORLD_SIZE`), joined once every node is up; a group of one
+/// otherwise. Every node must describe the same run: the model, the settings and the number of examples.
+fn join_nodes(
+    args: &TrainArgs,
+    config: &ModelConfig,
+    settings: &RunSettings,
+    examples: usize,
+) -> anyhow::Result<NodeGroup> {
+    if args.nodes <= 1 {
+        anyhow::ensure!(args.node_rank == 0, "--node-rank {} needs --nodes above it", args.node_rank);
+        return Ok(NodeGroup::single());
+    }
+    let spec = NodeSpec {
+        rank: args.node_rank,
+        world: args.nodes,
+        master_addr: args.master_addr.clone(),
+        master_port: args.master_port,
+        timeout: std::time::Duration::from_secs(args.node_timeout),
+    };
+    let run = serde_json::json!({ "model": config.to_json(), "settings": settings, "examples": examples });
+    tracing::info!(
+        "node {} of {}: waiting for the others at {}:{}",
+        spec.rank,
+        spec.world,
+        spec.master_addr,
+        spec.master_port
+    );
+    Ok(NodeGroup::join(&spec, fingerprint(run.to_string().as_bytes()))?)
 }

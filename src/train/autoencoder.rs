@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{load_image, ImageItem};
 use super::lfm_adamw;
+use super::loader::EpochOrder;
 use super::run::TrainError;
 use crate::autoencoder::{AutoencoderKL, AutoencoderKLConfig};
 use crate::checkpoint::{collect_weights, write_safetensors, KeyMap};
@@ -150,15 +151,6 @@ pub fn read_autoencoder_state(out: &Path) -> Result<Option<AutoencoderState>, Tr
 const SHUFFLE: u64 = 0x4145_5348;
 const FLIP: u64 = 0x4145_464C;
 const POSTERIOR: u64 = 0x4145_504F;
-
-fn batch_indices(settings: &AutoencoderRun, len: usize, step: usize) -> Vec<usize> {
-    use rand::seq::SliceRandom;
-    let per_epoch = (len / settings.batch_size).max(1);
-    let (epoch, k) = (step / per_epoch, step % per_epoch);
-    let mut order: Vec<usize> = (0..len).collect();
-    order.shuffle(&mut crate::noise::rng(settings.seed ^ SHUFFLE, epoch as u64));
-    order.into_iter().cycle().skip(k * settings.batch_size).take(settings.batch_size.min(len)).collect()
-}
 
 /// Images `indices` of `items` as a `[N, 3, size, size]` tensor in [-1, 1] (unreadable ones skipped and counted).
 fn load_batch<B: Backend>(
@@ -314,9 +306,10 @@ pub fn train_autoencoder<B: Backend>(
     let per_sample = config.latent_channels * latent_side * latent_side;
     let mut unreadable = 0;
     let mut state = None;
+    let mut order = EpochOrder::new(settings.seed ^ SHUFFLE, settings.batch_size, data.train.len());
     while step < settings.max_steps {
         let start = Instant::now();
-        let indices = batch_indices(settings, data.train.len(), step);
+        let indices = order.indices(step);
         let mut rng = crate::noise::rng(settings.seed ^ FLIP, step as u64);
         let flip = || settings.flip && rng.random_bool(0.5);
         let Some(x) = load_batch::<A<B>>(data.train, &indices, data.size, flip, &mut unreadable, device)? else {

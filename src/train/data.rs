@@ -234,6 +234,37 @@ pub fn load_image(item: &ImageItem, size: usize, flip: bool) -> Result<RgbImage,
     Ok(RgbImage { width: size, height: size, pixels: crop.into_raw() })
 }
 
+/// The readable images among `items[range]`, cut to `size` (no flip) and decoded on every core.
+pub struct ReadableImages {
+    /// The images, in dataset order.
+    pub images: Vec<RgbImage>,
+    /// The dataset index of each image (labels and per-image noise are keyed by it).
+    pub indices: Vec<usize>,
+    /// How many of the range could not be read (each one warned about).
+    pub skipped: usize,
+}
+
+/// Decodes `items[range]` in parallel; unreadable images are skipped with a warning and counted, never fatal.
+pub fn read_images(items: &[ImageItem], range: std::ops::Range<usize>, size: usize) -> ReadableImages {
+    use rayon::prelude::*;
+    let loaded: Vec<Result<RgbImage, String>> =
+        range.clone().into_par_iter().map(|i| load_image(&items[i], size, false)).collect();
+    let mut out = ReadableImages { images: Vec::new(), indices: Vec::new(), skipped: 0 };
+    for (i, result) in range.zip(loaded) {
+        match result {
+            Ok(image) => {
+                out.images.push(image);
+                out.indices.push(i);
+            }
+            Err(e) => {
+                out.skipped += 1;
+                tracing::warn!("skipping an unreadable image: {e}");
+            }
+        }
+    }
+    out
+}
+
 /// Resizes the short side to `size` with `filter`, centre-crops `size × size`, optionally flips horizontally.
 pub fn fit_square<P: image::Pixel + 'static>(
     image: image::ImageBuffer<P, Vec<P::Subpixel>>,

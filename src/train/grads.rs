@@ -1,11 +1,12 @@
 //! Gradient accounting over a whole model: the global L2 norm of every parameter's gradient, and clipping to it
 //! as `torch.nn.utils.clip_grad_norm_` does (one norm over all parameters, not one per tensor as Burn's own
-//! `GradientClipping::Norm`).
+//! `GradientClipping::Norm`); and every gradient of a model packed into one host buffer and back (for sums across
+//! nodes, see [`super::nodes`]).
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
 
 /// Σ‖g‖² over the parameters, kept on the device until the end (one read back).
 struct SquaredNorm<'a, B: AutodiffBackend> {
@@ -59,4 +60,77 @@ pub fn clip_global_norm<B: AutodiffBackend, M: Module<B>>(
         model.visit(&mut Scale { grads, factor });
     }
     norm
+}
+
+/// Collects the flattened gradients, in the model's visit order, and one presence flag per parameter.
+struct Pack<'a, B: AutodiffBackend> {
+    grads: &'a GradientsParams,
+    parts: Vec<Tensor<B::InnerBackend, 1>>,
+    flags: Vec<f32>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Pack<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let grad = self.grads.get::<B::InnerBackend, D>(param.id);
+        self.flags.push(if grad.is_some() { 1.0 } else { 0.0 });
+        // Absent gradients take their place as zeros, so that the buffer's layout is the same on every node.
+        let value = param.val();
+        let grad = grad.unwrap_or_else(|| Tensor::zeros(value.shape(), &value.device()));
+        self.parts.push(grad.flatten::<1>(0, D - 1));
+    }
+}
+
+/// Every parameter's gradient in `model`'s visit order (zeros where it has none), flattened into one buffer (one
+/// read from the device), followed by one flag per parameter: 1 where it has a gradient, 0 where not.
+pub fn pack<B: AutodiffBackend, M: Module<B>>(model: &M, grads: &GradientsParams) -> Vec<f32> {
+    let mut visitor = Pack::<B> { grads, parts: Vec::new(), flags: Vec::new() };
+    model.visit(&mut visitor);
+    let mut values = if visitor.parts.is_empty() {
+        Vec::new()
+    } else {
+        Tensor::cat(visitor.parts, 0).into_data().convert::<f32>().to_vec::<f32>().expect("f32 values")
+    };
+    values.extend(visitor.flags);
+    values
+}
+
+/// Registers the gradients of a [`pack`]ed buffer.
+struct Unpack<'a, B: AutodiffBackend> {
+    all: Tensor<B::InnerBackend, 1>,
+    flags: &'a [f32],
+    offset: usize,
+    index: usize,
+    grads: GradientsParams,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Unpack<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let shape = param.val().shape();
+        let n = shape.num_elements();
+        if self.flags[self.index] > 0.0 {
+            self.grads
+                .register::<B::InnerBackend, D>(param.id, self.all.clone().narrow(0, self.offset, n).reshape(shape));
+        }
+        self.offset += n;
+        self.index += 1;
+    }
+}
+
+/// The gradients of a [`pack`]ed buffer of `model`, on `device`: those whose flag is non-zero (present on any node
+/// whose buffers were summed).
+pub fn unpack<B: AutodiffBackend, M: Module<B>>(model: &M, packed: &[f32], device: &B::Device) -> GradientsParams {
+    struct Count(usize);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Count {
+        fn visit_float<const D: usize>(&mut self, _: &Param<Tensor<B, D>>) {
+            self.0 += 1;
+        }
+    }
+    let mut count = Count(0);
+    model.visit(&mut count);
+    let count = count.0;
+    let (values, flags) = packed.split_at(packed.len() - count);
+    let all = Tensor::from_data(TensorData::new(values.to_vec(), [values.len()]).convert::<B::FloatElem>(), device);
+    let mut visitor = Unpack::<B> { all, flags, offset: 0, index: 0, grads: GradientsParams::new() };
+    model.visit(&mut visitor);
+    visitor.grads
 }

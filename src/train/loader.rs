@@ -19,13 +19,35 @@ use crate::image::RgbImage;
 /// How many prepared batches may wait for the device.
 pub const PREFETCH_DEPTH: usize = 2;
 
-/// The example indices of step `step`.
-pub fn batch_indices(settings: &RunSettings, len: usize, step: usize) -> Vec<usize> {
-    let per_epoch = (len / settings.batch_size).max(1);
-    let (epoch, k) = (step / per_epoch, step % per_epoch);
-    let mut order: Vec<usize> = (0..len).collect();
-    order.shuffle(&mut crate::noise::rng(settings.seed ^ SHUFFLE, epoch as u64));
-    order.into_iter().cycle().skip(k * settings.batch_size).take(settings.batch_size.min(len)).collect()
+/// The shuffled example order of the current epoch, drawn once per epoch (not once per step: O(dataset) work).
+#[derive(Debug)]
+pub struct EpochOrder {
+    seed: u64,
+    batch_size: usize,
+    len: usize,
+    epoch: Option<usize>,
+    order: Vec<usize>,
+}
+
+impl EpochOrder {
+    /// Batches of `batch_size` from `len` examples, shuffled per epoch by a stream keyed by `seed`.
+    pub fn new(seed: u64, batch_size: usize, len: usize) -> Self {
+        Self { seed, batch_size, len, epoch: None, order: Vec::new() }
+    }
+
+    /// The example indices of step `step` (a function of the seed and the step alone): `len / batch_size` full
+    /// batches per epoch, the remainder dropped; one batch of every example when `len < batch_size`.
+    pub fn indices(&mut self, step: usize) -> Vec<usize> {
+        let per_epoch = (self.len / self.batch_size).max(1);
+        let (epoch, k) = (step / per_epoch, step % per_epoch);
+        if self.epoch != Some(epoch) {
+            self.order = (0..self.len).collect();
+            self.order.shuffle(&mut crate::noise::rng(self.seed, epoch as u64));
+            self.epoch = Some(epoch);
+        }
+        let start = k * self.batch_size;
+        self.order[start..(start + self.batch_size).min(self.len)].to_vec()
+    }
 }
 
 /// One decoded example: the image and, for semantic synthesis, its class map.
@@ -51,9 +73,49 @@ pub enum HostContent {
         maps: Vec<Vec<u8>>,
         /// Their labels.
         labels: Option<Vec<i64>>,
+        /// The side of the square images.
+        size: usize,
     },
     /// Every image of the batch was unreadable: the step is skipped.
     Nothing,
+}
+
+impl HostContent {
+    /// The number of examples.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Latents { n, .. } => *n,
+            Self::Images { images, .. } => images.len(),
+            Self::Nothing => 0,
+        }
+    }
+
+    /// Whether there is no example.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Only the examples `rows` (a node's share of the batch).
+    pub fn rows(self, rows: std::ops::Range<usize>) -> Self {
+        let pick_labels = |labels: Option<Vec<i64>>| labels.map(|l| l[rows.clone()].to_vec());
+        match self {
+            Self::Latents { values, n, labels } => {
+                let per = values.len().checked_div(n).unwrap_or(0);
+                Self::Latents {
+                    values: values[rows.start * per..rows.end * per].to_vec(),
+                    n: rows.len(),
+                    labels: pick_labels(labels),
+                }
+            }
+            Self::Images { images, maps, labels, size } => Self::Images {
+                maps: maps.into_iter().skip(rows.start).take(rows.len()).collect(),
+                images: images.into_iter().skip(rows.start).take(rows.len()).collect(),
+                labels: pick_labels(labels),
+                size,
+            },
+            Self::Nothing => Self::Nothing,
+        }
+    }
 }
 
 /// One step's batch, prepared on the host.
@@ -74,9 +136,10 @@ pub fn prepare(
     settings: &RunSettings,
     per_sample: usize,
     step: usize,
+    order: &mut EpochOrder,
     unreadable: &mut usize,
 ) -> Result<HostBatch, TrainError> {
-    let indices = batch_indices(settings, source.len(), step);
+    let indices = order.indices(step);
     let content = match source {
         Source::Latents(store) => {
             let (mut values, std) = store.gather(&indices).map_err(TrainError::Io)?;
@@ -132,7 +195,7 @@ pub fn prepare(
                 HostContent::Nothing
             } else {
                 let labels = labels.as_ref().map(|l| kept.iter().map(|&i| l[i]).collect());
-                HostContent::Images { images, maps, labels }
+                HostContent::Images { images, maps, labels, size: *size }
             }
         }
     };
@@ -152,8 +215,9 @@ pub fn prefetch<'scope, 'env>(
 ) -> Receiver<Result<HostBatch, TrainError>> {
     let (sender, receiver) = sync_channel(PREFETCH_DEPTH);
     scope.spawn(move || {
+        let mut order = EpochOrder::new(settings.seed ^ SHUFFLE, settings.batch_size, source.len());
         for step in first..end {
-            let batch = prepare(source, files, settings, per_sample, step, &mut unreadable);
+            let batch = prepare(source, files, settings, per_sample, step, &mut order, &mut unreadable);
             let failed = batch.is_err();
             if sender.send(batch).is_err() || failed {
                 break;

@@ -9,6 +9,7 @@ pub mod latents;
 pub mod lmdb;
 pub mod loader;
 pub mod masks;
+pub mod nodes;
 pub mod run;
 pub mod task;
 
@@ -116,6 +117,48 @@ fn micro_batch_gradients<B: AutodiffBackend>(
         let loss = network_loss(&net.velocity, net.rescaler.as_ref(), batch, train_rescaler).mul_scalar(share);
         loss_value += loss.clone().into_scalar().elem::<f64>();
         accumulator.accumulate(net, GradientsParams::from_grads(loss.backward(), net));
+    }
+    (loss_value, accumulator.grads())
+}
+
+/// Micro-batches per device: each device's own, already on it.
+pub type DeviceShards<B> = Vec<(burn::tensor::ops::Device<B>, Vec<Batch<B>>)>;
+
+/// The summed gradients (on the network's device) and weighted loss of micro-batches spread over devices:
+/// `shards[d]` holds device `d`'s micro-batches (already on it), each device runs its forward and backward passes on
+/// its own copy of the network in its own thread; `total` is the number of examples the losses are averaged over.
+fn device_gradients<B: AutodiffBackend>(
+    model: &TrainNet<B>,
+    shards: DeviceShards<B>,
+    total: usize,
+    train_rescaler: bool,
+) -> (f64, GradientsParams) {
+    let main = model.devices().into_iter().next().expect("a network with parameters");
+    if let [(device, _)] = shards.as_slice() {
+        if *device == main {
+            let (_, batches) = shards.into_iter().next().expect("one shard");
+            return micro_batch_gradients(model, batches, total, train_rescaler);
+        }
+    }
+    let results: Vec<(f64, GradientsParams)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = shards
+            .into_iter()
+            .filter(|(_, batches)| !batches.is_empty())
+            .map(|(device, batches)| {
+                let replica = model.clone().fork(&device);
+                scope.spawn(move || micro_batch_gradients(&replica, batches, total, train_rescaler))
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .collect()
+    });
+    let mut accumulator = GradientsAccumulator::<TrainNet<B>>::new();
+    let mut loss_value = 0.0;
+    for (loss, grads) in results {
+        loss_value += loss;
+        accumulator.accumulate(model, grads.to_device(&main, model));
     }
     (loss_value, accumulator.grads())
 }
@@ -281,37 +324,37 @@ where
     /// its own copy of the network in its own thread; the gradients are summed on the network's device, optionally
     /// clipped to a global norm, and the update is applied there (the copies are refreshed every step). The result
     /// is [`Self::step_accumulated`]'s on the same micro-batches, up to the order of the sums.
-    pub fn step_data_parallel(
+    pub fn step_data_parallel(&mut self, shards: DeviceShards<B>, lr: f64, max_grad_norm: Option<f64>) -> StepReport {
+        let model = self.model.take().expect("a model between steps");
+        let total: usize = shards.iter().flat_map(|(_, b)| b).map(|b| b.z0.dims()[0]).sum();
+        let (loss, grads) = device_gradients(&model, shards, total, self.train_rescaler);
+        self.clip_and_apply(model, grads, loss, lr, max_grad_norm)
+    }
+
+    /// Data parallelism across nodes: this node's micro-batches (spread over its devices as in
+    /// [`Self::step_data_parallel`]) out of a step of `total` examples over all nodes; the gradients and the loss
+    /// are summed over the nodes (one all-reduce), then every node clips and applies the same update to the same
+    /// weights. The result is [`Self::step_accumulated`]'s on all the nodes' micro-batches, up to the order of the sums.
+    pub fn step_across_nodes(
         &mut self,
-        shards: Vec<(B::Device, Vec<Batch<B>>)>,
+        shards: DeviceShards<B>,
+        total: usize,
+        nodes: &mut nodes::NodeGroup,
         lr: f64,
         max_grad_norm: Option<f64>,
-    ) -> StepReport {
+    ) -> Result<StepReport, nodes::NodeError> {
         let model = self.model.take().expect("a model between steps");
         let main = model.devices().into_iter().next().expect("a network with parameters");
-        let total: usize = shards.iter().flat_map(|(_, b)| b).map(|b| b.z0.dims()[0]).sum();
-        let train_rescaler = self.train_rescaler;
-        let results: Vec<(f64, GradientsParams)> = std::thread::scope(|scope| {
-            let workers: Vec<_> = shards
-                .into_iter()
-                .filter(|(_, batches)| !batches.is_empty())
-                .map(|(device, batches)| {
-                    let replica = model.clone().fork(&device);
-                    scope.spawn(move || micro_batch_gradients(&replica, batches, total, train_rescaler))
-                })
-                .collect();
-            workers
-                .into_iter()
-                .map(|worker| worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
-                .collect()
-        });
-        let mut accumulator = GradientsAccumulator::<TrainNet<B>>::new();
-        let mut loss_value = 0.0;
-        for (loss, grads) in results {
-            loss_value += loss;
-            accumulator.accumulate(&model, grads.to_device(&main, &model));
+        let (loss, grads) = device_gradients(&model, shards, total, self.train_rescaler);
+        let mut packed = grads::pack::<B, _>(&model, &grads);
+        packed.push(loss as f32);
+        if let Err(e) = nodes.all_reduce_sum(&mut packed) {
+            self.model = Some(model);
+            return Err(e);
         }
-        self.clip_and_apply(model, accumulator.grads(), loss_value, lr, max_grad_norm)
+        let loss = packed.pop().expect("the loss") as f64;
+        let grads = grads::unpack::<B, _>(&model, &packed, &main);
+        Ok(self.clip_and_apply(model, grads, loss, lr, max_grad_norm))
     }
 
     /// Clips the gradients to a global norm of `max_grad_norm` (if given), applies them, reports the step.

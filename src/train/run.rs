@@ -18,8 +18,9 @@ use serde::{Deserialize, Serialize};
 use super::data::Source;
 use super::loader::{prefetch, HostContent};
 use super::masks::{self, MaskParams};
+use super::nodes::NodeGroup;
 use super::task::{read_mask, Task, TaskFiles};
-use super::{lfm_adamw, Batch, SavedState, Trainer};
+use super::{lfm_adamw, Batch, DeviceShards, SavedState, Trainer};
 use crate::autoencoder::{AnyAutoencoder, Autoencoder};
 use crate::checkpoint::{write_safetensors, CONFIG_METADATA_KEY};
 use crate::io::write_atomic;
@@ -155,6 +156,9 @@ pub enum TrainError {
         /// The loss value.
         loss: f64,
     },
+    /// A multi-node run lost or could not reach its other nodes.
+    #[error(transparent)]
+    Nodes(#[from] super::nodes::NodeError),
 }
 
 fn io_error(path: &Path, e: impl std::fmt::Display) -> TrainError {
@@ -208,6 +212,9 @@ pub fn epoch_of(settings: &RunSettings, len: usize, step: usize) -> usize {
 
 /// Trains `config` (from `init` weights if given, else freshly initialised) on `source` (with the task's `files`)
 /// on backend `B`, resuming from `out_dir`'s checkpoint when `resume` is set. Returns the final state.
+///
+/// On several `nodes`, each node trains on its share of every batch and the gradients are summed over the nodes;
+/// only the leader (rank 0) writes `out_dir` (a resumed run reads it on every node: a shared file system, or a copy).
 #[allow(clippy::too_many_arguments)]
 pub fn train<B: Backend>(
     config: &ModelConfig,
@@ -218,9 +225,11 @@ pub fn train<B: Backend>(
     settings: &RunSettings,
     out_dir: &Path,
     resume: bool,
+    nodes: &mut NodeGroup,
     device: &B::Device,
 ) -> Result<State, TrainError> {
     type A<B> = Autodiff<B>;
+    let leader = nodes.is_leader();
     if source.is_empty() {
         return Err(TrainError::Invalid("the training data is empty".into()));
     }
@@ -267,7 +276,9 @@ pub fn train<B: Backend>(
         trainer = trainer.with_ema(decay);
     }
     let dir = state_dir(out_dir);
-    std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+    if leader {
+        std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+    }
     let mut unreadable = 0;
     if resume {
         let state = read_state(out_dir)?
@@ -298,7 +309,7 @@ pub fn train<B: Backend>(
         })?;
         unreadable = state.unreadable_images;
         tracing::info!("resumed at step {}", state.step);
-    } else if read_state(out_dir)?.is_some() {
+    } else if leader && read_state(out_dir)?.is_some() {
         return Err(TrainError::Invalid(format!(
             "{} already holds a training run: pass --resume to continue it, or choose another --out",
             out_dir.display()
@@ -306,9 +317,17 @@ pub fn train<B: Backend>(
     }
 
     let log_path = out_dir.join("metrics.jsonl");
-    let mut log =
-        std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| io_error(&log_path, e))?;
-    let progress = ProgressBar::new(settings.max_steps as u64);
+    let mut log = match leader {
+        true => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .map_err(|e| io_error(&log_path, e))?,
+        ),
+        false => None,
+    };
+    let progress = if leader { ProgressBar::new(settings.max_steps as u64) } else { ProgressBar::hidden() };
     progress.set_style(
         ProgressStyle::with_template("training {bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
             .expect("template"),
@@ -324,6 +343,9 @@ pub fn train<B: Backend>(
     if devices.len() > 1 {
         tracing::info!("data parallel: each step's batch split over {devices:?}");
     }
+    if nodes.world() > 1 {
+        tracing::info!("node {} of {}: training on its share of every batch", nodes.rank(), nodes.world());
+    }
     let mut state = None;
     // The host prepares batches on its own thread while the device trains (see `loader`); the receiver is dropped
     // on any early return, which stops that thread.
@@ -336,18 +358,34 @@ pub fn train<B: Backend>(
             let prepared = batches.recv().map_err(|_| TrainError::Invalid("the data loader stopped".into()))??;
             debug_assert_eq!(prepared.step, step);
             unreadable = prepared.unreadable;
-            // Data latents z0 for the batch, labels, and the task's inputs.
-            let (z0, labels, condition, segmentation): (Tensor<B, 4>, Option<Vec<i64>>, _, _) = match prepared.content {
-                HostContent::Nothing => {
-                    trainer.step += 1;
-                    continue;
+            if prepared.content.is_empty() {
+                trainer.step += 1;
+                continue;
+            }
+            // This node's rows of the step's batch (all of it on a single node); every per-example random draw is
+            // keyed by the example's place in the whole batch, so the nodes' shares add up to the one-node step.
+            let total = prepared.content.len();
+            let rows = nodes.rows(total);
+            let first = step * settings.batch_size + rows.start;
+            let mut rng_time = crate::noise::rng(settings.seed ^ TIME, step as u64);
+            let times: Vec<f32> = (0..total).map(|_| rng_time.random::<f32>()).collect();
+            let dropped: Vec<bool> = match null_label {
+                Some((p, _)) => {
+                    let mut rng = crate::noise::rng(settings.seed ^ DROP, step as u64);
+                    (0..total).map(|_| rng.random_bool(p)).collect()
                 }
+                None => vec![false; total],
+            };
+            // A node may have no rows of a batch smaller than the number of nodes; it still takes part in the sum.
+            let content = if rows.is_empty() { HostContent::Nothing } else { prepared.content.rows(rows.clone()) };
+            // Data latents z0 for the node's rows, labels, and the task's inputs.
+            let (z0, labels, condition, segmentation): (Tensor<B, 4>, Option<Vec<i64>>, _, _) = match content {
+                HostContent::Nothing => (Tensor::empty([0, c, side, side], device), None, None, None),
                 HostContent::Latents { values, n, labels } => {
                     let data = TensorData::new(values, [n, c, side, side]).convert::<B::FloatElem>();
                     (Tensor::from_data(data, device), labels, None, None)
                 }
-                HostContent::Images { images, maps, labels } => {
-                    let Source::Images { size, .. } = source else { unreachable!("images come from an image source") };
+                HostContent::Images { images, maps, labels, size } => {
                     let ae =
                         autoencoder.ok_or_else(|| TrainError::Invalid("image data needs an autoencoder".into()))?;
                     let n = images.len();
@@ -355,16 +393,15 @@ pub fn train<B: Backend>(
                         .map_err(|e| TrainError::Invalid(e.to_string()))?;
                     let f = ae.factor();
                     let latent = [c, size / f, size / f];
-                    let first = step * settings.batch_size;
                     let eps = crate::sample::noise::<B>(settings.seed ^ POSTERIOR, first, n, latent, device);
                     match &settings.task {
                         Task::Generate => (ae.encode(x, Some(eps)), labels, None, None),
                         Task::Inpaint { mask_white_is_hole, .. } => {
                             let holes = (0..n)
-                                .map(|j| inpainting_hole(settings, files, *size, first + j, *mask_white_is_hole))
+                                .map(|j| inpainting_hole(settings, files, size, first + j, *mask_white_is_hole))
                                 .collect::<Result<Vec<_>, _>>()?
                                 .concat();
-                            let hole = crate::inpaint::hole_tensor::<B>(holes, n, (*size, *size), device);
+                            let hole = crate::inpaint::hole_tensor::<B>(holes, n, (size, size), device);
                             // As LFM's dataset: the image and the masked image, both encoded with posterior samples (in
                             // one pass), then the mask on the latent grid.
                             let masked = crate::inpaint::masked_images(x.clone(), hole.clone());
@@ -377,75 +414,78 @@ pub fn train<B: Backend>(
                         }
                         Task::Semantic { classes, .. } => {
                             let shares =
-                                class_shares::<B>(&maps, *size, f, *classes, device).map_err(TrainError::Invalid)?;
+                                class_shares::<B>(&maps, size, f, *classes, device).map_err(TrainError::Invalid)?;
                             (ae.encode(x, Some(eps)), labels, None, Some(shares))
                         }
                     }
                 }
             };
             let n = z0.dims()[0];
-            let z1 = crate::sample::noise::<B>(
-                settings.seed ^ NOISE,
-                step * settings.batch_size,
-                n,
-                [c, side, side],
-                device,
-            );
-            let mut rng_time = crate::noise::rng(settings.seed ^ TIME, step as u64);
-            let t: Vec<f32> = (0..n).map(|_| rng_time.random::<f32>()).collect();
-            let t = Tensor::<B, 1>::from_data(TensorData::new(t, [n]).convert::<B::FloatElem>(), device);
-            let y = labels.map(|mut y| {
-                if let Some((p, null)) = null_label {
-                    let mut rng = crate::noise::rng(settings.seed ^ DROP, step as u64);
-                    for label in &mut y {
-                        if rng.random_bool(p) {
-                            *label = null;
-                        }
-                    }
-                }
-                Tensor::<A<B>, 1, Int>::from_data(TensorData::new(y, [n]), device)
-            });
             let epoch = epoch_of(settings, source.len(), step);
             let lr = settings.lr_at(step, epoch);
-            let micro = n.div_ceil(settings.grad_accum.max(1) * devices.len());
-            let batches: Vec<_> = (0..n)
-                .step_by(micro)
-                .map(|i| {
-                    let len = micro.min(n - i);
-                    let part = |x: &Tensor<B, 4>| Tensor::from_inner(x.clone().narrow(0, i, len));
-                    Batch {
-                        z0: part(&z0),
-                        z1: part(&z1),
-                        t: Tensor::from_inner(t.clone().narrow(0, i, len)),
-                        y: y.clone().map(|y| y.narrow(0, i, len)),
-                        condition: condition.as_ref().map(part),
-                        segmentation: segmentation.as_ref().map(part),
+            let mut batches = Vec::new();
+            if n > 0 {
+                let z1 = crate::sample::noise::<B>(settings.seed ^ NOISE, first, n, [c, side, side], device);
+                let t = TensorData::new(times[rows.clone()].to_vec(), [n]).convert::<B::FloatElem>();
+                let t = Tensor::<B, 1>::from_data(t, device);
+                let y = labels.map(|mut y| {
+                    if let Some((_, null)) = null_label {
+                        for (label, &drop) in y.iter_mut().zip(&dropped[rows.clone()]) {
+                            if drop {
+                                *label = null;
+                            }
+                        }
                     }
-                })
-                .collect();
-            let report = if devices.len() > 1 {
-                // Each device takes `grad_accum` consecutive micro-batches.
-                let mut batches = batches.into_iter();
-                let shards = devices
-                    .iter()
-                    .map(|d| {
-                        (d.clone(), batches.by_ref().take(settings.grad_accum.max(1)).map(|b| b.to_device(d)).collect())
+                    Tensor::<A<B>, 1, Int>::from_data(TensorData::new(y, [n]), device)
+                });
+                let micro = n.div_ceil(settings.grad_accum.max(1) * devices.len());
+                batches = (0..n)
+                    .step_by(micro)
+                    .map(|i| {
+                        let len = micro.min(n - i);
+                        let part = |x: &Tensor<B, 4>| Tensor::from_inner(x.clone().narrow(0, i, len));
+                        Batch {
+                            z0: part(&z0),
+                            z1: part(&z1),
+                            t: Tensor::from_inner(t.clone().narrow(0, i, len)),
+                            y: y.clone().map(|y| y.narrow(0, i, len)),
+                            condition: condition.as_ref().map(part),
+                            segmentation: segmentation.as_ref().map(part),
+                        }
                     })
                     .collect();
+            }
+            // Each device takes `grad_accum` consecutive micro-batches.
+            let mut spread = batches.into_iter();
+            let mut shards: DeviceShards<A<B>> = devices
+                .iter()
+                .map(|d| {
+                    let mine = spread.by_ref().take(settings.grad_accum.max(1));
+                    (d.clone(), if devices.len() > 1 { mine.map(|b| b.to_device(d)).collect() } else { mine.collect() })
+                })
+                .collect();
+            let report = if nodes.world() > 1 {
+                trainer.step_across_nodes(shards, total, nodes, lr, settings.max_grad_norm)?
+            } else if devices.len() > 1 {
                 trainer.step_data_parallel(shards, lr, settings.max_grad_norm)
             } else {
-                trainer.step_accumulated(batches, lr, settings.max_grad_norm)
+                trainer.step_accumulated(shards.remove(0).1, lr, settings.max_grad_norm)
             };
             if !report.loss.is_finite() {
                 return Err(TrainError::NonFinite { step, loss: report.loss });
             }
             let seconds = start.elapsed().as_secs_f64();
-            let line = serde_json::json!({"step": step + 1, "epoch": epoch, "loss": report.loss, "lr": lr,
-            "grad_norm": report.grad_norm,
-            "samples_per_s": n as f64 / seconds, "unreadable_images": unreadable});
-            writeln!(log, "{line}").map_err(|e| io_error(&log_path, e))?;
-            progress.set_message(format!("loss {:.4}, {:.1} samples/s", report.loss, n as f64 / seconds));
+            if let Some(log) = log.as_mut() {
+                let line = serde_json::json!({"step": step + 1, "epoch": epoch, "loss": report.loss, "lr": lr,
+                "grad_norm": report.grad_norm,
+                "samples_per_s": total as f64 / seconds, "unreadable_images": unreadable});
+                writeln!(log, "{line}").map_err(|e| io_error(&log_path, e))?;
+            }
+            progress.set_message(format!("loss {:.4}, {:.1} samples/s", report.loss, total as f64 / seconds));
             progress.set_position(trainer.step as u64);
+            if !leader {
+                continue;
+            }
             if trainer.step % settings.save_every.max(1) == 0 || trainer.step == settings.max_steps {
                 state = Some(save(&trainer, config, settings, out_dir, unreadable)?);
             }
@@ -460,6 +500,16 @@ pub fn train<B: Backend>(
     progress.finish_and_clear();
     match state {
         Some(state) => Ok(state),
+        // The other nodes write nothing: the state the leader wrote for the same step.
+        None if !leader => Ok(State {
+            step: trainer.step,
+            model: config.clone(),
+            settings: settings.clone(),
+            model_file: String::new(),
+            optimizer_file: String::new(),
+            ema_file: None,
+            unreadable_images: unreadable,
+        }),
         None => read_state(out_dir)?.ok_or_else(|| TrainError::Invalid("no step was taken".into())),
     }
 }

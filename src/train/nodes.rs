@@ -161,24 +161,25 @@ impl NodeGroup {
                     Phase::ReduceScatter => ((r + w - s) % w, (r + w - s - 1) % w),
                     Phase::AllGather => ((r + 1 + w - s) % w, (r + w - s) % w),
                 };
-                let outgoing: Vec<u8> = values[chunk(send)].iter().flat_map(|v| v.to_le_bytes()).collect();
-                let mut incoming = vec![0u8; chunk(receive).len() * 4];
-                // Send and receive at once: with every node sending first, a blocking ring would deadlock as soon as
-                // a chunk outgrows the socket buffers.
-                std::thread::scope(|scope| -> Result<(), NodeError> {
-                    let sender = scope.spawn(|| next.write_all(&outgoing));
-                    let received = previous.read_exact(&mut incoming).map_err(lost(r, w));
-                    let sent = sender.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                    received?;
-                    sent.map_err(network("sending to the next node (did it stop?)"))
-                })?;
+                // The values travel as their in-memory bytes (every platform lfm runs on is little-endian).
+                let mut incoming = vec![0f32; chunk(receive).len()];
+                {
+                    let outgoing: &[u8] = bytemuck::cast_slice(&values[chunk(send)]);
+                    let incoming: &mut [u8] = bytemuck::cast_slice_mut(&mut incoming);
+                    // Send and receive at once: with every node sending first, a blocking ring would deadlock as soon
+                    // as a chunk outgrows the socket buffers.
+                    std::thread::scope(|scope| -> Result<(), NodeError> {
+                        let sender = scope.spawn(|| next.write_all(outgoing));
+                        let received = previous.read_exact(incoming).map_err(lost(r, w));
+                        let sent = sender.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                        received?;
+                        sent.map_err(network("sending to the next node (did it stop?)"))
+                    })?;
+                }
                 let target = &mut values[chunk(receive)];
-                for (v, bytes) in target.iter_mut().zip(incoming.chunks_exact(4)) {
-                    let x = f32::from_le_bytes(bytes.try_into().expect("four bytes"));
-                    match phase {
-                        Phase::ReduceScatter => *v += x,
-                        Phase::AllGather => *v = x,
-                    }
+                match phase {
+                    Phase::ReduceScatter => target.iter_mut().zip(&incoming).for_each(|(v, x)| *v += x),
+                    Phase::AllGather => target.copy_from_slice(&incoming),
                 }
             }
         }

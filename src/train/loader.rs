@@ -95,22 +95,25 @@ impl HostContent {
         self.len() == 0
     }
 
-    /// Only the examples `rows` (a node's share of the batch).
+    /// Only the examples `rows` (a node's share of the batch); kept in place, so the whole batch (one node) costs
+    /// no copy.
     pub fn rows(self, rows: std::ops::Range<usize>) -> Self {
-        let pick_labels = |labels: Option<Vec<i64>>| labels.map(|l| l[rows.clone()].to_vec());
+        // Elements `rows` of `v`, `per` elements per example.
+        fn keep<T>(mut v: Vec<T>, rows: &std::ops::Range<usize>, per: usize) -> Vec<T> {
+            v.truncate(rows.end * per);
+            v.drain(..rows.start * per);
+            v
+        }
+        let labels = |l: Option<Vec<i64>>| l.map(|l| keep(l, &rows, 1));
         match self {
-            Self::Latents { values, n, labels } => {
+            Self::Latents { values, n, labels: l } => {
                 let per = values.len().checked_div(n).unwrap_or(0);
-                Self::Latents {
-                    values: values[rows.start * per..rows.end * per].to_vec(),
-                    n: rows.len(),
-                    labels: pick_labels(labels),
-                }
+                Self::Latents { values: keep(values, &rows, per), n: rows.len(), labels: labels(l) }
             }
-            Self::Images { images, maps, labels, size } => Self::Images {
-                maps: maps.into_iter().skip(rows.start).take(rows.len()).collect(),
-                images: images.into_iter().skip(rows.start).take(rows.len()).collect(),
-                labels: pick_labels(labels),
+            Self::Images { images, maps, labels: l, size } => Self::Images {
+                maps: if maps.is_empty() { maps } else { keep(maps, &rows, 1) },
+                images: keep(images, &rows, 1),
+                labels: labels(l),
                 size,
             },
             Self::Nothing => Self::Nothing,

@@ -18,7 +18,7 @@ use crate::metrics::fid::{frechet_distance, Accumulator, Statistics};
 use crate::metrics::inception::FEATURE_DIM;
 use crate::metrics::stats_file::read_statistics;
 use crate::models::conditioning::{class_shares, SpatialRescaler};
-use crate::models::{weights_and_config, ConfigChoice, ModelConfig, Preset, VelocityModel};
+use crate::models::{weights_and_config, ConfigChoice, ModelConfig, Precision, Preset, VelocityModel};
 use crate::sample::{labels, noise, sample_batch, BatchInput, ClassChoice, Guidance, Summary};
 
 /// Samples drawn when `-n` is not given (for a checkpoint).
@@ -99,9 +99,11 @@ pub struct SampleArgs {
     /// Image format of --out-dir.
     #[arg(long, default_value = "png", value_parser = ["png", "jpg"])]
     pub format: String,
-    /// Numeric precision of the network (only f32 is built in this version).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
-    pub precision: String,
+    /// Precision of the network's weights and activations: f16 on GPUs with 16-bit floats (wgpu with
+    /// shader-f16, CUDA), bf16 on CUDA. The solver's state, the time embedding, norm statistics and attention
+    /// sums stay in f32; the autoencoder runs in f32.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
     /// Overwrite existing outputs.
     #[arg(long)]
     pub force: bool,
@@ -197,7 +199,8 @@ impl OnBackend for Job {
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let args = &self.args;
-        let model = VelocityModel::<B>::load(&self.config, &self.weights, &device)?;
+        args.precision.check_supported::<B>(&device).map_err(anyhow::Error::msg)?;
+        let model = VelocityModel::<B>::load(&self.config, &self.weights, &device)?.with_precision(args.precision);
         let autoencoder = self.autoencoder.as_ref().map(|w| w.load::<B>(&device)).transpose()?;
         let side = self.config.latent_size();
         let (c_in, c_out) = self.config.channels();
@@ -420,13 +423,6 @@ pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result
         let n = args.num_samples.unwrap_or(DEFAULT_SAMPLES);
         args.class = Some(ClassChoice::Rows(args.nrow.unwrap_or_else(|| (n as f64).sqrt().ceil() as usize)));
     }
-    if args.precision != "f32" {
-        anyhow::bail!(
-            "--precision {} is not available in this build: the networks run in f32 on every backend (f16/bf16 \
-             backends are not compiled in yet)",
-            args.precision
-        );
-    }
     crate::nn::attention::set_fused(!args.no_fused_kernels);
     if args.latents_only {
         anyhow::ensure!(args.save_latents.is_some(), "--latents-only writes nothing without --save-latents FILE");
@@ -545,8 +541,14 @@ pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result
     let device = backend::select(choice)?;
     let job = Job { fid, semantic, config, weights, autoencoder, noise, inpaint, args, cfg_scale };
     // The job owns the arguments; keep what the summary needs.
-    let (grid_path, nrow, save_latents, json, out_dir) =
-        (job.args.grid.clone(), job.args.nrow, job.args.save_latents.clone(), job.args.json, job.args.out_dir.clone());
+    let (grid_path, nrow, save_latents, json, out_dir, precision) = (
+        job.args.grid.clone(),
+        job.args.nrow,
+        job.args.save_latents.clone(),
+        job.args.json,
+        job.args.out_dir.clone(),
+        job.args.precision,
+    );
     let class_model = cfg_scale.filter(|&s| s > 1.0);
     {
         // Refuse what the network cannot do before any work.
@@ -588,6 +590,7 @@ pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result
         "seconds": seconds,
         "seconds_per_sample": seconds / summary.samples as f64,
         "device": device.to_string(),
+        "precision": precision.name(),
         "grid": grid_path.as_ref().map(|p| p.display().to_string()),
         "out_dir": out_dir.as_ref().map(|p| p.display().to_string()),
         "latents": save_latents.as_ref().map(|p| p.display().to_string()),
@@ -612,12 +615,13 @@ pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result
         };
         println!(
             "{} samples → {written}{}\nNFE per batch: mean {mean:.1}, min {min}, max {max}; steps: {} accepted, {} rejected\n\
-             {:.3} s per sample ({seconds:.1} s in all) on {device}",
+             {:.3} s per sample ({seconds:.1} s in all) on {device}, network in {}",
             summary.samples,
             save_latents.as_ref().map_or(String::new(), |p| format!(", latents in {}", p.display())),
             summary.accepted,
             summary.rejected,
             seconds / summary.samples as f64,
+            precision.name(),
         );
         if let Some(fid) = output.fid {
             println!("FID: {fid:.6} ({} samples)", summary.samples);

@@ -406,7 +406,9 @@ impl<B: Backend> EdmUNet<B> {
     /// The embedding `silu(map_layer1(silu(map_layer0(pos(t)))) + map_label(one_hot(y)))`; with `drop_half_label`
     /// the second half of the batch gets no label term (LFM's CFG).
     pub fn embedding(&self, t: Tensor<B, 1>, y: Option<Tensor<B, 1, Int>>, drop_half_label: bool) -> Tensor<B, 2> {
-        let noise = timestep_embedding(t, self.config.model_channels, 10000.0);
+        // Computed in f32 as the reference does, then in the layers' precision.
+        let noise =
+            timestep_embedding(t, self.config.model_channels, 10000.0).cast(self.map_layer0.weight.val().dtype());
         let emb = self.map_layer1.forward(silu(self.map_layer0.forward(noise)));
         let emb = match (&self.map_label, y) {
             (Some(map_label), Some(y)) => {
@@ -415,7 +417,7 @@ impl<B: Backend> EdmUNet<B> {
                 let mut label = map_label.weight.val().select(0, y);
                 if drop_half_label {
                     let keep = n / 2;
-                    let zeros = Tensor::zeros([n - keep, label.dims()[1]], &label.device());
+                    let zeros = Tensor::<B, 2>::zeros([n - keep, label.dims()[1]], &label.device()).cast(label.dtype());
                     label = Tensor::cat(vec![label.narrow(0, 0, keep), zeros], 0);
                 }
                 emb + label

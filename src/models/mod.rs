@@ -6,6 +6,7 @@ pub mod dit;
 pub mod edm;
 mod flops;
 mod infer;
+pub mod precision;
 pub mod presets;
 pub mod unet;
 
@@ -14,6 +15,7 @@ use burn::tensor::{backend::Backend, Int, Tensor};
 pub use config::{LfmFlags, ModelConfig};
 pub use dit::{DiT, DiTConfig};
 pub use edm::{EdmConfig, EdmUNet};
+pub use precision::Precision;
 pub use presets::{Preset, PRESETS};
 pub use unet::{UNetConfig, UNetModel};
 
@@ -105,13 +107,22 @@ impl<B: Backend> VelocityModel<B> {
         }
     }
 
-    /// `v = model(t, x, y)`.
+    /// The network with its weights cast to `precision` (see [`precision`]): its forward passes then take and
+    /// return tensors of the caller's dtype and compute in `precision` in between.
+    pub fn with_precision(self, precision: Precision) -> Self {
+        precision::cast_module(self, precision)
+    }
+
+    /// `v = model(t, x, y)`, in `x`'s dtype (computed in the weights' precision).
     pub fn forward(&self, t: Tensor<B, 1>, x: Tensor<B, 4>, y: Option<Tensor<B, 1, Int>>) -> Tensor<B, 4> {
-        match self {
+        let (io, compute) = (x.dtype(), precision::module_dtype(self));
+        let x = x.cast(compute);
+        let v = match self {
             Self::Dit(m) => m.forward(t, x, y),
             Self::GuidedUnet(m) => m.forward(t, x, y),
             Self::EdmUnet(m) => m.forward(t, x, y),
-        }
+        };
+        v.cast(io)
     }
 
     /// LFM's `forward_with_cfg` on a doubled batch `[x; x]` with labels `[y; y_null]` (DiT: `y_null` is the null
@@ -123,9 +134,11 @@ impl<B: Backend> VelocityModel<B> {
         y: Tensor<B, 1, Int>,
         scale: f64,
     ) -> Result<Tensor<B, 4>, ModelError> {
+        let (io, compute) = (x.dtype(), precision::module_dtype(self));
+        let x = x.cast(compute);
         match self {
-            Self::Dit(m) => Ok(m.forward_with_cfg(t, x, y, scale)),
-            Self::EdmUnet(m) => Ok(m.forward_with_cfg(t, x, y, scale)),
+            Self::Dit(m) => Ok(m.forward_with_cfg(t, x, y, scale).cast(io)),
+            Self::EdmUnet(m) => Ok(m.forward_with_cfg(t, x, y, scale).cast(io)),
             Self::GuidedUnet(_) => Err(ModelError::Config(
                 "classifier-free guidance is not defined for the guided-diffusion UNet (LFM has no forward_with_cfg \
                  for it); drop --cfg-scale"

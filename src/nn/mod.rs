@@ -19,9 +19,12 @@ pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 }
 
 /// LayerNorm over the last dimension without affine parameters (`elementwise_affine=False`), biased variance.
+/// Computed in f32 whatever `x`'s dtype (16-bit sums lose the variance), returned in `x`'s dtype.
 pub fn layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    let x = x.cast(burn::tensor::DType::F32);
     let (var, mean) = x.clone().var_mean_bias(D - 1);
-    (x - mean).div((var.add_scalar(eps)).sqrt())
+    (x - mean).div((var.add_scalar(eps)).sqrt()).cast(dtype)
 }
 
 /// adaLN modulation `x·(1 + scale) + shift` with per-sample `shift`, `scale` of shape `[N, C]` over tokens `[N, T, C]`.
@@ -59,9 +62,11 @@ impl<B: Backend> GroupNorm<B> {
         let dims = x.dims();
         let (n, c) = (dims[0], dims[1]);
         let rest: usize = dims[2..].iter().product();
-        let grouped = x.reshape([n, self.num_groups, (c / self.num_groups) * rest]);
+        // Statistics in f32 whatever the dtype (16-bit sums lose the variance); γ, β in the input's dtype.
+        let dtype = x.dtype();
+        let grouped = x.reshape([n, self.num_groups, (c / self.num_groups) * rest]).cast(burn::tensor::DType::F32);
         let (var, mean) = grouped.clone().var_mean_bias(2);
-        let normed = ((grouped - mean) / var.add_scalar(self.eps).sqrt()).reshape([n, c, rest]);
+        let normed = ((grouped - mean) / var.add_scalar(self.eps).sqrt()).reshape([n, c, rest]).cast(dtype);
         let gamma = self.weight.val().reshape([1, c, 1]);
         let beta = self.bias.val().reshape([1, c, 1]);
         (normed * gamma + beta).reshape(dims)

@@ -160,3 +160,26 @@ pub fn lfm_flags(case: &str) -> serde_json::Value {
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     json["lfm_flags"].clone()
 }
+
+/// Largest difference allowed between a network run in f16 and the f32 reference, relative to the reference's
+/// largest value (f16 rounds each value to 2⁻¹¹ ≈ 5e-4 relative; a few layers compound it).
+pub const F16_REL: f64 = 2e-2;
+
+/// A 16-bit forward pass checked twice: within f16 rounding of the reference, and measurably different from the
+/// same network's f32 output on the same device (so it did compute in 16 bits rather than silently in f32).
+pub fn assert_f16_close(what: &str, half: &[f32], full: &[f32], reference: &[f32]) {
+    assert_close(what, half, reference, F16_REL, 1e-3);
+    let max = reference.iter().fold(0f32, |m, &x| m.max(x.abs()));
+    let moved = half.iter().zip(full).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    eprintln!("{what}: f16 vs f32 output differ by at most {moved:e} (largest reference value {max:e})");
+    assert!(moved > 1e-4 * max, "{what}: the f16 output equals the f32 output to {moved:e}: it did not run in f16");
+}
+
+/// `model` with f16 weights on wgpu, checked to hold them in f16.
+pub fn f16_model(
+    model: lfm::models::VelocityModel<lfm::backend::Wgpu>,
+) -> lfm::models::VelocityModel<lfm::backend::Wgpu> {
+    let half = model.with_precision(lfm::models::Precision::F16);
+    assert_eq!(lfm::models::precision::module_dtype(&half), burn::tensor::DType::F16);
+    half
+}

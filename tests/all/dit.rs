@@ -3,7 +3,7 @@
 use burn::tensor::backend::Backend;
 use lfm::backend::{Cpu, Wgpu};
 use lfm::checkpoint::read_weights;
-use lfm::models::{DiT, DiTConfig};
+use lfm::models::{DiT, DiTConfig, VelocityModel};
 
 use crate::common::*;
 
@@ -92,6 +92,26 @@ fn dit_and_cfg_match_reference_on_wgpu() {
         unconditional::<Wgpu>(&device, "model.safetensors", 1e-4);
         conditional::<Wgpu>(&device, "model.pth", 1e-4);
     }
+}
+
+#[test]
+fn dit_and_cfg_compute_in_f16_on_wgpu() {
+    let Some(device) = wgpu() else { return };
+    let io = io("dit_tiny_cond_cfg");
+    let model = VelocityModel::Dit(load::<Wgpu>("dit_tiny_cond_cfg", "model.pth", &device));
+    let x = tensor::<Wgpu, 4>(get(&io, "x"), &device);
+    let t = tensor::<Wgpu, 1>(get(&io, "t"), &device);
+    let y = int_tensor::<Wgpu, 1>(get(&io, "y"), &device);
+    let (cx, ct) = (tensor::<Wgpu, 4>(get(&io, "cfg.x"), &device), tensor::<Wgpu, 1>(get(&io, "cfg.t"), &device));
+    let cy = int_tensor::<Wgpu, 1>(get(&io, "cfg.y"), &device);
+    let full = values(model.forward(t.clone(), x.clone(), Some(y.clone())));
+    let full_cfg = values(model.forward_with_cfg(ct.clone(), cx.clone(), cy.clone(), 1.5).unwrap());
+    let half = f16_model(model);
+    let v = half.forward(t, x, Some(y));
+    assert_eq!(v.dtype(), burn::tensor::DType::F32, "the output comes back in the input's dtype");
+    assert_f16_close("v", &values(v), &full, &get(&io, "v").to_f32());
+    let guided = values(half.forward_with_cfg(ct, cx, cy, 1.5).unwrap());
+    assert_f16_close("cfg.v", &guided, &full_cfg, &get(&io, "cfg.v").to_f32());
 }
 
 #[test]

@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::tensor::{backend::Backend, Int, Tensor};
 use lfm::backend::{Cpu, Wgpu};
 use lfm::checkpoint::{read_weights, HostTensor, TensorMap};
-use lfm::models::{EdmConfig, EdmUNet, ModelConfig, Preset};
+use lfm::models::{EdmConfig, EdmUNet, ModelConfig, Preset, VelocityModel};
 
 use crate::common::*;
 
@@ -67,6 +67,18 @@ fn edm_unet_matches_reference_on_wgpu() {
     let Some(device) = wgpu() else { return };
     let model = EdmUNet::<Wgpu>::load(&golden_config(), &golden_weights(), &device).unwrap();
     check(&model, &device, 1e-4);
+}
+
+#[test]
+fn edm_unet_computes_in_f16_on_wgpu() {
+    let Some(device) = wgpu() else { return };
+    let io = io(CASE);
+    let model = VelocityModel::EdmUnet(EdmUNet::<Wgpu>::load(&golden_config(), &golden_weights(), &device).unwrap());
+    let x = tensor::<Wgpu, 4>(get(&io, "x"), &device);
+    let t = tensor::<Wgpu, 1>(get(&io, "t"), &device);
+    let full = values(model.forward(t.clone(), x.clone(), None));
+    let half = values(f16_model(model).forward(t, x, None));
+    assert_f16_close("v", &half, &full, &get(&io, "v").to_f32());
 }
 
 /// The golden weights plus a `map_label` for `label_dim` classes.

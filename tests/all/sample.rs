@@ -63,6 +63,42 @@ fn sample_reproduces_the_golden_dopri5_run_on_wgpu() {
     golden_dopri5("wgpu", 1e-4);
 }
 
+#[test]
+fn f16_sampling_runs_on_wgpu_and_is_refused_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = converted(dir.path(), "dit_tiny");
+    let out = dir.path().join("refused.safetensors");
+    let (ok, _, stderr) = sample(&[
+        "--checkpoint",
+        &ckpt,
+        "--latents-only",
+        "--save-latents",
+        out.to_str().unwrap(),
+        "--precision",
+        "f16",
+    ]);
+    assert!(!ok, "the cpu backend computes in f32 only");
+    assert!(stderr.contains("--precision f16 is not supported") && stderr.contains("use --precision f32"), "{stderr}");
+    assert!(!out.exists(), "nothing is written");
+    if wgpu().is_none() {
+        return;
+    }
+    let run = |name: &str, precision: &str| {
+        let out = dir.path().join(name);
+        let args = ["--backend", "wgpu", "sample", "--checkpoint", &ckpt, "--latents-only", "--save-latents"];
+        let mut args: Vec<&str> = args.to_vec();
+        let rest = ["-n", "2", "--seed", "3", "--solver", "euler", "--steps", "4", "--precision", precision];
+        args.push(out.to_str().unwrap());
+        args.extend_from_slice(&rest);
+        let (ok, _, stderr) = lfm(&args);
+        assert!(ok, "{stderr}");
+        read_safetensors(&out).unwrap().0["x0"].to_f32()
+    };
+    let full = run("f32.safetensors", "f32");
+    let half = run("f16.safetensors", "f16");
+    assert_f16_close("x0 after 4 euler steps", &half, &full, &full);
+}
+
 fn latents(dir: &std::path::Path, ckpt: &str, name: &str, extra: &[&str]) -> Vec<f32> {
     let out = dir.join(name);
     let mut args = vec!["--checkpoint", ckpt, "--latents-only", "--save-latents", out.to_str().unwrap()];

@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use lfm::backend::{Cpu, Wgpu};
 use lfm::checkpoint::{read_weights, HostTensor, TensorMap};
-use lfm::models::{LfmFlags, ModelConfig, UNetConfig, UNetModel};
+use lfm::models::{LfmFlags, ModelConfig, UNetConfig, UNetModel, VelocityModel};
 
 use crate::common::*;
 
@@ -63,6 +63,19 @@ fn check<B: Backend>(model: &UNetModel<B>, device: &B::Device, rel: f64) {
     let t = tensor::<B, 1>(get(&io, "t"), device);
     assert_close("emb", &values(model.embedding(t.clone(), None)), &get(&io, "debug.emb").to_f32(), rel, 1e-6);
     assert_close("v", &values(model.forward(t, x, None)), &get(&io, "v").to_f32(), rel, 1e-6);
+}
+
+#[test]
+fn guided_unet_computes_in_f16_on_wgpu() {
+    let Some(device) = wgpu() else { return };
+    let io = io(CASE);
+    let model =
+        VelocityModel::GuidedUnet(UNetModel::<Wgpu>::load(&golden_config(), &golden_weights(), &device).unwrap());
+    let x = tensor::<Wgpu, 4>(get(&io, "x"), &device);
+    let t = tensor::<Wgpu, 1>(get(&io, "t"), &device);
+    let full = values(model.forward(t.clone(), x.clone(), None));
+    let half = values(f16_model(model).forward(t, x, None));
+    assert_f16_close("v", &half, &full, &get(&io, "v").to_f32());
 }
 
 #[test]

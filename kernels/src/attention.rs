@@ -197,9 +197,7 @@ pub fn attention_reference<B: Backend>(
 ) -> BurnTensor<B, 4> {
     let scale = (q.dims()[3] as f64).powf(-0.5);
     let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-    // The softmax's sums in f32 for 16-bit inputs, as the fused kernel accumulates (a no-op for f32).
-    let dtype = scores.dtype();
-    softmax(scores.cast(burn::tensor::DType::F32), 3).cast(dtype).matmul(v)
+    softmax(scores, 3).matmul(v)
 }
 
 /// Scaled dot-product attention over `[batch, heads, tokens, head_dim]`: the fused kernel when `fused` is set and

@@ -3,7 +3,8 @@
 //! The solver keeps its state in f32 (the step controller and the error ratio need it); only the network runs in
 //! the reduced format. Its input is cast on the way in and its output back to f32 on the way out. What loses too
 //! much in 16 bits stays in f32: the sinusoidal time embedding (as the reference computes it), the statistics of
-//! every LayerNorm/GroupNorm, and the softmax sums of attention (the fused kernel accumulates in f32).
+//! every LayerNorm/GroupNorm, and the softmax sums of the fused attention kernel (used whenever the backend has
+//! it; the plain fallback's softmax runs in the input's dtype).
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{backend::Backend, DType, Tensor};

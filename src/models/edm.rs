@@ -407,8 +407,10 @@ impl<B: Backend> EdmUNet<B> {
     /// the second half of the batch gets no label term (LFM's CFG).
     pub fn embedding(&self, t: Tensor<B, 1>, y: Option<Tensor<B, 1, Int>>, drop_half_label: bool) -> Tensor<B, 2> {
         // Computed in f32 as the reference does, then in the layers' precision.
-        let noise =
-            timestep_embedding(t, self.config.model_channels, 10000.0).cast(self.map_layer0.weight.val().dtype());
+        let noise = crate::models::precision::to_dtype(
+            timestep_embedding(t, self.config.model_channels, 10000.0),
+            self.map_layer0.weight.val().dtype(),
+        );
         let emb = self.map_layer1.forward(silu(self.map_layer0.forward(noise)));
         let emb = match (&self.map_label, y) {
             (Some(map_label), Some(y)) => {
@@ -417,7 +419,10 @@ impl<B: Backend> EdmUNet<B> {
                 let mut label = map_label.weight.val().select(0, y);
                 if drop_half_label {
                     let keep = n / 2;
-                    let zeros = Tensor::<B, 2>::zeros([n - keep, label.dims()[1]], &label.device()).cast(label.dtype());
+                    let zeros = crate::models::precision::to_dtype(
+                        Tensor::<B, 2>::zeros([n - keep, label.dims()[1]], &label.device()),
+                        label.dtype(),
+                    );
                     label = Tensor::cat(vec![label.narrow(0, 0, keep), zeros], 0);
                 }
                 emb + label

@@ -116,13 +116,13 @@ impl<B: Backend> VelocityModel<B> {
     /// `v = model(t, x, y)`, in `x`'s dtype (computed in the weights' precision).
     pub fn forward(&self, t: Tensor<B, 1>, x: Tensor<B, 4>, y: Option<Tensor<B, 1, Int>>) -> Tensor<B, 4> {
         let (io, compute) = (x.dtype(), precision::module_dtype(self));
-        let x = x.cast(compute);
+        let x = precision::to_dtype(x, compute);
         let v = match self {
             Self::Dit(m) => m.forward(t, x, y),
             Self::GuidedUnet(m) => m.forward(t, x, y),
             Self::EdmUnet(m) => m.forward(t, x, y),
         };
-        v.cast(io)
+        precision::to_dtype(v, io)
     }
 
     /// LFM's `forward_with_cfg` on a doubled batch `[x; x]` with labels `[y; y_null]` (DiT: `y_null` is the null
@@ -135,10 +135,10 @@ impl<B: Backend> VelocityModel<B> {
         scale: f64,
     ) -> Result<Tensor<B, 4>, ModelError> {
         let (io, compute) = (x.dtype(), precision::module_dtype(self));
-        let x = x.cast(compute);
+        let x = precision::to_dtype(x, compute);
         match self {
-            Self::Dit(m) => Ok(m.forward_with_cfg(t, x, y, scale).cast(io)),
-            Self::EdmUnet(m) => Ok(m.forward_with_cfg(t, x, y, scale).cast(io)),
+            Self::Dit(m) => Ok(precision::to_dtype(m.forward_with_cfg(t, x, y, scale), io)),
+            Self::EdmUnet(m) => Ok(precision::to_dtype(m.forward_with_cfg(t, x, y, scale), io)),
             Self::GuidedUnet(_) => Err(ModelError::Config(
                 "classifier-free guidance is not defined for the guided-diffusion UNet (LFM has no forward_with_cfg \
                  for it); drop --cfg-scale"

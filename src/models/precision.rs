@@ -53,6 +53,21 @@ impl Precision {
     }
 }
 
+/// Whether `dtype` is one of the 16-bit float formats.
+pub fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16)
+}
+
+/// `tensor` cast to `dtype` when either side is a 16-bit format, otherwise unchanged: the f32 path never sees a
+/// cast (a same-dtype cast changed f32 gradients under `Autodiff<NdArray>` in testing).
+pub fn to_dtype<B: Backend, const D: usize>(tensor: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if is_half(dtype) || is_half(tensor.dtype()) {
+        tensor.cast(dtype)
+    } else {
+        tensor
+    }
+}
+
 /// Casts every float parameter of a module.
 struct CastParams(DType);
 

@@ -4,7 +4,7 @@ pub mod attention;
 pub mod embedding;
 pub mod init;
 
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 
 /// GELU with the tanh approximation (`nn.GELU(approximate="tanh")`), as DiT's MLP uses.
 pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
@@ -22,9 +22,11 @@ pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 /// Computed in f32 whatever `x`'s dtype (16-bit sums lose the variance), returned in `x`'s dtype.
 pub fn layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
     let dtype = x.dtype();
-    let x = x.cast(burn::tensor::DType::F32);
+    if crate::models::precision::is_half(dtype) {
+        return layer_norm(x.cast(DType::F32), eps).cast(dtype);
+    }
     let (var, mean) = x.clone().var_mean_bias(D - 1);
-    (x - mean).div((var.add_scalar(eps)).sqrt()).cast(dtype)
+    (x - mean).div((var.add_scalar(eps)).sqrt())
 }
 
 /// adaLN modulation `x·(1 + scale) + shift` with per-sample `shift`, `scale` of shape `[N, C]` over tokens `[N, T, C]`.
@@ -62,11 +64,15 @@ impl<B: Backend> GroupNorm<B> {
         let dims = x.dims();
         let (n, c) = (dims[0], dims[1]);
         let rest: usize = dims[2..].iter().product();
-        // Statistics in f32 whatever the dtype (16-bit sums lose the variance); γ, β in the input's dtype.
+        // Statistics in f32 whatever the dtype (16-bit sums lose the variance); γ, β in the input's dtype. Only
+        // 16-bit inputs are cast: a same-dtype cast changed f32 gradients under Autodiff<NdArray> in testing.
         let dtype = x.dtype();
-        let grouped = x.reshape([n, self.num_groups, (c / self.num_groups) * rest]).cast(burn::tensor::DType::F32);
+        let grouped = x.reshape([n, self.num_groups, (c / self.num_groups) * rest]);
+        let half = crate::models::precision::is_half(dtype);
+        let grouped = if half { grouped.cast(DType::F32) } else { grouped };
         let (var, mean) = grouped.clone().var_mean_bias(2);
-        let normed = ((grouped - mean) / var.add_scalar(self.eps).sqrt()).reshape([n, c, rest]).cast(dtype);
+        let normed = ((grouped - mean) / var.add_scalar(self.eps).sqrt()).reshape([n, c, rest]);
+        let normed = if half { normed.cast(dtype) } else { normed };
         let gamma = self.weight.val().reshape([1, c, 1]);
         let beta = self.bias.val().reshape([1, c, 1]);
         (normed * gamma + beta).reshape(dims)

@@ -67,7 +67,8 @@ fn training_step<B: AutodiffBackend>(device: &B::Device, grad_rel: f64, param_ab
 
 #[test]
 fn one_training_step_matches_the_reference_on_cpu() {
-    training_step::<Autodiff<Cpu>>(&cpu(), 1e-4, 1e-6);
+    // 2e-4: ndarray's float32 GEMM rounds differently per host CPU (1.2e-4 seen on an AMD EPYC host).
+    training_step::<Autodiff<Cpu>>(&cpu(), 2e-4, 1e-6);
 }
 
 #[test]
@@ -477,7 +478,8 @@ fn accumulated_micro_batches_and_global_norm_clipping_match_their_definitions() 
     let accumulated = split.step_accumulated(vec![part(0, 1), part(1, 3)], lr, None);
     assert!((accumulated.loss - report.loss).abs() <= 1e-6 * report.loss, "{} vs {}", accumulated.loss, report.loss);
     let norm = accumulated.grad_norm.unwrap();
-    assert!((norm - want_norm).abs() <= 1e-5 * want_norm, "global norm {norm} vs {want_norm}");
+    // 1e-4: float32 sums in another order (per micro-batch), whose rounding varies by host CPU.
+    assert!((norm - want_norm).abs() <= 1e-4 * want_norm, "global norm {norm} vs {want_norm}");
     let (a, b) = (whole.model().state_dict(), split.model().state_dict());
     for (key, want) in &a {
         let g = grads.get(key).map(|g| g.to_f32());

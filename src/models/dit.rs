@@ -207,7 +207,7 @@ impl<B: Backend> TimestepEmbedder<B> {
     /// `[N] → [N, D]` (a one-element `t` gives one row that broadcasts over the batch).
     pub fn forward(&self, t: Tensor<B, 1>) -> Tensor<B, 2> {
         // Computed in f32 as the reference does, then in the layers' precision.
-        let freq = crate::models::precision::to_dtype(
+        let freq = crate::nn::dtype::to_dtype(
             timestep_embedding(t, FREQUENCY_EMBEDDING_SIZE, 10000.0),
             self.mlp_0.weight.val().dtype(),
         );

@@ -407,7 +407,7 @@ impl<B: Backend> EdmUNet<B> {
     /// the second half of the batch gets no label term (LFM's CFG).
     pub fn embedding(&self, t: Tensor<B, 1>, y: Option<Tensor<B, 1, Int>>, drop_half_label: bool) -> Tensor<B, 2> {
         // Computed in f32 as the reference does, then in the layers' precision.
-        let noise = crate::models::precision::to_dtype(
+        let noise = crate::nn::dtype::to_dtype(
             timestep_embedding(t, self.config.model_channels, 10000.0),
             self.map_layer0.weight.val().dtype(),
         );
@@ -419,7 +419,7 @@ impl<B: Backend> EdmUNet<B> {
                 let mut label = map_label.weight.val().select(0, y);
                 if drop_half_label {
                     let keep = n / 2;
-                    let zeros = crate::models::precision::to_dtype(
+                    let zeros = crate::nn::dtype::to_dtype(
                         Tensor::<B, 2>::zeros([n - keep, label.dims()[1]], &label.device()),
                         label.dtype(),
                     );

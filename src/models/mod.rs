@@ -10,7 +10,9 @@ pub mod precision;
 pub mod presets;
 pub mod unet;
 
-use burn::tensor::{backend::Backend, Int, Tensor};
+use burn::tensor::{backend::Backend, DType, Int, Tensor};
+
+use crate::nn::dtype::to_dtype;
 
 pub use config::{LfmFlags, ModelConfig};
 pub use dit::{DiT, DiTConfig};
@@ -110,19 +112,29 @@ impl<B: Backend> VelocityModel<B> {
     /// The network with its weights cast to `precision` (see [`precision`]): its forward passes then take and
     /// return tensors of the caller's dtype and compute in `precision` in between.
     pub fn with_precision(self, precision: Precision) -> Self {
-        precision::cast_module(self, precision)
+        precision::cast_module(self, precision.dtype())
+    }
+
+    /// The dtype the network computes in: that of its weights (f32 unless cast by [`Self::with_precision`]).
+    pub fn compute_dtype(&self) -> DType {
+        // The time embedding's first layer: every parameter shares its dtype, and reading one costs nothing.
+        match self {
+            Self::Dit(m) => m.t_embedder.mlp_0.weight.val().dtype(),
+            Self::GuidedUnet(m) => m.time_embed_0.weight.val().dtype(),
+            Self::EdmUnet(m) => m.map_layer0.weight.val().dtype(),
+        }
     }
 
     /// `v = model(t, x, y)`, in `x`'s dtype (computed in the weights' precision).
     pub fn forward(&self, t: Tensor<B, 1>, x: Tensor<B, 4>, y: Option<Tensor<B, 1, Int>>) -> Tensor<B, 4> {
-        let (io, compute) = (x.dtype(), precision::module_dtype(self));
-        let x = precision::to_dtype(x, compute);
+        let (io, compute) = (x.dtype(), self.compute_dtype());
+        let x = to_dtype(x, compute);
         let v = match self {
             Self::Dit(m) => m.forward(t, x, y),
             Self::GuidedUnet(m) => m.forward(t, x, y),
             Self::EdmUnet(m) => m.forward(t, x, y),
         };
-        precision::to_dtype(v, io)
+        to_dtype(v, io)
     }
 
     /// LFM's `forward_with_cfg` on a doubled batch `[x; x]` with labels `[y; y_null]` (DiT: `y_null` is the null
@@ -134,11 +146,11 @@ impl<B: Backend> VelocityModel<B> {
         y: Tensor<B, 1, Int>,
         scale: f64,
     ) -> Result<Tensor<B, 4>, ModelError> {
-        let (io, compute) = (x.dtype(), precision::module_dtype(self));
-        let x = precision::to_dtype(x, compute);
+        let (io, compute) = (x.dtype(), self.compute_dtype());
+        let x = to_dtype(x, compute);
         match self {
-            Self::Dit(m) => Ok(precision::to_dtype(m.forward_with_cfg(t, x, y, scale), io)),
-            Self::EdmUnet(m) => Ok(precision::to_dtype(m.forward_with_cfg(t, x, y, scale), io)),
+            Self::Dit(m) => Ok(to_dtype(m.forward_with_cfg(t, x, y, scale), io)),
+            Self::EdmUnet(m) => Ok(to_dtype(m.forward_with_cfg(t, x, y, scale), io)),
             Self::GuidedUnet(_) => Err(ModelError::Config(
                 "classifier-free guidance is not defined for the guided-diffusion UNet (LFM has no forward_with_cfg \
                  for it); drop --cfg-scale"

@@ -6,7 +6,7 @@
 //! every LayerNorm/GroupNorm, and the softmax sums of the fused attention kernel (used whenever the backend has
 //! it; the plain fallback's softmax runs in the input's dtype).
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{backend::Backend, DType, Tensor};
 
 /// The floating-point format of a network's weights and activations.
@@ -53,48 +53,30 @@ impl Precision {
     }
 }
 
-/// Whether `dtype` is one of the 16-bit float formats.
-pub fn is_half(dtype: DType) -> bool {
-    matches!(dtype, DType::F16 | DType::BF16)
-}
-
-/// `tensor` cast to `dtype` when either side is a 16-bit format, otherwise unchanged: the f32 path never sees a
-/// cast (a same-dtype cast changed f32 gradients under `Autodiff<NdArray>` in testing).
-pub fn to_dtype<B: Backend, const D: usize>(tensor: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
-    if is_half(dtype) || is_half(tensor.dtype()) {
-        tensor.cast(dtype)
-    } else {
-        tensor
-    }
-}
-
 /// Casts every float parameter of a module.
 struct CastParams(DType);
 
 impl<B: Backend> ModuleMapper<B> for CastParams {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let dtype = self.0;
-        param.map(|t| t.cast(dtype))
+        param.map(|t| {
+            if t.dtype() == dtype {
+                return t;
+            }
+            // A new leaf: under autodiff the cast parameter is trained itself, not through the cast.
+            let trainable = t.is_require_grad();
+            let cast = t.cast(dtype).detach();
+            if trainable {
+                cast.require_grad()
+            } else {
+                cast
+            }
+        })
     }
 }
 
-/// `module` with every float parameter cast to `precision` (a no-op for parameters already in that format).
-pub fn cast_module<B: Backend, M: Module<B>>(module: M, precision: Precision) -> M {
-    module.map(&mut CastParams(precision.dtype()))
-}
-
-/// Records the dtype of the first float parameter visited.
-struct FirstFloatDType(Option<DType>);
-
-impl<B: Backend> ModuleVisitor<B> for FirstFloatDType {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.0.get_or_insert_with(|| param.val().dtype());
-    }
-}
-
-/// The dtype a module computes in: that of its first float parameter (f32 for a module without any).
-pub fn module_dtype<B: Backend, M: Module<B>>(module: &M) -> DType {
-    let mut visitor = FirstFloatDType(None);
-    module.visit(&mut visitor);
-    visitor.0.unwrap_or(DType::F32)
+/// `module` with every float parameter cast to `dtype` (parameters already in that format are left alone); cast
+/// trainable parameters stay trainable, as leaves of their own.
+pub fn cast_module<B: Backend, M: Module<B>>(module: M, dtype: DType) -> M {
+    module.map(&mut CastParams(dtype))
 }

@@ -469,7 +469,7 @@ impl<B: Backend> UNetModel<B> {
     /// The time (and label) embedding `[N or 1, 4·nf]`.
     pub fn embedding(&self, t: Tensor<B, 1>, y: Option<Tensor<B, 1, Int>>) -> Tensor<B, 2> {
         // Computed in f32 as the reference does, then in the layers' precision.
-        let freq = crate::models::precision::to_dtype(
+        let freq = crate::nn::dtype::to_dtype(
             timestep_embedding(t, self.config.model_channels, 10000.0),
             self.time_embed_0.weight.val().dtype(),
         );

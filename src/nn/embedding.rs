@@ -6,15 +6,15 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 /// (GLIDE / guided-diffusion / DiT; raw t, no ×1000). An odd `dim` gets a zero column at the end.
 pub fn timestep_embedding<B: Backend>(t: Tensor<B, 1>, dim: usize, max_period: f64) -> Tensor<B, 2> {
     let half = dim / 2;
-    let device = t.device();
+    let (device, t_dtype) = (t.device(), t.dtype());
     // The reference computes the frequencies in float32.
     let freqs: Vec<f32> = (0..half).map(|i| ((-(max_period.ln() as f32)) * i as f32 / half as f32).exp()).collect();
-    let freqs = Tensor::<B, 1>::from_data(TensorData::new(freqs, [half]).convert::<B::FloatElem>(), &device);
+    let freqs = Tensor::<B, 1>::from_data(TensorData::new(freqs, [half]), (&device, t_dtype));
     let args = t.unsqueeze_dim::<2>(1) * freqs.unsqueeze_dim(0);
     let mut embedding = Tensor::cat(vec![args.clone().cos(), args.sin()], 1);
     if dim % 2 == 1 {
         let n = embedding.dims()[0];
-        embedding = Tensor::cat(vec![embedding, Tensor::zeros([n, 1], &device)], 1);
+        embedding = Tensor::cat(vec![embedding, Tensor::zeros([n, 1], (&device, t_dtype))], 1);
     }
     embedding
 }

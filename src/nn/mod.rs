@@ -1,10 +1,11 @@
 //! Layers shared by the velocity networks: sinusoidal embeddings, attention, normalisations, activations.
 
 pub mod attention;
+pub mod dtype;
 pub mod embedding;
 pub mod init;
 
-use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 /// GELU with the tanh approximation (`nn.GELU(approximate="tanh")`), as DiT's MLP uses.
 pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
@@ -19,14 +20,12 @@ pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 }
 
 /// LayerNorm over the last dimension without affine parameters (`elementwise_affine=False`), biased variance.
-/// Computed in f32 whatever `x`'s dtype (16-bit sums lose the variance), returned in `x`'s dtype.
+/// Computed in f32 for 16-bit `x` (16-bit sums lose the variance), returned in `x`'s dtype.
 pub fn layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
     let dtype = x.dtype();
-    if crate::models::precision::is_half(dtype) {
-        return layer_norm(x.cast(DType::F32), eps).cast(dtype);
-    }
+    let x = dtype::to_dtype(x, dtype::accumulation_dtype(dtype));
     let (var, mean) = x.clone().var_mean_bias(D - 1);
-    (x - mean).div((var.add_scalar(eps)).sqrt())
+    dtype::to_dtype((x - mean).div((var.add_scalar(eps)).sqrt()), dtype)
 }
 
 /// adaLN modulation `x·(1 + scale) + shift` with per-sample `shift`, `scale` of shape `[N, C]` over tokens `[N, T, C]`.
@@ -64,15 +63,13 @@ impl<B: Backend> GroupNorm<B> {
         let dims = x.dims();
         let (n, c) = (dims[0], dims[1]);
         let rest: usize = dims[2..].iter().product();
-        // Statistics in f32 whatever the dtype (16-bit sums lose the variance); γ, β in the input's dtype. Only
-        // 16-bit inputs are cast: a same-dtype cast changed f32 gradients under Autodiff<NdArray> in testing.
+        // Statistics in f32 for 16-bit inputs (their sums lose the variance); γ, β in the input's dtype.
         let dtype = x.dtype();
         let grouped = x.reshape([n, self.num_groups, (c / self.num_groups) * rest]);
-        let half = crate::models::precision::is_half(dtype);
-        let grouped = if half { grouped.cast(DType::F32) } else { grouped };
+        let grouped = dtype::to_dtype(grouped, dtype::accumulation_dtype(dtype));
         let (var, mean) = grouped.clone().var_mean_bias(2);
         let normed = ((grouped - mean) / var.add_scalar(self.eps).sqrt()).reshape([n, c, rest]);
-        let normed = if half { normed.cast(dtype) } else { normed };
+        let normed = dtype::to_dtype(normed, dtype);
         let gamma = self.weight.val().reshape([1, c, 1]);
         let beta = self.bias.val().reshape([1, c, 1]);
         (normed * gamma + beta).reshape(dims)
@@ -236,7 +233,7 @@ pub fn avg_pool2d_exclude_pad<B: Backend>(
         (hi - lo).max(1) as f32
     };
     let counts: Vec<f32> = (0..ho).flat_map(|oy| (0..wo).map(move |ox| inside(oy, h) * inside(ox, w))).collect();
-    let counts = Tensor::<B, 4>::from_data(TensorData::new(counts, [1, 1, ho, wo]).convert::<B::FloatElem>(), &device);
+    let counts = Tensor::<B, 4>::from_data(TensorData::new(counts, [1, 1, ho, wo]), (&device, sum.dtype()));
     sum / counts
 }
 

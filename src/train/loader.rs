@@ -38,8 +38,7 @@ impl EpochOrder {
     /// The example indices of step `step` (a function of the seed and the step alone): `len / batch_size` full
     /// batches per epoch, the remainder dropped; one batch of every example when `len < batch_size`.
     pub fn indices(&mut self, step: usize) -> Vec<usize> {
-        let per_epoch = (self.len / self.batch_size).max(1);
-        let (epoch, k) = (step / per_epoch, step % per_epoch);
+        let (epoch, k) = (epoch_of(step, self.len, self.batch_size), step % steps_per_epoch(self.len, self.batch_size));
         if self.epoch != Some(epoch) {
             self.order = (0..self.len).collect();
             self.order.shuffle(&mut crate::noise::rng(self.seed, epoch as u64));
@@ -48,6 +47,16 @@ impl EpochOrder {
         let start = k * self.batch_size;
         self.order[start..(start + self.batch_size).min(self.len)].to_vec()
     }
+}
+
+/// Steps per epoch of `len` examples in batches of `batch_size`: full batches only, at least one.
+fn steps_per_epoch(len: usize, batch_size: usize) -> usize {
+    (len / batch_size).max(1)
+}
+
+/// The epoch that step `step` belongs to (see [`EpochOrder::indices`]).
+pub fn epoch_of(step: usize, len: usize, batch_size: usize) -> usize {
+    step / steps_per_epoch(len, batch_size)
 }
 
 /// One decoded example: the image and, for semantic synthesis, its class map.

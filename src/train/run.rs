@@ -16,7 +16,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::data::Source;
-use super::loader::{prefetch, HostContent};
+use super::loader::{epoch_of, prefetch, HostContent};
 use super::masks::{self, MaskParams};
 use super::nodes::NodeGroup;
 use super::task::{read_mask, Task, TaskFiles};
@@ -203,11 +203,6 @@ pub fn replica_devices<B: Backend>(device: &B::Device, count: usize) -> Vec<B::D
             B::Device::from_id(id)
         })
         .collect()
-}
-
-/// Epoch of a step.
-pub fn epoch_of(settings: &RunSettings, len: usize, step: usize) -> usize {
-    step / (len / settings.batch_size).max(1)
 }
 
 /// Trains `config` (from `init` weights if given, else freshly initialised) on `source` (with the task's `files`)
@@ -421,7 +416,7 @@ pub fn train<B: Backend>(
                 }
             };
             let n = z0.dims()[0];
-            let epoch = epoch_of(settings, source.len(), step);
+            let epoch = epoch_of(step, source.len(), settings.batch_size);
             let lr = settings.lr_at(step, epoch);
             let mut batches = Vec::new();
             if n > 0 {

@@ -180,6 +180,6 @@ pub fn f16_model(
     model: lfm::models::VelocityModel<lfm::backend::Wgpu>,
 ) -> lfm::models::VelocityModel<lfm::backend::Wgpu> {
     let half = model.with_precision(lfm::models::Precision::F16);
-    assert_eq!(lfm::models::precision::module_dtype(&half), burn::tensor::DType::F16);
+    assert_eq!(half.compute_dtype(), burn::tensor::DType::F16);
     half
 }

@@ -19,8 +19,14 @@ fn converted(dir: &std::path::Path, case: &str) -> String {
     path.to_str().unwrap().to_string()
 }
 
+/// `lfm --backend cpu sample <args>`.
 fn sample(args: &[&str]) -> (bool, String, String) {
-    let mut all = vec!["--backend", "cpu", "sample"];
+    sample_on("cpu", args)
+}
+
+/// `lfm --backend <backend> sample <args>`.
+fn sample_on(backend: &str, args: &[&str]) -> (bool, String, String) {
+    let mut all = vec!["--backend", backend, "sample"];
     all.extend_from_slice(args);
     lfm(&all)
 }
@@ -84,26 +90,25 @@ fn f16_sampling_runs_on_wgpu_and_is_refused_on_the_cpu() {
         return;
     }
     let run = |name: &str, precision: &str| {
-        let out = dir.path().join(name);
-        let args = ["--backend", "wgpu", "sample", "--checkpoint", &ckpt, "--latents-only", "--save-latents"];
-        let mut args: Vec<&str> = args.to_vec();
-        let rest = ["-n", "2", "--seed", "3", "--solver", "euler", "--steps", "4", "--precision", precision];
-        args.push(out.to_str().unwrap());
-        args.extend_from_slice(&rest);
-        let (ok, _, stderr) = lfm(&args);
-        assert!(ok, "{stderr}");
-        read_safetensors(&out).unwrap().0["x0"].to_f32()
+        let args = ["-n", "2", "--seed", "3", "--solver", "euler", "--steps", "4", "--precision", precision];
+        latents_on("wgpu", dir.path(), &ckpt, name, &args)
     };
     let full = run("f32.safetensors", "f32");
     let half = run("f16.safetensors", "f16");
     assert_f16_close("x0 after 4 euler steps", &half, &full, &full);
 }
 
+/// The latents `lfm sample` writes on the CPU (see [`latents_on`]).
 fn latents(dir: &std::path::Path, ckpt: &str, name: &str, extra: &[&str]) -> Vec<f32> {
+    latents_on("cpu", dir, ckpt, name, extra)
+}
+
+/// The latents `lfm sample` writes on `backend` (to `dir/name`) with `extra` arguments.
+fn latents_on(backend: &str, dir: &std::path::Path, ckpt: &str, name: &str, extra: &[&str]) -> Vec<f32> {
     let out = dir.join(name);
     let mut args = vec!["--checkpoint", ckpt, "--latents-only", "--save-latents", out.to_str().unwrap()];
     args.extend_from_slice(extra);
-    let (ok, _, stderr) = sample(&args);
+    let (ok, _, stderr) = sample_on(backend, &args);
     assert!(ok, "{stderr}");
     read_safetensors(&out).unwrap().0["x0"].to_f32()
 }

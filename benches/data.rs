@@ -41,6 +41,7 @@ fn settings(batch_size: usize) -> RunSettings {
         task: Task::Generate,
         preview_every: 0,
         data_parallel: 1,
+        precision: Default::default(),
     }
 }
 

@@ -197,7 +197,15 @@ pub fn attention_reference<B: Backend>(
 ) -> BurnTensor<B, 4> {
     let scale = (q.dims()[3] as f64).powf(-0.5);
     let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-    softmax(scores, 3).matmul(v)
+    // 16-bit scores take their softmax sums in f32, as the fused kernel does; f32 and f64 run as they are.
+    let dtype = scores.dtype();
+    let probabilities = match dtype {
+        burn::tensor::DType::F16 | burn::tensor::DType::BF16 => {
+            softmax(scores.cast(burn::tensor::DType::F32), 3).cast(dtype)
+        }
+        _ => softmax(scores, 3),
+    };
+    probabilities.matmul(v)
 }
 
 /// Scaled dot-product attention over `[batch, heads, tokens, head_dim]`: the fused kernel when `fused` is set and

@@ -1,7 +1,10 @@
-//! `lfm bench kernels`: lfm's fused CubeCL kernels against the plain Burn expressions they replace, timed and
-//! measured in the same run, with the device's roofline from hand-written WGSL probes ([`roofline`]).
+//! `lfm bench`: lfm's fused CubeCL kernels against the plain Burn expressions they replace, timed and measured in
+//! the same run, with the device's roofline from hand-written WGSL probes ([`roofline`]); end-to-end sampling
+//! ([`sampling`]) and training throughput ([`training`]).
 
 pub mod roofline;
+pub mod sampling;
+pub mod training;
 
 use std::time::Instant;
 
@@ -13,6 +16,8 @@ use lfm_kernels::{
 };
 
 pub use roofline::Roofline;
+pub use sampling::{bench_sampling, SamplingBenchOptions, SamplingCase};
+pub use training::{bench_training, TrainingBenchOptions, TrainingCase};
 
 /// What to benchmark.
 #[derive(Debug, Clone)]

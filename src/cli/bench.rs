@@ -1,9 +1,14 @@
-//! `lfm bench kernels`.
+//! `lfm bench kernels|sampling|training`.
 
 use clap::{Args, Subcommand};
 
 use crate::backend::{self, BackendChoice, OnBackend};
-use crate::bench::{bench_kernels, roofline, KernelBenchOptions, KernelCase, KernelReport};
+use crate::bench::{
+    bench_kernels, bench_sampling, bench_training, roofline, KernelBenchOptions, KernelCase, KernelReport,
+    SamplingBenchOptions, SamplingCase, TrainingBenchOptions, TrainingCase,
+};
+use crate::models::Precision;
+use crate::solver::Method;
 
 /// Arguments of `lfm bench`.
 #[derive(Debug, Args)]
@@ -19,6 +24,57 @@ pub enum BenchWhat {
     /// lfm's fused CubeCL kernels (attention, dopri5 step) against the plain Burn expressions, with the device's
     /// roofline from WGSL bandwidth/FMA probes.
     Kernels(KernelsArgs),
+    /// Seconds per image and NFE of a DiT (random weights) solved from noise to data, per solver, batch size and
+    /// precision.
+    Sampling(SamplingArgs),
+    /// Training throughput (images/s) of DiT sizes on 4×32×32 latents, against the forward pass alone.
+    Training(TrainingArgs),
+}
+
+/// Arguments of `lfm bench sampling`.
+#[derive(Debug, Args)]
+pub struct SamplingArgs {
+    /// A DiT size (on 4×32×32 latents).
+    #[arg(long, default_value = "DiT-B/2")]
+    pub model: String,
+    /// Batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    pub batches: Vec<usize>,
+    /// Solvers (dopri5 at rtol = atol = 1e-5; fixed-step methods at --steps steps).
+    #[arg(long, value_delimiter = ',', default_value = "dopri5,euler")]
+    pub solvers: Vec<Method>,
+    /// Steps of the fixed-step solvers.
+    #[arg(long, default_value_t = 100)]
+    pub steps: usize,
+    /// Weight precisions.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "f32")]
+    pub precisions: Vec<Precision>,
+    /// One untimed solve per case first (GPU backends compile and autotune kernels on first use).
+    #[arg(long)]
+    pub warmup: bool,
+    /// Print the cases as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `lfm bench training`.
+#[derive(Debug, Args)]
+pub struct TrainingArgs {
+    /// DiT sizes (on 4×32×32 latents).
+    #[arg(long, value_delimiter = ',', default_value = "DiT-S/2,DiT-B/2")]
+    pub models: Vec<String>,
+    /// Images per step.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Timed steps, after one untimed warm-up step.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Mixed precision of the passes (the weights and optimiser stay f32).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
+    /// Print the cases as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `lfm bench kernels`.
@@ -96,8 +152,63 @@ fn print_case(c: &KernelCase) {
     );
 }
 
+struct Sampling {
+    options: SamplingBenchOptions,
+    json: bool,
+}
+
+impl OnBackend for Sampling {
+    type Output = Result<Vec<SamplingCase>, String>;
+
+    fn run<B: burn::tensor::backend::Backend>(self, device: B::Device) -> Self::Output {
+        let json = self.json;
+        let on_case = |c: &SamplingCase| {
+            if !json {
+                println!(
+                    "{} {:4} {:6} batch {:3}: NFE {:4}  {:9.4} s per image  {:9.1} GFLOP/s",
+                    c.model, c.precision, c.solver, c.batch, c.nfe, c.seconds_per_image, c.gflops
+                );
+            }
+        };
+        let on_skip = |p: Precision, why: String| eprintln!("{}: skipped ({why})", p.name());
+        bench_sampling::<B>(&device, &self.options, on_case, on_skip)
+    }
+}
+
+struct Training {
+    options: TrainingBenchOptions,
+    json: bool,
+}
+
+impl OnBackend for Training {
+    type Output = Result<Vec<TrainingCase>, String>;
+
+    fn run<B: burn::tensor::backend::Backend>(self, device: B::Device) -> Self::Output {
+        let json = self.json;
+        bench_training::<B>(&device, &self.options, |c| {
+            if !json {
+                println!(
+                    "{} {} batch {}: {:.2} images/s training ({:.4} s per step); forward alone {:.2} images/s; \
+                     step/forward {:.2}",
+                    c.model,
+                    c.precision,
+                    c.batch,
+                    c.images_per_s,
+                    c.step_s,
+                    c.forward_images_per_s,
+                    c.step_over_forward
+                );
+            }
+        })
+    }
+}
+
 pub(crate) fn run(args: BenchArgs, choice: BackendChoice) -> anyhow::Result<()> {
-    let BenchWhat::Kernels(args) = args.what;
+    let args = match args.what {
+        BenchWhat::Kernels(args) => args,
+        BenchWhat::Sampling(args) => return run_sampling(args, choice),
+        BenchWhat::Training(args) => return run_training(args, choice),
+    };
     anyhow::ensure!(args.reps > 0, "--reps must be at least 1");
     anyhow::ensure!(args.heads > 0, "--heads must be at least 1");
     anyhow::ensure!(
@@ -139,6 +250,43 @@ pub(crate) fn run(args: BenchArgs, choice: BackendChoice) -> anyhow::Result<()> 
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else if !report.fused_kernels {
         println!("note: this backend has no fused kernels; both columns ran the plain Burn expressions");
+    }
+    Ok(())
+}
+
+fn run_sampling(args: SamplingArgs, choice: BackendChoice) -> anyhow::Result<()> {
+    anyhow::ensure!(args.batches.iter().all(|&b| b > 0), "--batches must be positive");
+    anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
+    let device = backend::select(choice)?;
+    if !args.json {
+        println!("device: {device}");
+    }
+    let options = SamplingBenchOptions {
+        model: args.model,
+        batches: args.batches,
+        solvers: args.solvers,
+        steps: args.steps,
+        precisions: args.precisions,
+        warmup: args.warmup,
+    };
+    let cases = backend::dispatch(&device, Sampling { options, json: args.json }).map_err(anyhow::Error::msg)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&cases)?);
+    }
+    Ok(())
+}
+
+fn run_training(args: TrainingArgs, choice: BackendChoice) -> anyhow::Result<()> {
+    anyhow::ensure!(args.batch > 0 && args.steps > 0, "--batch and --steps must be at least 1");
+    let device = backend::select(choice)?;
+    if !args.json {
+        println!("device: {device}");
+    }
+    let options =
+        TrainingBenchOptions { models: args.models, batch: args.batch, steps: args.steps, precision: args.precision };
+    let cases = backend::dispatch(&device, Training { options, json: args.json }).map_err(anyhow::Error::msg)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&cases)?);
     }
     Ok(())
 }

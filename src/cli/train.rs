@@ -9,7 +9,7 @@ use super::ModelSource;
 use crate::autoencoder::AutoencoderWeights;
 use crate::backend::{self, BackendChoice, OnBackend};
 use crate::checkpoint::TensorMap;
-use crate::models::{read_config, ModelConfig, Preset};
+use crate::models::{read_config, ModelConfig, Precision, Preset};
 use crate::train::data::{open_images, Source};
 use crate::train::latents::LatentStore;
 use crate::train::nodes::{fingerprint, NodeGroup, NodeSpec};
@@ -100,6 +100,10 @@ pub struct TrainArgs {
     /// first device: for speed, train from `lfm encode` latents.
     #[arg(long, default_value_t = 1)]
     pub data_parallel: usize,
+    /// Mixed precision: forward and backward passes in f16 (with dynamic loss scaling) or bf16, on devices that
+    /// support the format (CUDA: both; wgpu: f16 with shader-f16); weights, optimiser and moving average stay f32.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
     /// Multi-node training: the number of nodes, each running this same command on the same data (one process per
     /// node, or per GPU with --local-rank). Each node trains on its share of every batch; the gradients are summed
     /// over the nodes every step (a ring all-reduce over TCP), so every node holds the same weights. Node 0 writes
@@ -295,6 +299,7 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
         task: args.task()?,
         preview_every: args.preview_every,
         data_parallel: args.data_parallel,
+        precision: args.precision,
     };
     anyhow::ensure!(
         (1..=settings.batch_size).contains(&settings.grad_accum),

@@ -10,7 +10,8 @@ use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{backend::Backend, DType, Tensor};
 
 /// The floating-point format of a network's weights and activations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// 32-bit IEEE floats: the reference's precision, supported everywhere.
     #[default]

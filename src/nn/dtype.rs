@@ -17,8 +17,8 @@ pub fn accumulation_dtype(dtype: DType) -> DType {
     }
 }
 
-/// `tensor` in `dtype`, cast only when its dtype differs: the f32 path never sees a cast (a same-dtype cast
-/// changed f32 gradients under `Autodiff<NdArray>` in testing).
+/// `tensor` in `dtype`, cast only when its dtype differs: a same-dtype cast is not free (backends may copy, and
+/// under autodiff it adds a node), so the f32 path runs exactly the reference's operations.
 pub fn to_dtype<B: Backend, const D: usize>(tensor: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
     if tensor.dtype() == dtype {
         tensor

@@ -47,18 +47,34 @@ pub fn global_norm<B: AutodiffBackend, M: Module<B>>(model: &M, grads: &Gradient
     visitor.total.map_or(0.0, |t| t.into_scalar().elem::<f64>().sqrt())
 }
 
-/// Scales the gradients so that their global norm is at most `max_norm` (PyTorch's `clip_grad_norm_`: factor
-/// `max_norm / (norm + 1e-6)` when below 1). Returns the norm before clipping.
+/// Multiplies every gradient of `model` by `factor`.
+pub fn scale<B: AutodiffBackend, M: Module<B>>(model: &M, grads: &mut GradientsParams, factor: f64) {
+    model.visit(&mut Scale { grads, factor });
+}
+
+/// Scales gradients whose global norm is `norm` so that it is at most `max_norm` (PyTorch's `clip_grad_norm_`:
+/// factor `max_norm / (norm + 1e-6)` when below 1).
+pub fn clip_to_norm<B: AutodiffBackend, M: Module<B>>(
+    model: &M,
+    grads: &mut GradientsParams,
+    norm: f64,
+    max_norm: f64,
+) {
+    let factor = max_norm / (norm + 1e-6);
+    if factor < 1.0 {
+        scale::<B, M>(model, grads, factor);
+    }
+}
+
+/// Scales the gradients so that their global norm is at most `max_norm` ([`clip_to_norm`]). Returns the norm
+/// before clipping.
 pub fn clip_global_norm<B: AutodiffBackend, M: Module<B>>(
     model: &M,
     grads: &mut GradientsParams,
     max_norm: f64,
 ) -> f64 {
     let norm = global_norm::<B, M>(model, grads);
-    let factor = max_norm / (norm + 1e-6);
-    if factor < 1.0 {
-        model.visit(&mut Scale { grads, factor });
-    }
+    clip_to_norm::<B, M>(model, grads, norm, max_norm);
     norm
 }
 

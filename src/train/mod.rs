@@ -9,6 +9,7 @@ pub mod latents;
 pub mod lmdb;
 pub mod loader;
 pub mod masks;
+pub mod mixed;
 pub mod nodes;
 pub mod run;
 pub mod task;
@@ -23,8 +24,9 @@ use burn::tensor::{ElementConversion, Int, Tensor};
 use crate::checkpoint::TensorMap;
 use crate::flow;
 use crate::models::conditioning::SpatialRescaler;
-use crate::models::VelocityModel;
+use crate::models::{Precision, VelocityModel};
 use ema::Ema;
+use mixed::LossScaler;
 
 /// One batch of latents for the flow-matching loss.
 #[derive(Debug, Clone)]
@@ -102,6 +104,37 @@ fn network_loss<B: AutodiffBackend>(
     flow::loss(velocity.forward(batch.t, x, batch.y), u)
 }
 
+/// How a step's forward and backward passes run: the format the network computes in (its weights cast inside the
+/// graph, see [`mixed`]) and the factor the loss is multiplied by before the backward pass (f16's loss scale).
+#[derive(Debug, Clone, Copy)]
+struct Pass {
+    /// The compute format, when it is not the stored weights' (f32).
+    cast: Option<burn::tensor::DType>,
+    /// The loss scale (1: none).
+    loss_scale: f64,
+}
+
+impl Pass {
+    /// The network the forward pass runs: `net` itself, or with its velocity network cast in the graph.
+    fn net<B: AutodiffBackend>(&self, net: &TrainNet<B>) -> TrainNet<B> {
+        match self.cast {
+            Some(dtype) => {
+                TrainNet { velocity: mixed::cast_in_graph(net.velocity.clone(), dtype), rescaler: net.rescaler.clone() }
+            }
+            None => net.clone(),
+        }
+    }
+
+    /// The loss the backward pass starts from.
+    fn scaled<B: AutodiffBackend>(&self, loss: Tensor<B, 1>) -> Tensor<B, 1> {
+        if self.loss_scale == 1.0 {
+            loss
+        } else {
+            loss.mul_scalar(self.loss_scale)
+        }
+    }
+}
+
 /// The summed gradients of `batches` (micro-batches of a step of `total` samples), each micro-batch's mean loss
 /// weighted by its share of the step, and the weighted loss: one backward pass per micro-batch.
 fn micro_batch_gradients<B: AutodiffBackend>(
@@ -109,14 +142,16 @@ fn micro_batch_gradients<B: AutodiffBackend>(
     batches: Vec<Batch<B>>,
     total: usize,
     train_rescaler: bool,
+    pass: Pass,
 ) -> (f64, GradientsParams) {
     let mut accumulator = GradientsAccumulator::<TrainNet<B>>::new();
     let mut loss_value = 0.0;
+    let forward = pass.net(net);
     for batch in batches {
         let share = batch.z0.dims()[0] as f64 / total.max(1) as f64;
-        let loss = network_loss(&net.velocity, net.rescaler.as_ref(), batch, train_rescaler).mul_scalar(share);
+        let loss = network_loss(&forward.velocity, forward.rescaler.as_ref(), batch, train_rescaler).mul_scalar(share);
         loss_value += loss.clone().into_scalar().elem::<f64>();
-        accumulator.accumulate(net, GradientsParams::from_grads(loss.backward(), net));
+        accumulator.accumulate(net, GradientsParams::from_grads(pass.scaled(loss).backward(), net));
     }
     (loss_value, accumulator.grads())
 }
@@ -132,12 +167,13 @@ fn device_gradients<B: AutodiffBackend>(
     shards: DeviceShards<B>,
     total: usize,
     train_rescaler: bool,
+    pass: Pass,
 ) -> (f64, GradientsParams) {
     let main = model.devices().into_iter().next().expect("a network with parameters");
     if let [(device, _)] = shards.as_slice() {
         if *device == main {
             let (_, batches) = shards.into_iter().next().expect("one shard");
-            return micro_batch_gradients(model, batches, total, train_rescaler);
+            return micro_batch_gradients(model, batches, total, train_rescaler, pass);
         }
     }
     let results: Vec<(f64, GradientsParams)> = std::thread::scope(|scope| {
@@ -146,7 +182,7 @@ fn device_gradients<B: AutodiffBackend>(
             .filter(|(_, batches)| !batches.is_empty())
             .map(|(device, batches)| {
                 let replica = model.clone().fork(&device);
-                scope.spawn(move || micro_batch_gradients(&replica, batches, total, train_rescaler))
+                scope.spawn(move || micro_batch_gradients(&replica, batches, total, train_rescaler, pass))
             })
             .collect();
         workers
@@ -177,7 +213,11 @@ pub struct Trainer<B: AutodiffBackend> {
     ema: Option<Ema<TrainNet<B::InnerBackend>>>,
     /// Whether the segmentation projection learns (see [`TrainNet`]).
     train_rescaler: bool,
-    /// Optimiser steps taken.
+    /// The format of the forward and backward passes (the weights stay f32).
+    precision: Precision,
+    /// f16's dynamic loss scale.
+    scaler: Option<LossScaler>,
+    /// Optimiser steps taken (skipped f16 steps included).
     pub step: usize,
 }
 
@@ -189,6 +229,8 @@ pub struct SavedState {
     pub optimizer: Vec<u8>,
     /// The moving average, when kept.
     pub ema: Option<Vec<u8>>,
+    /// The loss scale of an f16 run.
+    pub loss_scaler: Option<LossScaler>,
 }
 
 /// The outcome of one training step.
@@ -198,8 +240,10 @@ pub struct StepReport {
     pub loss: f64,
     /// Gradients by checkpoint key (only when asked for).
     pub grads: Option<TensorMap>,
-    /// The global gradient norm before any clipping (from [`Trainer::step_accumulated`]).
+    /// The global gradient norm before any clipping (from [`Trainer::step_accumulated`]; unscaled).
     pub grad_norm: Option<f64>,
+    /// Whether the update was skipped because f16 gradients overflowed (the loss scale was halved).
+    pub skipped: bool,
 }
 
 impl<B: AutodiffBackend> Trainer<B>
@@ -209,7 +253,49 @@ where
     /// Starts training `model` with `optimizer`.
     pub fn new(model: VelocityModel<B>, optimizer: AdamWConfig) -> Self {
         let net = TrainNet { velocity: model, rescaler: None };
-        Self { model: Some(net), optimizer: optimizer.init(), ema: None, train_rescaler: false, step: 0 }
+        Self {
+            model: Some(net),
+            optimizer: optimizer.init(),
+            ema: None,
+            train_rescaler: false,
+            precision: Precision::F32,
+            scaler: None,
+            step: 0,
+        }
+    }
+
+    /// Trains in mixed precision: forward and backward passes in `precision` (f16 with dynamic loss scaling, or
+    /// bf16), the weights, optimiser and moving average in f32 (see [`mixed`]). The device must support the
+    /// format ([`Precision::check_supported`]).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self.scaler = (precision == Precision::F16).then(LossScaler::default);
+        self
+    }
+
+    /// Starts f16 loss scaling from `scaler` instead of [`LossScaler::default`] (no effect on other precisions).
+    pub fn with_loss_scaler(mut self, scaler: LossScaler) -> Self {
+        if self.scaler.is_some() {
+            self.scaler = Some(scaler);
+        }
+        self
+    }
+
+    /// The format of the forward and backward passes.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The loss scale of an f16 run.
+    pub fn loss_scaler(&self) -> Option<&LossScaler> {
+        self.scaler.as_ref()
+    }
+
+    fn pass(&self) -> Pass {
+        Pass {
+            cast: (self.precision != Precision::F32).then(|| self.precision.dtype()),
+            loss_scale: self.scaler.as_ref().map_or(1.0, |s| s.scale),
+        }
     }
 
     /// Adds the segmentation projection of semantic synthesis, learned with the network or held fixed (call
@@ -266,7 +352,7 @@ where
             ),
             None => None,
         };
-        Ok(SavedState { model, optimizer, ema })
+        Ok(SavedState { model, optimizer, ema, loss_scaler: self.scaler.clone() })
     }
 
     /// Restores what [`Trainer::save_state`] wrote (after `steps` optimiser steps).
@@ -287,6 +373,12 @@ where
             (Some(_), None) => return Err("the checkpoint holds no moving average of the weights".into()),
             (None, Some(_)) => return Err("the checkpoint holds a moving average but none is kept now".into()),
         }
+        match (&self.scaler, saved.loss_scaler) {
+            (Some(_), Some(scaler)) => self.scaler = Some(scaler),
+            (None, None) => {}
+            (Some(_), None) => return Err("the checkpoint holds no loss scale, which f16 training needs".into()),
+            (None, Some(_)) => return Err("the checkpoint holds an f16 loss scale but this run is not f16".into()),
+        }
         let model = self.model.take().expect("a model between steps");
         self.model = Some(model.load_record(model_record));
         let optimizer = std::mem::replace(&mut self.optimizer, lfm_adamw().init());
@@ -299,14 +391,24 @@ where
     /// checkpoint key (for checks against the reference).
     pub fn step(&mut self, batch: Batch<B>, lr: f64, keep_grads: bool) -> StepReport {
         let model = self.model.take().expect("a model between steps");
-        let loss = network_loss(&model.velocity, model.rescaler.as_ref(), batch, self.train_rescaler);
+        let pass = self.pass();
+        let forward = pass.net(&model);
+        let loss = network_loss(&forward.velocity, forward.rescaler.as_ref(), batch, self.train_rescaler);
         let loss_value: f64 = loss.clone().into_scalar().elem();
-        let grads = loss.backward();
-        let kept =
-            keep_grads.then(|| crate::checkpoint::collect_grads(&model.velocity, &grads, &model.velocity.keys()));
+        let grads = pass.scaled(loss).backward();
+        let kept = keep_grads.then(|| {
+            let mut kept = crate::checkpoint::collect_grads(&model.velocity, &grads, &model.velocity.keys());
+            if pass.loss_scale != 1.0 {
+                for tensor in kept.values_mut() {
+                    let unscaled = tensor.to_f32().iter().map(|&g| (g as f64 / pass.loss_scale) as f32).collect();
+                    *tensor = crate::checkpoint::HostTensor::f32(tensor.shape.clone(), unscaled);
+                }
+            }
+            kept
+        });
         let params = GradientsParams::from_grads(grads, &model);
-        self.apply(model, params, lr);
-        StepReport { loss: loss_value, grads: kept, grad_norm: None }
+        let (grad_norm, skipped) = self.update(model, params, lr, None);
+        StepReport { loss: loss_value, grads: kept, grad_norm, skipped }
     }
 
     /// One optimiser step on the gradient of the mean loss over several micro-batches (gradient accumulation:
@@ -315,7 +417,7 @@ where
     pub fn step_accumulated(&mut self, batches: Vec<Batch<B>>, lr: f64, max_grad_norm: Option<f64>) -> StepReport {
         let model = self.model.take().expect("a model between steps");
         let total: usize = batches.iter().map(|b| b.z0.dims()[0]).sum();
-        let (loss, params) = micro_batch_gradients(&model, batches, total, self.train_rescaler);
+        let (loss, params) = micro_batch_gradients(&model, batches, total, self.train_rescaler, self.pass());
         self.clip_and_apply(model, params, loss, lr, max_grad_norm)
     }
 
@@ -327,7 +429,7 @@ where
     pub fn step_data_parallel(&mut self, shards: DeviceShards<B>, lr: f64, max_grad_norm: Option<f64>) -> StepReport {
         let model = self.model.take().expect("a model between steps");
         let total: usize = shards.iter().flat_map(|(_, b)| b).map(|b| b.z0.dims()[0]).sum();
-        let (loss, grads) = device_gradients(&model, shards, total, self.train_rescaler);
+        let (loss, grads) = device_gradients(&model, shards, total, self.train_rescaler, self.pass());
         self.clip_and_apply(model, grads, loss, lr, max_grad_norm)
     }
 
@@ -345,7 +447,7 @@ where
     ) -> Result<StepReport, nodes::NodeError> {
         let model = self.model.take().expect("a model between steps");
         let main = model.devices().into_iter().next().expect("a network with parameters");
-        let (loss, grads) = device_gradients(&model, shards, total, self.train_rescaler);
+        let (loss, grads) = device_gradients(&model, shards, total, self.train_rescaler, self.pass());
         let mut packed = grads::pack::<B, _>(&model, &grads);
         packed.push(loss as f32);
         if let Err(e) = nodes.all_reduce_sum(&mut packed) {
@@ -361,17 +463,41 @@ where
     fn clip_and_apply(
         &mut self,
         model: TrainNet<B>,
-        mut params: GradientsParams,
+        params: GradientsParams,
         loss: f64,
         lr: f64,
         max_grad_norm: Option<f64>,
     ) -> StepReport {
-        let grad_norm = match max_grad_norm {
-            Some(max) => grads::clip_global_norm::<B, _>(&model, &mut params, max),
-            None => grads::global_norm::<B, _>(&model, &params),
-        };
+        let (grad_norm, skipped) = self.update(model, params, lr, Some(max_grad_norm));
+        StepReport { loss, grads: None, grad_norm, skipped }
+    }
+
+    /// Undoes f16's loss scale, skips the update if the gradients overflowed, clips to a global norm of
+    /// `clip = Some(Some(max))`, applies. The global norm is computed (and returned) when clipping is asked about
+    /// (`clip` is `Some`) or the run is f16; the flag says whether the update was skipped.
+    fn update(
+        &mut self,
+        model: TrainNet<B>,
+        mut params: GradientsParams,
+        lr: f64,
+        clip: Option<Option<f64>>,
+    ) -> (Option<f64>, bool) {
+        if let Some(scaler) = &self.scaler {
+            grads::scale::<B, _>(&model, &mut params, 1.0 / scaler.scale);
+        }
+        let norm = (clip.is_some() || self.scaler.is_some()).then(|| grads::global_norm::<B, _>(&model, &params));
+        if let Some(scaler) = &mut self.scaler {
+            if !scaler.update(norm.is_some_and(f64::is_finite)) {
+                self.model = Some(model);
+                self.step += 1;
+                return (norm, true);
+            }
+        }
+        if let (Some(Some(max)), Some(norm)) = (clip, norm) {
+            grads::clip_to_norm::<B, _>(&model, &mut params, norm, max);
+        }
         self.apply(model, params, lr);
-        StepReport { loss, grads: None, grad_norm: Some(grad_norm) }
+        (norm, false)
     }
 
     /// The AdamW update, the moving average, the step count.

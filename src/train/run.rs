@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::data::Source;
 use super::loader::{epoch_of, prefetch, HostContent};
 use super::masks::{self, MaskParams};
+use super::mixed::LossScaler;
 use super::nodes::NodeGroup;
 use super::task::{read_mask, Task, TaskFiles};
 use super::{lfm_adamw, Batch, DeviceShards, SavedState, Trainer};
@@ -25,7 +26,7 @@ use crate::autoencoder::{AnyAutoencoder, Autoencoder};
 use crate::checkpoint::{write_safetensors, CONFIG_METADATA_KEY};
 use crate::io::write_atomic;
 use crate::models::conditioning::{class_shares, SpatialRescaler};
-use crate::models::{ModelConfig, VelocityModel};
+use crate::models::{ModelConfig, Precision, VelocityModel};
 
 /// How the learning rate evolves.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -94,6 +95,10 @@ pub struct RunSettings {
     /// (device ids `index + 1`, …); on the CPU, that many copies sharing its cores. 1: one device.
     #[serde(default = "one")]
     pub data_parallel: usize,
+    /// The format of the forward and backward passes (mixed precision: the weights, optimiser and moving average
+    /// stay f32; f16 scales the loss, see [`super::mixed`]).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 /// Samples in a preview grid (one row per class for class-conditional models, classes cycling), drawn from the same
@@ -132,6 +137,9 @@ pub struct State {
     pub ema_file: Option<String>,
     /// Images that could not be read so far.
     pub unreadable_images: usize,
+    /// The loss scale of an f16 run.
+    #[serde(default)]
+    pub loss_scaler: Option<LossScaler>,
 }
 
 /// The segmentation projection a semantic run writes next to `model.safetensors`.
@@ -259,7 +267,8 @@ pub fn train<B: Backend>(
         }
         None => VelocityModel::<A<B>>::init(config, device),
     };
-    let mut trainer = Trainer::new(model, lfm_adamw());
+    settings.precision.check_supported::<B>(device).map_err(TrainError::Invalid)?;
+    let mut trainer = Trainer::new(model, lfm_adamw()).with_precision(settings.precision);
     if let (Task::Semantic { classes, train_rescaler, .. }, Some(ae)) = (&settings.task, autoencoder) {
         let stages = ae.factor().trailing_zeros() as usize;
         trainer = trainer.with_rescaler(SpatialRescaler::new(*classes, c_out, stages, device), *train_rescaler);
@@ -283,10 +292,11 @@ pub fn train<B: Backend>(
             || state.settings.batch_size != settings.batch_size
             || state.settings.ema_decay != settings.ema_decay
             || state.settings.task != settings.task
+            || state.settings.precision != settings.precision
         {
             return Err(TrainError::Invalid(
-                "--resume: the model, seed, batch size, EMA decay or task differ from the checkpoint's; resume with \
-                 the same ones"
+                "--resume: the model, seed, batch size, EMA decay, task or precision differ from the checkpoint's; \
+                 resume with the same ones"
                     .into(),
             ));
         }
@@ -298,6 +308,7 @@ pub fn train<B: Backend>(
             model: read(&state.model_file)?,
             optimizer: read(&state.optimizer_file)?,
             ema: state.ema_file.as_deref().map(read).transpose()?,
+            loss_scaler: state.loss_scaler.clone(),
         };
         trainer.load_state(saved, state.step, device).map_err(|e| {
             TrainError::Invalid(format!("{}: {e}; the checkpoint is damaged (truncated?)", dir.display()))
@@ -469,11 +480,18 @@ pub fn train<B: Backend>(
             if !report.loss.is_finite() {
                 return Err(TrainError::NonFinite { step, loss: report.loss });
             }
+            if report.skipped {
+                tracing::debug!("step {}: f16 gradients overflowed; update skipped, loss scale halved", step + 1);
+            }
             let seconds = start.elapsed().as_secs_f64();
             if let Some(log) = log.as_mut() {
-                let line = serde_json::json!({"step": step + 1, "epoch": epoch, "loss": report.loss, "lr": lr,
+                let mut line = serde_json::json!({"step": step + 1, "epoch": epoch, "loss": report.loss, "lr": lr,
                 "grad_norm": report.grad_norm,
                 "samples_per_s": total as f64 / seconds, "unreadable_images": unreadable});
+                if let Some(scaler) = trainer.loss_scaler() {
+                    line["loss_scale"] = scaler.scale.into();
+                    line["skipped"] = report.skipped.into();
+                }
                 writeln!(log, "{line}").map_err(|e| io_error(&log_path, e))?;
             }
             progress.set_message(format!("loss {:.4}, {:.1} samples/s", report.loss, total as f64 / seconds));
@@ -504,6 +522,7 @@ pub fn train<B: Backend>(
             optimizer_file: String::new(),
             ema_file: None,
             unreadable_images: unreadable,
+            loss_scaler: trainer.loss_scaler().cloned(),
         }),
         None => read_state(out_dir)?.ok_or_else(|| TrainError::Invalid("no step was taken".into())),
     }
@@ -623,6 +642,7 @@ fn save<B: Backend>(
         optimizer_file,
         ema_file,
         unreadable_images: unreadable,
+        loss_scaler: saved.loss_scaler.clone(),
     };
     let json = serde_json::to_vec_pretty(&state).expect("state serialises");
     write_atomic(&dir.join("state.json"), &json).map_err(|e| io_error(&dir.join("state.json"), e))?;

@@ -76,3 +76,31 @@ fn bench_kernels_reports_every_case_as_json() {
     let (ok, _, stderr) = lfm(&["--backend", "cpu", "bench", "kernels", "--latents", "4x32"]);
     assert!(!ok && stderr.contains("CxHxW"), "{stderr}");
 }
+
+/// `lfm bench sampling --json` and `lfm bench training --json` on the smallest DiT: every case reported with its
+/// NFE and timings; an unsupported precision is skipped with the reason; an unknown size is refused.
+#[test]
+fn bench_sampling_and_training_report_their_cases_as_json() {
+    let base = ["--backend", "cpu", "bench", "sampling", "--json", "--model", "DiT-S/8"];
+    let args = [&base[..], &["--batches", "1,2", "--solvers", "euler,heun", "--steps", "2", "--precisions", "f32,f16"]];
+    let (ok, stdout, stderr) = lfm(&args.concat());
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("f16: skipped") && stderr.contains("use --precision f32"), "{stderr}");
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&stdout).expect("JSON cases");
+    assert_eq!(cases.len(), 4, "2 batches × 2 solvers in f32: {stdout}");
+    for case in &cases {
+        let nfe = if case["solver"] == "euler" { 2 } else { 4 };
+        assert_eq!(case["nfe"], nfe, "{case}");
+        assert!(case["seconds_per_image"].as_f64().unwrap() > 0.0 && case["gflops"].as_f64().unwrap() > 0.0);
+    }
+    let (ok, _, stderr) = lfm(&[&base[..4], &["--model", "DiT-Q/3"]].concat());
+    assert!(!ok && stderr.contains("unknown DiT size 'DiT-Q/3'"), "{stderr}");
+
+    let args =
+        ["--backend", "cpu", "bench", "training", "--json", "--models", "DiT-S/8", "--batch", "2", "--steps", "1"];
+    let (ok, stdout, stderr) = lfm(&args);
+    assert!(ok, "{stderr}");
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&stdout).expect("JSON cases");
+    assert_eq!(cases.len(), 1, "{stdout}");
+    assert!(cases[0]["images_per_s"].as_f64().unwrap() > 0.0 && cases[0]["step_over_forward"].as_f64().unwrap() > 1.0);
+}

@@ -6,6 +6,7 @@ use burn::tensor::{backend::Backend, Int, Tensor};
 use lfm::backend::WgpuDevice;
 use lfm::checkpoint::{read_safetensors, HostTensor, TensorMap};
 use lfm::image::RgbImage;
+use lfm::models::{Precision, VelocityModel};
 
 /// Path of a file under `tests/fixtures`.
 pub fn fixture(rel: &str) -> PathBuf {
@@ -133,6 +134,17 @@ pub fn wgpu() -> Option<WgpuDevice> {
     None
 }
 
+/// The wgpu device if it computes in f16 (shader-f16), else `None` with a message (see [`wgpu`]).
+pub fn wgpu_with_f16() -> Option<WgpuDevice> {
+    use burn::tensor::backend::Backend;
+    let device = wgpu()?;
+    if lfm::backend::Wgpu::supports_dtype(&device, burn::tensor::DType::F16) {
+        return Some(device);
+    }
+    eprintln!("skipping: this wgpu adapter has no f16 shader support");
+    None
+}
+
 /// A file from the shared read-only reference folder (`../shared/…`: golden tensors, real weights that may not be
 /// committed). `None` (with a message) when absent; under `CI=true` absence is a failure.
 pub fn shared(rel: &str) -> Option<PathBuf> {
@@ -165,21 +177,49 @@ pub fn lfm_flags(case: &str) -> serde_json::Value {
 /// largest value (f16 rounds each value to 2⁻¹¹ ≈ 5e-4 relative; a few layers compound it).
 pub const F16_REL: f64 = 2e-2;
 
-/// A 16-bit forward pass checked twice: within f16 rounding of the reference, and measurably different from the
-/// same network's f32 output on the same device (so it did compute in 16 bits rather than silently in f32).
-pub fn assert_f16_close(what: &str, half: &[f32], full: &[f32], reference: &[f32]) {
-    assert_close(what, half, reference, F16_REL, 1e-3);
+/// The same for bf16, which keeps 8 significant bits instead of f16's 11: each rounding is 8× coarser.
+pub const BF16_REL: f64 = 8.0 * F16_REL;
+
+/// A 16-bit forward pass checked twice: within the format's rounding of the reference, and measurably different
+/// from the same network's f32 output on the same device (so it did compute in 16 bits rather than silently in f32).
+pub fn assert_half_close(what: &str, precision: Precision, half: &[f32], full: &[f32], reference: &[f32]) {
+    let rel = if precision == Precision::Bf16 { BF16_REL } else { F16_REL };
     let max = reference.iter().fold(0f32, |m, &x| m.max(x.abs()));
+    let off = half.iter().zip(reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     let moved = half.iter().zip(full).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    eprintln!("{what}: f16 vs f32 output differ by at most {moved:e} (largest reference value {max:e})");
-    assert!(moved > 1e-4 * max, "{what}: the f16 output equals the f32 output to {moved:e}: it did not run in f16");
+    let name = precision.name();
+    eprintln!("{what}: {name} output {off:e} from the reference, {moved:e} from f32 (largest reference value {max:e})");
+    assert_close(what, half, reference, rel, 1e-3);
+    assert!(
+        moved > 1e-4 * max,
+        "{what}: the {name} output equals the f32 output to {moved:e}: it did not run in {name}"
+    );
 }
 
-/// `model` with f16 weights on wgpu, checked to hold them in f16.
-pub fn f16_model(
-    model: lfm::models::VelocityModel<lfm::backend::Wgpu>,
-) -> lfm::models::VelocityModel<lfm::backend::Wgpu> {
-    let half = model.with_precision(lfm::models::Precision::F16);
-    assert_eq!(half.compute_dtype(), burn::tensor::DType::F16);
+/// [`assert_half_close`] for f16.
+pub fn assert_f16_close(what: &str, half: &[f32], full: &[f32], reference: &[f32]) {
+    assert_half_close(what, Precision::F16, half, full, reference);
+}
+
+/// `model` with its weights in `precision`, checked to compute in it.
+pub fn half_model<B: Backend>(model: VelocityModel<B>, precision: Precision) -> VelocityModel<B> {
+    let half = model.with_precision(precision);
+    assert_eq!(half.compute_dtype(), precision.dtype());
     half
+}
+
+/// The first CUDA device, or `None` (with a message) where the NVIDIA driver or a GPU is missing. CI machines
+/// have no GPU, so absence is not a failure under `CI=true`; `LFM_REQUIRE_CUDA=1` makes it one (set it where a
+/// GPU is meant to be present, so that these tests cannot pass by skipping).
+#[cfg(feature = "cuda")]
+pub fn cuda() -> Option<burn::backend::cuda::CudaDevice> {
+    match lfm::backend::cuda_devices() {
+        Ok(devices) if !devices.is_empty() => Some(burn::backend::cuda::CudaDevice { index: 0 }),
+        found => {
+            let why = found.err().map_or("no CUDA device".to_string(), |e| e.to_string());
+            assert!(std::env::var_os("LFM_REQUIRE_CUDA").is_none(), "LFM_REQUIRE_CUDA is set: {why}");
+            eprintln!("skipping the cuda half of this test: {why}");
+            None
+        }
+    }
 }

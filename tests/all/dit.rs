@@ -3,7 +3,7 @@
 use burn::tensor::backend::Backend;
 use lfm::backend::{Cpu, Wgpu};
 use lfm::checkpoint::read_weights;
-use lfm::models::{DiT, DiTConfig, VelocityModel};
+use lfm::models::{DiT, DiTConfig, Precision, VelocityModel};
 
 use crate::common::*;
 
@@ -36,7 +36,7 @@ pub fn load<B: Backend>(case: &str, file: &str, device: &B::Device) -> DiT<B> {
 const REL: f64 = 1e-5;
 const ABS: f64 = 1e-6;
 
-fn unconditional<B: Backend>(device: &B::Device, file: &str, rel: f64) {
+pub(crate) fn unconditional<B: Backend>(device: &B::Device, file: &str, rel: f64) {
     let io = io("dit_tiny");
     let model = load::<B>("dit_tiny", file, device);
     let x = tensor::<B, 4>(get(&io, "x"), device);
@@ -54,7 +54,7 @@ fn unconditional<B: Backend>(device: &B::Device, file: &str, rel: f64) {
     assert_close("v_scalar_t", &values(model.forward(t_scalar, x, None)), &get(&io, "v_scalar_t").to_f32(), rel, ABS);
 }
 
-fn conditional<B: Backend>(device: &B::Device, file: &str, rel: f64) {
+pub(crate) fn conditional<B: Backend>(device: &B::Device, file: &str, rel: f64) {
     let io = io("dit_tiny_cond_cfg");
     let model = load::<B>("dit_tiny_cond_cfg", file, device);
     assert_eq!(model.config.label_rows(), 11);
@@ -94,24 +94,31 @@ fn dit_and_cfg_match_reference_on_wgpu() {
     }
 }
 
-#[test]
-fn dit_and_cfg_compute_in_f16_on_wgpu() {
-    let Some(device) = wgpu() else { return };
+/// DiT and its CFG forward with weights in `precision` (f16 or bf16): within that format's rounding of the
+/// reference, and not equal to the f32 output.
+pub(crate) fn dit_and_cfg_in_half_precision<B: Backend>(device: &B::Device, precision: Precision) {
     let io = io("dit_tiny_cond_cfg");
-    let model = VelocityModel::Dit(load::<Wgpu>("dit_tiny_cond_cfg", "model.pth", &device));
-    let x = tensor::<Wgpu, 4>(get(&io, "x"), &device);
-    let t = tensor::<Wgpu, 1>(get(&io, "t"), &device);
-    let y = int_tensor::<Wgpu, 1>(get(&io, "y"), &device);
-    let (cx, ct) = (tensor::<Wgpu, 4>(get(&io, "cfg.x"), &device), tensor::<Wgpu, 1>(get(&io, "cfg.t"), &device));
-    let cy = int_tensor::<Wgpu, 1>(get(&io, "cfg.y"), &device);
+    let model = VelocityModel::Dit(load::<B>("dit_tiny_cond_cfg", "model.pth", device));
+    let x = tensor::<B, 4>(get(&io, "x"), device);
+    let t = tensor::<B, 1>(get(&io, "t"), device);
+    let y = int_tensor::<B, 1>(get(&io, "y"), device);
+    let (cx, ct) = (tensor::<B, 4>(get(&io, "cfg.x"), device), tensor::<B, 1>(get(&io, "cfg.t"), device));
+    let cy = int_tensor::<B, 1>(get(&io, "cfg.y"), device);
     let full = values(model.forward(t.clone(), x.clone(), Some(y.clone())));
     let full_cfg = values(model.forward_with_cfg(ct.clone(), cx.clone(), cy.clone(), 1.5).unwrap());
-    let half = f16_model(model);
+    let half = half_model(model, precision);
     let v = half.forward(t, x, Some(y));
     assert_eq!(v.dtype(), burn::tensor::DType::F32, "the output comes back in the input's dtype");
-    assert_f16_close("v", &values(v), &full, &get(&io, "v").to_f32());
+    assert_half_close("v", precision, &values(v), &full, &get(&io, "v").to_f32());
     let guided = values(half.forward_with_cfg(ct, cx, cy, 1.5).unwrap());
-    assert_f16_close("cfg.v", &guided, &full_cfg, &get(&io, "cfg.v").to_f32());
+    assert_half_close("cfg.v", precision, &guided, &full_cfg, &get(&io, "cfg.v").to_f32());
+}
+
+#[test]
+fn dit_and_cfg_compute_in_f16_on_wgpu() {
+    if let Some(device) = wgpu() {
+        dit_and_cfg_in_half_precision::<Wgpu>(&device, Precision::F16);
+    }
 }
 
 #[test]

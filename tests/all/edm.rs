@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::tensor::{backend::Backend, Int, Tensor};
 use lfm::backend::{Cpu, Wgpu};
 use lfm::checkpoint::{read_weights, HostTensor, TensorMap};
-use lfm::models::{EdmConfig, EdmUNet, ModelConfig, Preset, VelocityModel};
+use lfm::models::{EdmConfig, EdmUNet, ModelConfig, Precision, Preset, VelocityModel};
 
 use crate::common::*;
 
@@ -31,7 +31,7 @@ pub fn golden_config() -> EdmConfig {
     }
 }
 
-fn golden_weights() -> TensorMap {
+pub(crate) fn golden_weights() -> TensorMap {
     read_weights(&fixture(&format!("{CASE}/model.pth"))).unwrap().tensors
 }
 
@@ -39,7 +39,7 @@ fn silu(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| x / (1.0 + (-x).exp())).collect()
 }
 
-fn check<B: Backend>(model: &EdmUNet<B>, device: &B::Device, rel: f64) {
+pub(crate) fn check<B: Backend>(model: &EdmUNet<B>, device: &B::Device, rel: f64) {
     let io = io(CASE);
     let x = tensor::<B, 4>(get(&io, "x"), device);
     let t = tensor::<B, 1>(get(&io, "t"), device);
@@ -69,16 +69,23 @@ fn edm_unet_matches_reference_on_wgpu() {
     check(&model, &device, 1e-4);
 }
 
+/// The network with weights in `precision` (f16 or bf16): within that format's rounding of the reference, and
+/// not equal to the f32 output.
+pub(crate) fn edm_unet_in_half_precision<B: Backend>(device: &B::Device, precision: Precision) {
+    let io = io(CASE);
+    let model = VelocityModel::EdmUnet(EdmUNet::<B>::load(&golden_config(), &golden_weights(), device).unwrap());
+    let x = tensor::<B, 4>(get(&io, "x"), device);
+    let t = tensor::<B, 1>(get(&io, "t"), device);
+    let full = values(model.forward(t.clone(), x.clone(), None));
+    let half = values(half_model(model, precision).forward(t, x, None));
+    assert_half_close("v", precision, &half, &full, &get(&io, "v").to_f32());
+}
+
 #[test]
 fn edm_unet_computes_in_f16_on_wgpu() {
-    let Some(device) = wgpu() else { return };
-    let io = io(CASE);
-    let model = VelocityModel::EdmUnet(EdmUNet::<Wgpu>::load(&golden_config(), &golden_weights(), &device).unwrap());
-    let x = tensor::<Wgpu, 4>(get(&io, "x"), &device);
-    let t = tensor::<Wgpu, 1>(get(&io, "t"), &device);
-    let full = values(model.forward(t.clone(), x.clone(), None));
-    let half = values(f16_model(model).forward(t, x, None));
-    assert_f16_close("v", &half, &full, &get(&io, "v").to_f32());
+    if let Some(device) = wgpu() {
+        edm_unet_in_half_precision::<Wgpu>(&device, Precision::F16);
+    }
 }
 
 /// The golden weights plus a `map_label` for `label_dim` classes.

@@ -6,7 +6,7 @@ use lfm::flow;
 
 use crate::common::*;
 
-fn check<B: Backend>(device: &B::Device) {
+pub(crate) fn check<B: Backend>(device: &B::Device) {
     let io = io("fm_loss");
     let z0 = tensor::<B, 4>(get(&io, "z0"), device);
     let z1 = tensor::<B, 4>(get(&io, "z1"), device);

@@ -6,6 +6,8 @@ mod checkpoint;
 mod cli;
 mod commands;
 mod common;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod datasets;
 mod dit;
 mod edm;

@@ -10,7 +10,7 @@ use lfm::models::{DiT, ModelConfig, UNetConfig};
 use crate::common::*;
 
 /// Writes lfm's own checkpoint (safetensors + config) of a golden DiT case, so `sample` needs no flags.
-fn converted(dir: &std::path::Path, case: &str) -> String {
+pub(crate) fn converted(dir: &std::path::Path, case: &str) -> String {
     let path = dir.join(format!("{case}.safetensors"));
     let weights = lfm::checkpoint::read_weights(&fixture(&format!("{case}/model.pth"))).unwrap().tensors;
     let config = ModelConfig::Dit(crate::dit::config(case)).to_json();
@@ -31,7 +31,7 @@ fn sample_on(backend: &str, args: &[&str]) -> (bool, String, String) {
     lfm(&all)
 }
 
-fn golden_dopri5(backend: &str, rel: f64) {
+pub(crate) fn golden_dopri5(backend: &str, rel: f64) {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = converted(dir.path(), "dit_tiny");
     let out = dir.path().join("x0.safetensors");
@@ -104,7 +104,7 @@ fn latents(dir: &std::path::Path, ckpt: &str, name: &str, extra: &[&str]) -> Vec
 }
 
 /// The latents `lfm sample` writes on `backend` (to `dir/name`) with `extra` arguments.
-fn latents_on(backend: &str, dir: &std::path::Path, ckpt: &str, name: &str, extra: &[&str]) -> Vec<f32> {
+pub(crate) fn latents_on(backend: &str, dir: &std::path::Path, ckpt: &str, name: &str, extra: &[&str]) -> Vec<f32> {
     let out = dir.join(name);
     let mut args = vec!["--checkpoint", ckpt, "--latents-only", "--save-latents", out.to_str().unwrap()];
     args.extend_from_slice(extra);

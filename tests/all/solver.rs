@@ -57,7 +57,7 @@ fn dit_field<B: Backend>(device: &B::Device) -> impl FnMut(f64, Tensor<B, 4>) ->
     }
 }
 
-fn dopri5_with_dit<B: Backend>(device: &B::Device, state_rel: f64, fused_kernels: bool) {
+pub(crate) fn dopri5_with_dit<B: Backend>(device: &B::Device, state_rel: f64, fused_kernels: bool) {
     let io = io("ode_dopri5");
     let x1 = tensor::<B, 4>(get(&io, "x1"), device);
     let options = SolveOptions { record: true, fused_kernels, ..Default::default() };
@@ -102,7 +102,7 @@ fn dopri5_with_dit<B: Backend>(device: &B::Device, state_rel: f64, fused_kernels
     assert_close("x0", &values(solution.state), &get(&io, "x0").to_f32(), state_rel, 1e-6);
 }
 
-fn fixed_with_dit<B: Backend>(device: &B::Device, state_rel: f64, fused_kernels: bool) {
+pub(crate) fn fixed_with_dit<B: Backend>(device: &B::Device, state_rel: f64, fused_kernels: bool) {
     let io = io("ode_dopri5");
     for method in [Method::Euler, Method::Midpoint, Method::Rk4] {
         let name = method.name();

@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use lfm::backend::{Cpu, Wgpu};
 use lfm::checkpoint::{read_weights, HostTensor, TensorMap};
-use lfm::models::{LfmFlags, ModelConfig, UNetConfig, UNetModel, VelocityModel};
+use lfm::models::{LfmFlags, ModelConfig, Precision, UNetConfig, UNetModel, VelocityModel};
 
 use crate::common::*;
 
@@ -37,7 +37,7 @@ pub fn golden_config() -> UNetConfig {
     }
 }
 
-fn golden_weights() -> TensorMap {
+pub(crate) fn golden_weights() -> TensorMap {
     read_weights(&fixture(&format!("{CASE}/model.pth"))).unwrap().tensors
 }
 
@@ -57,7 +57,7 @@ pub(crate) fn golden_weights_with_inputs(in_channels: usize) -> TensorMap {
     weights
 }
 
-fn check<B: Backend>(model: &UNetModel<B>, device: &B::Device, rel: f64) {
+pub(crate) fn check<B: Backend>(model: &UNetModel<B>, device: &B::Device, rel: f64) {
     let io = io(CASE);
     let x = tensor::<B, 4>(get(&io, "x"), device);
     let t = tensor::<B, 1>(get(&io, "t"), device);
@@ -65,17 +65,23 @@ fn check<B: Backend>(model: &UNetModel<B>, device: &B::Device, rel: f64) {
     assert_close("v", &values(model.forward(t, x, None)), &get(&io, "v").to_f32(), rel, 1e-6);
 }
 
+/// The network with weights in `precision` (f16 or bf16): within that format's rounding of the reference, and
+/// not equal to the f32 output.
+pub(crate) fn guided_unet_in_half_precision<B: Backend>(device: &B::Device, precision: Precision) {
+    let io = io(CASE);
+    let model = VelocityModel::GuidedUnet(UNetModel::<B>::load(&golden_config(), &golden_weights(), device).unwrap());
+    let x = tensor::<B, 4>(get(&io, "x"), device);
+    let t = tensor::<B, 1>(get(&io, "t"), device);
+    let full = values(model.forward(t.clone(), x.clone(), None));
+    let half = values(half_model(model, precision).forward(t, x, None));
+    assert_half_close("v", precision, &half, &full, &get(&io, "v").to_f32());
+}
+
 #[test]
 fn guided_unet_computes_in_f16_on_wgpu() {
-    let Some(device) = wgpu() else { return };
-    let io = io(CASE);
-    let model =
-        VelocityModel::GuidedUnet(UNetModel::<Wgpu>::load(&golden_config(), &golden_weights(), &device).unwrap());
-    let x = tensor::<Wgpu, 4>(get(&io, "x"), &device);
-    let t = tensor::<Wgpu, 1>(get(&io, "t"), &device);
-    let full = values(model.forward(t.clone(), x.clone(), None));
-    let half = values(f16_model(model).forward(t, x, None));
-    assert_f16_close("v", &half, &full, &get(&io, "v").to_f32());
+    if let Some(device) = wgpu() {
+        guided_unet_in_half_precision::<Wgpu>(&device, Precision::F16);
+    }
 }
 
 #[test]

@@ -1,0 +1,147 @@
+//! `lfm bench sampling`: seconds per image and NFE of a DiT (random weights, every layer non-zero) solved from
+//! noise to data, per solver, batch size and precision, timed to the read-back of the result.
+
+use std::time::Instant;
+
+use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor};
+
+use crate::checkpoint::{collect_weights, HostTensor};
+use crate::models::dit::dit_keys;
+use crate::models::{DiT, DiTConfig, ModelConfig, Precision, VelocityModel};
+use crate::sample::{noise, sample_batch, BatchInput, Guidance};
+use crate::solver::{Grid, Method, SolveOptions};
+
+/// What to benchmark.
+#[derive(Debug, Clone)]
+pub struct SamplingBenchOptions {
+    /// A DiT size such as `DiT-B/2`, on 4×32×32 latents (256² images through SD's VAE).
+    pub model: String,
+    /// Batch sizes.
+    pub batches: Vec<usize>,
+    /// Solvers: dopri5 at rtol = atol = 1e-5 (LFM's default) and fixed-step methods at `steps` steps.
+    pub solvers: Vec<Method>,
+    /// Steps of the fixed-step solvers.
+    pub steps: usize,
+    /// Weight precisions (those the device lacks are reported as skipped).
+    pub precisions: Vec<Precision>,
+    /// One untimed solve per case first: GPU backends compile and autotune kernels on first use.
+    pub warmup: bool,
+}
+
+impl Default for SamplingBenchOptions {
+    /// The sampling issue's grid: DiT-B/2, dopri5 and euler at 100 steps, batch 1 and 16, f32.
+    fn default() -> Self {
+        Self {
+            model: "DiT-B/2".into(),
+            batches: vec![1, 16],
+            solvers: vec![Method::Dopri5, Method::Euler],
+            steps: 100,
+            precisions: vec![Precision::F32],
+            warmup: false,
+        }
+    }
+}
+
+/// One timed solve.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SamplingCase {
+    /// The DiT size.
+    pub model: String,
+    /// `f32`, `f16` or `bf16`.
+    pub precision: String,
+    /// The solver's name.
+    pub solver: String,
+    /// Samples solved together.
+    pub batch: usize,
+    /// Velocity evaluations of the solve.
+    pub nfe: usize,
+    /// Wall-clock seconds of the solve divided by the batch size.
+    pub seconds_per_image: f64,
+    /// Model arithmetic per second (forward FLOPs × NFE × batch / seconds).
+    pub gflops: f64,
+}
+
+/// A DiT of `config` with every parameter drawn as the golden fixtures draw theirs (N(0,1)·clamp(1/√fan_in, 0.02,
+/// 0.2) for matrices, 0.05·N(0,1) for vectors): DiT's own initialisation zeroes the output layer, and a zero
+/// velocity field would make every adaptive solve trivially short.
+pub fn random_dit<B: Backend>(config: &DiTConfig, seed: u64, device: &B::Device) -> VelocityModel<B> {
+    let host = Default::default();
+    crate::backend::Cpu::seed(&host, seed);
+    let mut weights = collect_weights(&config.init::<crate::backend::Cpu>(&host), &dit_keys());
+    for (key, tensor) in weights.iter_mut() {
+        if key == "pos_embed" {
+            continue;
+        }
+        let scale = if tensor.shape.len() >= 2 {
+            let fan_in = tensor.numel() / tensor.shape[0];
+            (1.0 / (fan_in as f64).sqrt()).clamp(0.02, 0.2)
+        } else {
+            0.05
+        };
+        let values =
+            Tensor::<crate::backend::Cpu, 1>::random([tensor.numel()], Distribution::Normal(0.0, scale), &host);
+        *tensor = HostTensor::f32(tensor.shape.clone(), values.into_data().convert::<f32>().into_vec().expect("f32"));
+    }
+    VelocityModel::Dit(DiT::load(config, &weights, device).expect("the weights were collected from this config"))
+}
+
+/// Runs every case of `options` on `device`, calling `on_case` as each finishes (or `on_skip` with the reason for a
+/// precision the device lacks).
+pub fn bench_sampling<B: Backend>(
+    device: &B::Device,
+    options: &SamplingBenchOptions,
+    mut on_case: impl FnMut(&SamplingCase),
+    mut on_skip: impl FnMut(Precision, String),
+) -> Result<Vec<SamplingCase>, String> {
+    let config = DiTConfig::named(&options.model, 32, 4, 1, 0.0)
+        .ok_or_else(|| format!("unknown DiT size '{}': use DiT-S/2 … DiT-XL/8", options.model))?;
+    let flops = ModelConfig::Dit(config.clone()).flops();
+    let full = random_dit::<B>(&config, 0, device);
+    let mut cases = Vec::new();
+    for &precision in &options.precisions {
+        if let Err(why) = precision.check_supported::<B>(device) {
+            on_skip(precision, why);
+            continue;
+        }
+        let model = full.clone().with_precision(precision);
+        for &batch in &options.batches {
+            for &method in &options.solvers {
+                let solve_options = if method.is_adaptive() {
+                    SolveOptions { method, ..Default::default() }
+                } else {
+                    SolveOptions { method, grid: Grid::Steps(options.steps), ..Default::default() }
+                };
+                let solve = || -> Result<(usize, f64), String> {
+                    let start = Instant::now();
+                    let input = BatchInput {
+                        noise: noise::<B>(0, 0, batch, [4, 32, 32], device),
+                        labels: None,
+                        condition: None,
+                    };
+                    let guidance = Guidance { cfg_scale: None, null_label: 0 };
+                    let out = sample_batch(&model, input, &guidance, &solve_options, &mut |_, _| {})
+                        .map_err(|e| e.to_string())?;
+                    // GPU backends queue work asynchronously: the clock stops at the read-back.
+                    let _: f32 = out.latents.sum().into_scalar().elem();
+                    Ok((out.stats.nfe, start.elapsed().as_secs_f64()))
+                };
+                if options.warmup {
+                    solve()?;
+                }
+                let (nfe, seconds) = solve()?;
+                let case = SamplingCase {
+                    model: options.model.clone(),
+                    precision: precision.name().into(),
+                    solver: method.name().into(),
+                    batch,
+                    nfe,
+                    seconds_per_image: seconds / batch as f64,
+                    gflops: flops * (nfe * batch) as f64 / seconds / 1e9,
+                };
+                on_case(&case);
+                cases.push(case);
+            }
+        }
+    }
+    Ok(cases)
+}

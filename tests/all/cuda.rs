@@ -1,0 +1,93 @@
+//! The CUDA backend (cargo feature `cuda`) against the same references as cpu and wgpu: every path an ODE loop or a
+//! training step takes — the three networks, the flow-matching loss, the solvers with and without lfm's fused
+//! kernels, the kernels themselves, a full training step, `lfm sample` end to end — and 16-bit inference in f16 and
+//! bf16. Each test skips with a message where no NVIDIA GPU is present (CI has none); run them on a GPU machine
+//! with `LFM_REQUIRE_CUDA=1` so that they cannot pass by skipping.
+
+use burn::backend::Autodiff;
+use burn::tensor::DType;
+use lfm::backend::Cuda;
+use lfm::models::{EdmUNet, Precision, UNetModel};
+
+use crate::common::*;
+
+#[test]
+fn networks_match_their_references_on_cuda() {
+    let Some(device) = cuda() else { return };
+    crate::dit::unconditional::<Cuda>(&device, "model.safetensors", 1e-4);
+    crate::dit::conditional::<Cuda>(&device, "model.pth", 1e-4);
+    let unet = UNetModel::<Cuda>::load(&crate::unet::golden_config(), &crate::unet::golden_weights(), &device);
+    crate::unet::check(&unet.unwrap(), &device, 1e-4);
+    let edm = EdmUNet::<Cuda>::load(&crate::edm::golden_config(), &crate::edm::golden_weights(), &device);
+    crate::edm::check(&edm.unwrap(), &device, 1e-4);
+    crate::flow::check::<Cuda>(&device);
+}
+
+#[test]
+fn networks_compute_in_f16_and_bf16_on_cuda() {
+    let Some(device) = cuda() else { return };
+    for precision in [Precision::F16, Precision::Bf16] {
+        crate::dit::dit_and_cfg_in_half_precision::<Cuda>(&device, precision);
+        crate::unet::guided_unet_in_half_precision::<Cuda>(&device, precision);
+        crate::edm::edm_unet_in_half_precision::<Cuda>(&device, precision);
+    }
+}
+
+#[test]
+fn fused_kernels_match_burn_on_cuda() {
+    let Some(device) = cuda() else { return };
+    assert!(lfm_kernels::has_kernels::<Cuda>() && lfm_kernels::attention::has_fused_attention::<Autodiff<Cuda>>());
+    crate::kernels::linear_combinations_match::<Cuda>(&device);
+    crate::kernels::error_ratios_match::<Cuda>(&device);
+    crate::kernels::attention_matches::<Cuda>(&device);
+    crate::kernels::attention_backward_matches::<Cuda>(&device);
+    crate::kernels::fused_kernels_accumulate_in_f32::<Cuda>(&device, DType::F16, 5e-4);
+    crate::kernels::fused_kernels_accumulate_in_f32::<Cuda>(&device, DType::BF16, 4e-3);
+}
+
+#[test]
+fn solvers_with_dit_match_torchdiffeq_on_cuda_fused_and_unfused() {
+    let Some(device) = cuda() else { return };
+    for fused in [true, false] {
+        crate::solver::dopri5_with_dit::<Cuda>(&device, 1e-4, fused);
+        crate::solver::fixed_with_dit::<Cuda>(&device, 1e-4, fused);
+    }
+}
+
+#[test]
+fn one_training_step_matches_the_reference_on_cuda() {
+    let Some(device) = cuda() else { return };
+    crate::train::training_step::<Autodiff<Cuda>>(&device, 1e-6);
+}
+
+#[test]
+fn sample_reproduces_the_golden_dopri5_run_on_cuda() {
+    if cuda().is_some() {
+        crate::sample::golden_dopri5("cuda", 1e-4);
+    }
+}
+
+#[test]
+fn sample_runs_in_f16_and_bf16_on_cuda() {
+    if cuda().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = crate::sample::converted(dir.path(), "dit_tiny");
+    let run = |precision: Precision| {
+        let args = ["-n", "2", "--seed", "3", "--solver", "euler", "--steps", "4", "--precision", precision.name()];
+        crate::sample::latents_on("cuda", dir.path(), &ckpt, &format!("{}.safetensors", precision.name()), &args)
+    };
+    let full = run(Precision::F32);
+    for precision in [Precision::F16, Precision::Bf16] {
+        assert_half_close("x0 after 4 euler steps", precision, &run(precision), &full, &full);
+    }
+}
+
+#[test]
+fn mixed_precision_training_steps_on_cuda() {
+    let Some(device) = cuda() else { return };
+    for precision in [Precision::F16, Precision::Bf16] {
+        crate::train::mixed_precision_step::<Autodiff<Cuda>>(&device, precision);
+    }
+}

@@ -1,15 +1,17 @@
 //! Decoding a batch of 8 LFM latents (4×32×32, i.e. 256-px images) with the KL decoder (sd-vae-ft-mse's
-//! configuration, random weights) and with TAESD, on cpu and wgpu, in images/s.
+//! configuration, random weights) and with TAESD, on cpu, wgpu and (with the `cuda` feature) cuda, in images/s.
 //!
 //! A plain harness (a KL decode of 8 images takes many seconds on a CPU): one warm-up, then `LFM_BENCH_REPS`
 //! (default 3) timed runs, median reported. `LFM_BENCH_BACKENDS` (default `cpu,wgpu`) and `LFM_BENCH_AUTOENCODERS`
 //! (default `kl,taesd`) pick the cases. Run: `cargo bench --features cuda --profile dev --bench autoencoders`.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor};
 use lfm::autoencoder::{Autoencoder, AutoencoderKLConfig, Taesd};
-use lfm::backend::{Cpu, Wgpu, WgpuDevice};
+use lfm::backend::OnBackend;
 
 const BATCH: usize = 8;
 
@@ -49,18 +51,21 @@ fn bench_backend<B: Backend>(backend: &str, device: &B::Device, reps: usize) {
     );
 }
 
+/// One backend's cases.
+struct Bench {
+    name: String,
+    reps: usize,
+}
+
+impl OnBackend for Bench {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device) {
+        bench_backend::<B>(&self.name, &device, self.reps);
+    }
+}
+
 fn main() {
     let reps = std::env::var("LFM_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let backends = std::env::var("LFM_BENCH_BACKENDS").unwrap_or_else(|_| "cpu,wgpu".into());
-    if backends.contains("cpu") {
-        bench_backend::<Cpu>("cpu", &Default::default(), reps);
-    }
-    if !backends.contains("wgpu") {
-        return;
-    }
-    if lfm::backend::wgpu_adapters().is_empty() {
-        println!("wgpu: no adapter, skipped");
-    } else {
-        bench_backend::<Wgpu>("wgpu", &WgpuDevice::DefaultDevice, reps);
-    }
+    common::for_each_backend(|name| Bench { name, reps });
 }

@@ -1,14 +1,17 @@
 //! FID throughput: Inception pool3 features of a batch of 256-px images (random weights: the cost is the real
-//! network's), in images/s, on cpu and wgpu; and the Fréchet distance between two 2048-d statistics.
+//! network's), in images/s, on cpu, wgpu and (with the `cuda` feature) cuda;
+//! and the Fréchet distance between two 2048-d statistics.
 //!
 //! A plain harness: one warm-up, then `LFM_BENCH_REPS` (default 1) timed runs, median reported.
 //! `LFM_BENCH_BATCH` (default 50, pytorch-fid's default batch) and `LFM_BENCH_BACKENDS` (default `cpu,wgpu`)
 //! pick the cases. Run: `cargo bench --features cuda --profile dev --bench fid`.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use burn::tensor::backend::Backend;
-use lfm::backend::{Cpu, Wgpu, WgpuDevice};
+use lfm::backend::OnBackend;
 use lfm::image::RgbImage;
 use lfm::metrics::features::FeatureExtractor;
 use lfm::metrics::fid::{frechet_distance, Accumulator};
@@ -65,20 +68,24 @@ fn bench_frechet() {
     println!("Fréchet distance of 2048-d statistics: {:.2} s (value {d:.3})", start.elapsed().as_secs_f64());
 }
 
+/// One backend's case.
+struct Bench {
+    name: String,
+    batch: usize,
+    reps: usize,
+}
+
+impl OnBackend for Bench {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device) {
+        bench_backend::<B>(&self.name, &device, self.batch, self.reps);
+    }
+}
+
 fn main() {
     let reps = std::env::var("LFM_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     let batch = std::env::var("LFM_BENCH_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
-    let backends = std::env::var("LFM_BENCH_BACKENDS").unwrap_or_else(|_| "cpu,wgpu".into());
     bench_frechet();
-    if backends.contains("cpu") {
-        bench_backend::<Cpu>("cpu", &Default::default(), batch, reps);
-    }
-    if !backends.contains("wgpu") {
-        return;
-    }
-    if lfm::backend::wgpu_adapters().is_empty() {
-        println!("wgpu: no adapter, skipped");
-    } else {
-        bench_backend::<Wgpu>("wgpu", &WgpuDevice::DefaultDevice, batch, reps);
-    }
+    common::for_each_backend(|name| Bench { name, batch, reps });
 }

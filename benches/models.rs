@@ -1,16 +1,18 @@
 //! Forward-pass throughput of DiT-B/2 and of the celeb256 guided-diffusion UNet on 4×32×32 latents, batch 1 and 8,
-//! on cpu and wgpu, in GFLOP/s from the analytic FLOP count (`ModelConfig::flops`: 2 per multiply-add of every
-//! convolution, linear layer and attention matmul).
+//! on cpu, wgpu and (with the `cuda` feature) cuda, in GFLOP/s from the analytic FLOP count (`ModelConfig::flops`:
+//! 2 per multiply-add of every convolution, linear layer and attention matmul).
 //!
 //! A full-size forward pass takes seconds on a CPU, so this is a plain harness rather than criterion: one warm-up
 //! pass, then `LFM_BENCH_REPS` (default 3) timed passes; the median is reported.
 //! `LFM_BENCH_BACKENDS` (default `cpu,wgpu`) picks the backends.
 //! Run: `cargo bench --features cuda --profile dev --bench models` (`--release` for publishable numbers).
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor};
-use lfm::backend::{Cpu, Wgpu, WgpuDevice};
+use lfm::backend::OnBackend;
 use lfm::models::{DiTConfig, ModelConfig, Preset, VelocityModel};
 
 fn median(mut times: Vec<Duration>) -> Duration {
@@ -55,19 +57,21 @@ fn bench_backend<B: Backend>(backend: &str, device: &B::Device, reps: usize) {
     bench_model::<B>(backend, "celeb256 guided UNet", &unet, device, reps);
 }
 
+/// One backend's cases.
+struct Bench {
+    name: String,
+    reps: usize,
+}
+
+impl OnBackend for Bench {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device) {
+        bench_backend::<B>(&self.name, &device, self.reps);
+    }
+}
+
 fn main() {
-    // `cargo bench` passes `--bench`; a name filter is not supported by this harness.
     let reps = std::env::var("LFM_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let backends = std::env::var("LFM_BENCH_BACKENDS").unwrap_or_else(|_| "cpu,wgpu".into());
-    if backends.contains("cpu") {
-        bench_backend::<Cpu>("cpu", &Default::default(), reps);
-    }
-    if !backends.contains("wgpu") {
-        return;
-    }
-    if lfm::backend::wgpu_adapters().is_empty() {
-        println!("wgpu: no adapter, skipped");
-    } else {
-        bench_backend::<Wgpu>("wgpu", &WgpuDevice::DefaultDevice, reps);
-    }
+    common::for_each_backend(|name| Bench { name, reps });
 }

@@ -8,8 +8,10 @@
 //! `LFM_BENCH_WARMUP=1` runs each case once untimed first (GPU backends compile and autotune kernels on first use).
 //! Run: `cargo bench --features cuda --profile dev --bench sampling`.
 
+mod common;
+
 use burn::tensor::backend::Backend;
-use lfm::backend::{Cpu, Wgpu, WgpuDevice};
+use lfm::backend::OnBackend;
 use lfm::bench::{bench_sampling, SamplingBenchOptions};
 use lfm::models::Precision;
 
@@ -43,25 +45,19 @@ fn bench_backend<B: Backend>(backend: &str, device: &B::Device) {
     bench_sampling::<B>(device, &options(), print, skip).expect("the benchmark's cases run");
 }
 
+/// One backend's cases.
+struct Bench {
+    name: String,
+}
+
+impl OnBackend for Bench {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device) {
+        bench_backend::<B>(&self.name, &device);
+    }
+}
+
 fn main() {
-    let backends = list("LFM_BENCH_BACKENDS", "cpu,wgpu");
-    if backends.iter().any(|b| b == "cpu") {
-        bench_backend::<Cpu>("cpu", &Default::default());
-    }
-    if backends.iter().any(|b| b == "wgpu") {
-        if lfm::backend::wgpu_adapters().is_empty() {
-            println!("wgpu: no adapter, skipped");
-        } else {
-            bench_backend::<Wgpu>("wgpu", &WgpuDevice::DefaultDevice);
-        }
-    }
-    #[cfg(feature = "cuda")]
-    if backends.iter().any(|b| b == "cuda") {
-        match lfm::backend::cuda_devices() {
-            Ok(devices) if !devices.is_empty() => {
-                bench_backend::<lfm::backend::Cuda>("cuda", &burn::backend::cuda::CudaDevice { index: 0 })
-            }
-            found => println!("cuda: skipped ({:?})", found.err()),
-        }
-    }
+    common::for_each_backend(|name| Bench { name });
 }

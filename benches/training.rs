@@ -7,8 +7,10 @@
 //! `LFM_BENCH_MODELS` (default `DiT-S/2,DiT-B/2`), `LFM_BENCH_BACKENDS` (default `cpu,wgpu`).
 //! Run: `cargo bench --features cuda --profile dev --bench training` (`--release` for publishable numbers).
 
+mod common;
+
 use burn::tensor::backend::Backend;
-use lfm::backend::{Cpu, Wgpu, WgpuDevice};
+use lfm::backend::OnBackend;
 use lfm::bench::{bench_training, TrainingBenchOptions};
 
 fn var(name: &str, default: &str) -> String {
@@ -32,25 +34,19 @@ fn bench_backend<B: Backend>(backend: &str, device: &B::Device) {
     .expect("the benchmark's cases run");
 }
 
+/// One backend's cases.
+struct Bench {
+    name: String,
+}
+
+impl OnBackend for Bench {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device) {
+        bench_backend::<B>(&self.name, &device);
+    }
+}
+
 fn main() {
-    let backends = var("LFM_BENCH_BACKENDS", "cpu,wgpu");
-    if backends.contains("cpu") {
-        bench_backend::<Cpu>("cpu", &Default::default());
-    }
-    if backends.contains("wgpu") {
-        if lfm::backend::wgpu_adapters().is_empty() {
-            println!("wgpu: no adapter, skipped");
-        } else {
-            bench_backend::<Wgpu>("wgpu", &WgpuDevice::DefaultDevice);
-        }
-    }
-    #[cfg(feature = "cuda")]
-    if backends.contains("cuda") {
-        match lfm::backend::cuda_devices() {
-            Ok(devices) if !devices.is_empty() => {
-                bench_backend::<lfm::backend::Cuda>("cuda", &burn::backend::cuda::CudaDevice { index: 0 })
-            }
-            found => println!("cuda: skipped ({:?})", found.err()),
-        }
-    }
+    common::for_each_backend(|name| Bench { name });
 }

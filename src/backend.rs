@@ -213,6 +213,17 @@ pub fn select(choice: BackendChoice) -> Result<Device, BackendError> {
     Ok(device)
 }
 
+/// Selects every backend of a comma-separated list such as `"cpu,wgpu,cuda"`, for tools that cover several backends
+/// in one run (the benchmarks): each name with its device, or with the reason it cannot be used here.
+pub fn select_each(names: &str) -> Vec<(String, Result<Device, BackendError>)> {
+    names
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(|name| (name.to_string(), name.parse().and_then(select)))
+        .collect()
+}
+
 fn cuda_device() -> Result<Device, BackendError> {
     #[cfg(feature = "cuda")]
     {

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor};
+use burn::tensor::{backend::Backend, ElementConversion};
 
 use crate::checkpoint::{collect_weights, HostTensor};
 use crate::models::dit::dit_keys;
@@ -65,22 +65,21 @@ pub struct SamplingCase {
 /// 0.2) for matrices, 0.05·N(0,1) for vectors): DiT's own initialisation zeroes the output layer, and a zero
 /// velocity field would make every adaptive solve trivially short.
 pub fn random_dit<B: Backend>(config: &DiTConfig, seed: u64, device: &B::Device) -> VelocityModel<B> {
-    let host = Default::default();
-    crate::backend::Cpu::seed(&host, seed);
-    let mut weights = collect_weights(&config.init::<crate::backend::Cpu>(&host), &dit_keys());
-    for (key, tensor) in weights.iter_mut() {
+    // The shapes come from an initialised network on the CPU; the values from lfm's own seeded generator (one
+    // stream per tensor), so the model depends on `seed` alone and the backends' shared generators are untouched.
+    let mut weights = collect_weights(&config.init::<crate::backend::Cpu>(&Default::default()), &dit_keys());
+    for (index, (key, tensor)) in weights.iter_mut().enumerate() {
         if key == "pos_embed" {
             continue;
         }
         let scale = if tensor.shape.len() >= 2 {
             let fan_in = tensor.numel() / tensor.shape[0];
-            (1.0 / (fan_in as f64).sqrt()).clamp(0.02, 0.2)
+            (1.0 / (fan_in as f32).sqrt()).clamp(0.02, 0.2)
         } else {
             0.05
         };
-        let values =
-            Tensor::<crate::backend::Cpu, 1>::random([tensor.numel()], Distribution::Normal(0.0, scale), &host);
-        *tensor = HostTensor::f32(tensor.shape.clone(), values.into_data().convert::<f32>().into_vec().expect("f32"));
+        let values = crate::noise::standard_normal(seed, index as u64, tensor.numel());
+        *tensor = HostTensor::f32(tensor.shape.clone(), values.into_iter().map(|v| v * scale).collect());
     }
     VelocityModel::Dit(DiT::load(config, &weights, device).expect("the weights were collected from this config"))
 }

@@ -1,8 +1,9 @@
 //! `lfm bench kernels|sampling|training`.
 
 use clap::{Args, Subcommand};
+use serde::Serialize;
 
-use crate::backend::{self, BackendChoice, OnBackend};
+use crate::backend::{self, BackendChoice, Device, OnBackend};
 use crate::bench::{
     bench_kernels, bench_sampling, bench_training, roofline, KernelBenchOptions, KernelCase, KernelReport,
     SamplingBenchOptions, SamplingCase, TrainingBenchOptions, TrainingCase,
@@ -123,15 +124,15 @@ struct Kernels {
 }
 
 impl OnBackend for Kernels {
-    type Output = KernelReport;
+    type Output = Result<KernelReport, String>;
 
-    fn run<B: burn::tensor::backend::Backend>(self, device: B::Device) -> KernelReport {
+    fn run<B: burn::tensor::backend::Backend>(self, device: B::Device) -> Self::Output {
         let json = self.json;
-        bench_kernels::<B>(&device, self.device_name, &self.options, self.roofline, |case| {
+        Ok(bench_kernels::<B>(&device, self.device_name, &self.options, self.roofline, |case| {
             if !json {
                 print_case(case);
             }
-        })
+        }))
     }
 }
 
@@ -204,11 +205,36 @@ impl OnBackend for Training {
 }
 
 pub(crate) fn run(args: BenchArgs, choice: BackendChoice) -> anyhow::Result<()> {
-    let args = match args.what {
-        BenchWhat::Kernels(args) => args,
-        BenchWhat::Sampling(args) => return run_sampling(args, choice),
-        BenchWhat::Training(args) => return run_training(args, choice),
-    };
+    match args.what {
+        BenchWhat::Kernels(args) => run_kernels(args, choice),
+        BenchWhat::Sampling(args) => run_sampling(args, choice),
+        BenchWhat::Training(args) => run_training(args, choice),
+    }
+}
+
+/// The selected device, named on stdout unless the output is JSON.
+fn selected(choice: BackendChoice, json: bool) -> anyhow::Result<Device> {
+    let device = backend::select(choice)?;
+    if !json {
+        println!("device: {device}");
+    }
+    Ok(device)
+}
+
+/// Runs a benchmark on `device` (its cases print as they finish), then prints its result as JSON when asked.
+fn report<R: Serialize, T: OnBackend<Output = Result<R, String>>>(
+    device: &Device,
+    task: T,
+    json: bool,
+) -> anyhow::Result<R> {
+    let result = backend::dispatch(device, task).map_err(anyhow::Error::msg)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    }
+    Ok(result)
+}
+
+fn run_kernels(args: KernelsArgs, choice: BackendChoice) -> anyhow::Result<()> {
     anyhow::ensure!(args.reps > 0, "--reps must be at least 1");
     anyhow::ensure!(args.heads > 0, "--heads must be at least 1");
     anyhow::ensure!(
@@ -220,14 +246,13 @@ pub(crate) fn run(args: BenchArgs, choice: BackendChoice) -> anyhow::Result<()> 
         "--head-dims must lie in 1..={}",
         lfm_kernels::attention::MAX_HEAD_DIM
     );
-    let device = backend::select(choice)?;
+    let device = selected(choice, args.json)?;
     let roofline = if args.no_roofline {
         Err("skipped (--no-roofline)".to_string())
     } else {
         roofline::measure().map_err(|e| e.to_string())
     };
     if !args.json {
-        println!("device: {device}");
         match &roofline {
             Ok(r) => println!(
                 "roofline ({}): {:.1} GB/s copy bandwidth, {:.1} GFLOP/s f32 FMA",
@@ -244,11 +269,9 @@ pub(crate) fn run(args: BenchArgs, choice: BackendChoice) -> anyhow::Result<()> 
         latents: args.latents,
         batches: args.batches,
     };
-    let report =
-        backend::dispatch(&device, Kernels { options, device_name: device.to_string(), roofline, json: args.json });
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else if !report.fused_kernels {
+    let task = Kernels { options, device_name: device.to_string(), roofline, json: args.json };
+    let report = report(&device, task, args.json)?;
+    if !args.json && !report.fused_kernels {
         println!("note: this backend has no fused kernels; both columns ran the plain Burn expressions");
     }
     Ok(())
@@ -257,10 +280,7 @@ pub(crate) fn run(args: BenchArgs, choice: BackendChoice) -> anyhow::Result<()> 
 fn run_sampling(args: SamplingArgs, choice: BackendChoice) -> anyhow::Result<()> {
     anyhow::ensure!(args.batches.iter().all(|&b| b > 0), "--batches must be positive");
     anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
-    let device = backend::select(choice)?;
-    if !args.json {
-        println!("device: {device}");
-    }
+    let device = selected(choice, args.json)?;
     let options = SamplingBenchOptions {
         model: args.model,
         batches: args.batches,
@@ -269,24 +289,15 @@ fn run_sampling(args: SamplingArgs, choice: BackendChoice) -> anyhow::Result<()>
         precisions: args.precisions,
         warmup: args.warmup,
     };
-    let cases = backend::dispatch(&device, Sampling { options, json: args.json }).map_err(anyhow::Error::msg)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&cases)?);
-    }
+    report(&device, Sampling { options, json: args.json }, args.json)?;
     Ok(())
 }
 
 fn run_training(args: TrainingArgs, choice: BackendChoice) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch > 0 && args.steps > 0, "--batch and --steps must be at least 1");
-    let device = backend::select(choice)?;
-    if !args.json {
-        println!("device: {device}");
-    }
+    let device = selected(choice, args.json)?;
     let options =
         TrainingBenchOptions { models: args.models, batch: args.batch, steps: args.steps, precision: args.precision };
-    let cases = backend::dispatch(&device, Training { options, json: args.json }).map_err(anyhow::Error::msg)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&cases)?);
-    }
+    report(&device, Training { options, json: args.json }, args.json)?;
     Ok(())
 }

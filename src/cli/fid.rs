@@ -7,10 +7,11 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backend::{self, BackendChoice, OnBackend};
-use crate::metrics::features::{image_files, FeatureExtractor};
+use crate::metrics::features::{FeatureExtractor, FidInput};
 use crate::metrics::fid::{frechet_distance, Statistics};
 use crate::metrics::inception::WEIGHTS_HELP;
 use crate::metrics::stats_file::{read_statistics, write_npz};
+use crate::train::data::ImageItem;
 
 /// Where the FID Inception weights are.
 #[derive(Debug, Args)]
@@ -36,11 +37,15 @@ impl InceptionSource {
 /// Arguments of `lfm fid`.
 #[derive(Debug, Args)]
 pub struct FidArgs {
-    /// Generated images: a folder of PNG/JPEG images, or a statistics file (.npz from pytorch-fid or `lfm
-    /// fid-stats`, or LFM's .npy).
+    /// Generated images: a folder of PNG/JPEG images (not its subfolders, as pytorch-fid), a dataset (an IDX file
+    /// such as Fashion-MNIST's t10k-images-idx3-ubyte.gz, an LMDB folder), or a statistics file (.npz from
+    /// pytorch-fid or `lfm fid-stats`, or LFM's .npy).
     pub generated: PathBuf,
-    /// Reference images: a folder or a statistics file, as above.
+    /// Reference images: a folder, a dataset or a statistics file, as above.
     pub reference: PathBuf,
+    /// Score only the first N images of each folder or dataset.
+    #[arg(long)]
+    pub max_images: Option<usize>,
     /// The Inception network (needed for folders only).
     #[command(flatten)]
     pub inception: InceptionSource,
@@ -52,8 +57,12 @@ pub struct FidArgs {
 /// Arguments of `lfm fid-stats`.
 #[derive(Debug, Args)]
 pub struct FidStatsArgs {
-    /// A folder of PNG/JPEG images.
+    /// A folder of PNG/JPEG images (not its subfolders, as pytorch-fid), or a dataset: an IDX file (MNIST,
+    /// Fashion-MNIST) or an LMDB folder; each image is scored at its own size.
     pub images: PathBuf,
+    /// Score only the first N images.
+    #[arg(long)]
+    pub max_images: Option<usize>,
     /// Where to write the statistics (pytorch-fid's .npz: `mu`, `sigma`).
     #[arg(long)]
     pub out: PathBuf,
@@ -65,29 +74,29 @@ pub struct FidStatsArgs {
     pub force: bool,
 }
 
-/// Statistics of image folders on one backend (the network is loaded once).
-struct FolderStatistics {
+/// Statistics of image folders or datasets on one backend (the network is loaded once).
+struct ImageStatistics {
     weights: PathBuf,
-    folders: Vec<(PathBuf, Vec<PathBuf>)>,
+    inputs: Vec<(PathBuf, Vec<ImageItem>)>,
     batch_size: usize,
 }
 
-impl OnBackend for FolderStatistics {
+impl OnBackend for ImageStatistics {
     type Output = anyhow::Result<Vec<Statistics>>;
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let extractor = FeatureExtractor::<B>::load(&self.weights, &device)?;
         let mut out = Vec::new();
-        for (folder, files) in &self.folders {
-            let bar = ProgressBar::new(files.len() as u64);
+        for (path, items) in &self.inputs {
+            let bar = ProgressBar::new(items.len() as u64);
             bar.set_style(
                 ProgressStyle::with_template(&format!(
                     "Inception features of {} {{bar:30}} {{pos}}/{{len}} images, {{per_sec}}, ETA {{eta}}",
-                    folder.display()
+                    path.display()
                 ))
                 .expect("valid template"),
             );
-            let stats = extractor.statistics_of_files(files, self.batch_size, |n| bar.inc(n as u64))?;
+            let stats = extractor.statistics_of_items(items, self.batch_size, |n| bar.inc(n as u64))?;
             bar.finish_and_clear();
             out.push(stats);
         }
@@ -98,50 +107,53 @@ impl OnBackend for FolderStatistics {
 /// Statistics of one input and where they came from ("3 images", "statistics file").
 type Scored = (Statistics, String);
 
-/// Statistics files are read; folders are listed, then scored together on the selected backend (named in the
-/// second value when one was used).
+/// Statistics files are read; folders and datasets are listed, then scored together on the selected backend (named
+/// in the second value when one was used).
 fn statistics_of(
     inputs: &[&Path],
+    max_images: Option<usize>,
     inception: &InceptionSource,
     choice: BackendChoice,
 ) -> anyhow::Result<(Vec<Scored>, Option<String>)> {
-    let mut folders = Vec::new();
-    for input in inputs.iter().filter(|p| p.is_dir()) {
-        folders.push((input.to_path_buf(), image_files(input)?));
+    let mut opened = Vec::new();
+    for input in inputs {
+        opened.push(FidInput::open(input, max_images)?);
     }
-    let (computed, device) = if folders.is_empty() {
+    let to_score: Vec<(PathBuf, Vec<ImageItem>)> = inputs
+        .iter()
+        .zip(&opened)
+        .filter_map(|(path, input)| match input {
+            FidInput::Images(items) => Some((path.to_path_buf(), items.clone())),
+            FidInput::Statistics(_) => None,
+        })
+        .collect();
+    let (mut computed, device) = if to_score.is_empty() {
         (Vec::new(), None)
     } else {
         let device = backend::select(choice)?;
-        let job = FolderStatistics {
-            weights: inception.weights()?,
-            folders: folders.clone(),
-            batch_size: inception.fid_batch_size,
-        };
+        let counts: Vec<usize> = to_score.iter().map(|(_, items)| items.len()).collect();
+        let job =
+            ImageStatistics { weights: inception.weights()?, inputs: to_score, batch_size: inception.fid_batch_size };
         let stats = backend::dispatch(&device, job)?;
-        let computed = folders.into_iter().zip(stats).map(|((path, files), s)| (path, files.len(), s)).collect();
-        (computed, Some(device.to_string()))
+        (counts.into_iter().zip(stats).collect::<Vec<_>>(), Some(device.to_string()))
     };
-    Ok((assemble(inputs, computed)?, device))
-}
-
-fn assemble(
-    inputs: &[&Path],
-    computed: Vec<(PathBuf, usize, Statistics)>,
-) -> anyhow::Result<Vec<(Statistics, String)>> {
-    inputs
-        .iter()
-        .map(|input| match computed.iter().find(|(p, ..)| p == input) {
-            Some((_, n, s)) => Ok((s.clone(), format!("{n} images"))),
-            None if input.exists() => Ok((read_statistics(input)?, "statistics file".to_string())),
-            None => anyhow::bail!("{}: no such file or folder", input.display()),
-        })
-        .collect()
+    computed.reverse();
+    let mut scored = Vec::new();
+    for input in opened {
+        scored.push(match input {
+            FidInput::Images(_) => {
+                let (n, stats) = computed.pop().expect("one result per scored input");
+                (stats, format!("{n} images"))
+            }
+            FidInput::Statistics(path) => (read_statistics(&path)?, "statistics file".to_string()),
+        });
+    }
+    Ok((scored, device))
 }
 
 pub(crate) fn fid(args: FidArgs, choice: BackendChoice) -> anyhow::Result<()> {
     let inputs = [args.generated.as_path(), args.reference.as_path()];
-    let (stats, device) = statistics_of(&inputs, &args.inception, choice)?;
+    let (stats, device) = statistics_of(&inputs, args.max_images, &args.inception, choice)?;
     let distance = frechet_distance(&stats[0].0, &stats[1].0)
         .map_err(|e| anyhow::anyhow!("{e} ({} vs {})", args.generated.display(), args.reference.display()))?;
     if args.json {
@@ -160,8 +172,13 @@ pub(crate) fn fid(args: FidArgs, choice: BackendChoice) -> anyhow::Result<()> {
 
 pub(crate) fn fid_stats(args: FidStatsArgs, choice: BackendChoice) -> anyhow::Result<()> {
     super::refuse_existing(&args.out, args.force)?;
-    anyhow::ensure!(args.images.is_dir(), "{}: not a folder of images", args.images.display());
-    let (stats, device) = statistics_of(&[args.images.as_path()], &args.inception, choice)?;
+    let input = args.images.as_path();
+    anyhow::ensure!(
+        !matches!(FidInput::open(input, Some(0))?, FidInput::Statistics(_)),
+        "{}: not a folder of images or a dataset (IDX file, LMDB folder)",
+        input.display()
+    );
+    let (stats, device) = statistics_of(&[input], args.max_images, &args.inception, choice)?;
     write_npz(&args.out, &stats[0].0)?;
     println!(
         "wrote {} ({}, {} features, device {})",

@@ -13,13 +13,14 @@ use crate::backend::{self, BackendChoice, OnBackend};
 use crate::checkpoint::{read_safetensors, write_safetensors, HostTensor, TensorMap};
 use crate::image::{grid, read_rgb, write_rgb, RgbImage};
 use crate::inpaint::{self, composite, hole_tensor, masked_images, read_hole};
-use crate::metrics::features::{image_files, FeatureExtractor};
+use crate::metrics::features::{FeatureExtractor, FidInput};
 use crate::metrics::fid::{frechet_distance, Accumulator, Statistics};
 use crate::metrics::inception::FEATURE_DIM;
 use crate::metrics::stats_file::read_statistics;
 use crate::models::conditioning::{class_shares, SpatialRescaler};
 use crate::models::{weights_and_config, ConfigChoice, ModelConfig, Precision, Preset, VelocityModel};
 use crate::sample::{labels, noise, sample_batch, BatchInput, ClassChoice, Guidance, Summary};
+use crate::train::data::ImageItem;
 
 /// Samples drawn when `-n` is not given (for a checkpoint).
 const DEFAULT_SAMPLES: usize = 16;
@@ -113,9 +114,9 @@ pub struct SampleArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Score the samples with FID against this reference (a statistics file or an image folder), streaming the
-    /// Inception features of each decoded batch (no image is kept). The 8-bit images are scored as a PNG would
-    /// store them (LFM scores JPEGs).
+    /// Score the samples with FID against this reference (a statistics file, an image folder or a dataset: IDX
+    /// file, LMDB folder), streaming the Inception features of each decoded batch (no image is kept). The 8-bit
+    /// images are scored as a PNG would store them (LFM scores JPEGs).
     #[arg(long)]
     pub fid: Option<PathBuf>,
     /// The FID Inception network (with --fid).
@@ -148,8 +149,8 @@ struct Semantic {
 enum FidReference {
     /// Precomputed statistics.
     Statistics(Statistics),
-    /// An image folder, scored on the sampling device first.
-    Files(Vec<PathBuf>),
+    /// Images (a folder or a dataset), scored on the sampling device first.
+    Images(Vec<ImageItem>),
 }
 
 /// FID scoring of a sampling run.
@@ -281,9 +282,9 @@ impl OnBackend for Job {
                 let extractor = FeatureExtractor::<B>::load(&job.weights, &device)?;
                 let reference = match &job.reference {
                     FidReference::Statistics(s) => s.clone(),
-                    FidReference::Files(files) => {
-                        tracing::info!("FID reference: Inception features of {} images", files.len());
-                        extractor.statistics_of_files(files, job.batch_size, |_| {})?
+                    FidReference::Images(items) => {
+                        tracing::info!("FID reference: Inception features of {} images", items.len());
+                        extractor.statistics_of_items(items, job.batch_size, |_| {})?
                     }
                 };
                 Some((extractor, reference, Accumulator::new(FEATURE_DIM)))
@@ -442,10 +443,9 @@ pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result
     let fid = match &args.fid {
         Some(reference) => {
             let weights = args.inception.weights()?;
-            let reference = if reference.is_dir() {
-                FidReference::Files(image_files(reference)?)
-            } else {
-                FidReference::Statistics(read_statistics(reference)?)
+            let reference = match FidInput::open(reference, None)? {
+                FidInput::Images(items) => FidReference::Images(items),
+                FidInput::Statistics(path) => FidReference::Statistics(read_statistics(&path)?),
             };
             if let FidReference::Statistics(s) = &reference {
                 anyhow::ensure!(

@@ -1,6 +1,6 @@
-//! From image files (or images in memory) to FID statistics: pytorch-fid's file listing, its [0, 1] scaling, the
-//! Inception features batch by batch, and the f64 accumulation — images are never all kept in memory, and files are
-//! decoded on a second thread while the network runs.
+//! From images (a folder's files, a dataset's examples, or images in memory) to FID statistics: pytorch-fid's file
+//! listing, its [0, 1] scaling, the Inception features batch by batch, and the f64 accumulation — images are never
+//! all kept in memory, and they are decoded on a second thread while the network runs.
 
 use std::path::{Path, PathBuf};
 
@@ -8,7 +8,9 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use super::fid::{Accumulator, FidError, Statistics};
 use super::inception::{FidInception, InceptionError, FEATURE_DIM};
-use crate::image::{read_rgb, ImageError, RgbImage};
+use crate::image::{ImageError, RgbImage};
+use crate::train::data::{decode_image, is_idx, open_images, ImageItem, Source};
+use crate::train::lmdb::is_lmdb;
 
 /// pytorch-fid's `IMAGE_EXTENSIONS` that this build can decode.
 pub const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
@@ -27,6 +29,9 @@ pub enum FeatureError {
     /// An image could not be decoded.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// A dataset could not be read, or one of its images decoded.
+    #[error("{0}")]
+    Dataset(String),
     /// The network failed.
     #[error(transparent)]
     Inception(#[from] InceptionError),
@@ -57,6 +62,47 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>, FeatureError> {
         return Err(folder(format!("no .png/.jpg/.jpeg images in the folder{hint}")));
     }
     Ok(files)
+}
+
+/// What an FID input names: images to score, or statistics computed before.
+#[derive(Debug)]
+pub enum FidInput {
+    /// Images, in order: a folder's files (as pytorch-fid lists them, see [`image_files`]) or a dataset's examples
+    /// (an IDX file such as Fashion-MNIST's `t10k-images-idx3-ubyte.gz`, an LMDB dataset), each at its own size.
+    Images(Vec<ImageItem>),
+    /// A statistics file (pytorch-fid's `.npz`, LFM's `.npy`).
+    Statistics(PathBuf),
+}
+
+impl FidInput {
+    /// Classifies `path`: an LMDB dataset or an IDX file, a folder of images, else a statistics file. `max` keeps
+    /// the first images only.
+    pub fn open(path: &Path, max: Option<usize>) -> Result<Self, FeatureError> {
+        if !path.exists() {
+            return Err(FeatureError::Folder { path: path.to_path_buf(), reason: "no such file or folder".into() });
+        }
+        let mut items = if is_lmdb(path) || is_idx(path) {
+            match open_images(path, 0, false, max).map_err(FeatureError::Dataset)? {
+                Source::Images { items, .. } => items,
+                Source::Latents(_) => unreachable!("open_images reads images"),
+            }
+        } else if path.is_dir() {
+            image_files(path)?.into_iter().map(ImageItem::File).collect()
+        } else {
+            return Ok(Self::Statistics(path.to_path_buf()));
+        };
+        if let Some(max) = max {
+            items.truncate(max);
+        }
+        Ok(Self::Images(items))
+    }
+}
+
+/// One image to score, 8-bit RGB at its own size.
+fn read_item(item: &ImageItem) -> Result<RgbImage, FeatureError> {
+    let image = decode_image(item).map_err(FeatureError::Dataset)?;
+    let (width, height) = (image.width() as usize, image.height() as usize);
+    Ok(RgbImage { width, height, pixels: image.into_raw() })
 }
 
 /// 8-bit images of one size → `[N, 3, H, W]` with values `x / 255` (torchvision's `ToTensor`).
@@ -118,21 +164,21 @@ impl<B: Backend> FeatureExtractor<B> {
         Ok(())
     }
 
-    /// Statistics of image files, `batch_size` at a time; `on_batch` is told how many images each batch held
-    /// (progress). Decoding runs one batch ahead on another thread.
-    pub fn statistics_of_files(
+    /// Statistics of images (files or dataset examples), `batch_size` at a time; `on_batch` is told how many images
+    /// each batch held (progress). Decoding runs one batch ahead on another thread.
+    pub fn statistics_of_items(
         &self,
-        files: &[PathBuf],
+        items: &[ImageItem],
         batch_size: usize,
         mut on_batch: impl FnMut(usize),
     ) -> Result<Statistics, FeatureError> {
         let batch_size = batch_size.max(1);
         let mut acc = Accumulator::new(FEATURE_DIM);
         std::thread::scope(|scope| -> Result<(), FeatureError> {
-            let (send, receive) = std::sync::mpsc::sync_channel::<Result<Vec<RgbImage>, ImageError>>(1);
+            let (send, receive) = std::sync::mpsc::sync_channel::<Result<Vec<RgbImage>, FeatureError>>(1);
             scope.spawn(move || {
-                for chunk in files.chunks(batch_size) {
-                    let batch = chunk.iter().map(|p| read_rgb(p)).collect::<Result<Vec<_>, _>>();
+                for chunk in items.chunks(batch_size) {
+                    let batch = chunk.iter().map(read_item).collect::<Result<Vec<_>, _>>();
                     let failed = batch.is_err();
                     if send.send(batch).is_err() || failed {
                         break;

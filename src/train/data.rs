@@ -219,17 +219,22 @@ pub fn is_idx(path: &Path) -> bool {
     path.is_file() && path.file_name().and_then(|f| f.to_str()).is_some_and(|f| f.contains("-idx"))
 }
 
-/// An example, transformed as LFM does: resize the short side to `size` (bicubic), centre-crop `size × size`,
-/// optional horizontal flip.
-pub fn load_image(item: &ImageItem, size: usize, flip: bool) -> Result<RgbImage, String> {
-    let image = match item {
+/// An example as 8-bit RGB at its own size (grey pixels repeated over the three channels).
+pub fn decode_image(item: &ImageItem) -> Result<image::RgbImage, String> {
+    Ok(match item {
         ImageItem::File(path) => image::open(path).map_err(|e| format!("{}: {e}", path.display()))?.to_rgb8(),
         ImageItem::Lmdb { db, key } => db.image(key)?,
         ImageItem::Gray { width, height, pixels } => {
             let rgb = pixels.iter().flat_map(|&p| [p, p, p]).collect();
             image::RgbImage::from_raw(*width as u32, *height as u32, rgb).expect("pixels fit the size")
         }
-    };
+    })
+}
+
+/// An example, transformed as LFM does: resize the short side to `size` (bicubic), centre-crop `size × size`,
+/// optional horizontal flip.
+pub fn load_image(item: &ImageItem, size: usize, flip: bool) -> Result<RgbImage, String> {
+    let image = decode_image(item)?;
     let crop = fit_square(image, size, flip, image::imageops::FilterType::CatmullRom);
     Ok(RgbImage { width: size, height: size, pixels: crop.into_raw() })
 }

@@ -38,7 +38,8 @@ impl EpochOrder {
     /// The example indices of step `step` (a function of the seed and the step alone): `len / batch_size` full
     /// batches per epoch, the remainder dropped; one batch of every example when `len < batch_size`.
     pub fn indices(&mut self, step: usize) -> Vec<usize> {
-        let (epoch, k) = (epoch_of(step, self.len, self.batch_size), step % steps_per_epoch(self.len, self.batch_size));
+        let per_epoch = steps_per_epoch(self.len, self.batch_size);
+        let (epoch, k) = (step / per_epoch, step % per_epoch);
         if self.epoch != Some(epoch) {
             self.order = (0..self.len).collect();
             self.order.shuffle(&mut crate::noise::rng(self.seed, epoch as u64));

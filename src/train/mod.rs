@@ -104,6 +104,17 @@ fn network_loss<B: AutodiffBackend>(
     flow::loss(velocity.forward(batch.t, x, batch.y), u)
 }
 
+/// What an update does with the global gradient norm.
+#[derive(Debug, Clone, Copy)]
+enum NormUse {
+    /// Nothing (f16 runs still compute it, to detect overflow).
+    Ignore,
+    /// Compute and report it.
+    Report,
+    /// Report it, and scale the gradients down to this norm when they exceed it.
+    ClipTo(f64),
+}
+
 /// How a step's forward and backward passes run: the format the network computes in (its weights cast inside the
 /// graph, see [`mixed`]) and the factor the loss is multiplied by before the backward pass (f16's loss scale).
 #[derive(Debug, Clone, Copy)]
@@ -115,13 +126,14 @@ struct Pass {
 }
 
 impl Pass {
-    /// The network the forward pass runs: `net` itself, or with its velocity network cast in the graph.
-    fn net<B: AutodiffBackend>(&self, net: &TrainNet<B>) -> TrainNet<B> {
+    /// The network the forward pass runs: `net` itself, or a copy with its velocity network cast in the graph.
+    fn net<'a, B: AutodiffBackend>(&self, net: &'a TrainNet<B>) -> std::borrow::Cow<'a, TrainNet<B>> {
         match self.cast {
-            Some(dtype) => {
-                TrainNet { velocity: mixed::cast_in_graph(net.velocity.clone(), dtype), rescaler: net.rescaler.clone() }
-            }
-            None => net.clone(),
+            Some(dtype) => std::borrow::Cow::Owned(TrainNet {
+                velocity: mixed::cast_in_graph(net.velocity.clone(), dtype),
+                rescaler: net.rescaler.clone(),
+            }),
+            None => std::borrow::Cow::Borrowed(net),
         }
     }
 
@@ -392,8 +404,10 @@ where
     pub fn step(&mut self, batch: Batch<B>, lr: f64, keep_grads: bool) -> StepReport {
         let model = self.model.take().expect("a model between steps");
         let pass = self.pass();
-        let forward = pass.net(&model);
-        let loss = network_loss(&forward.velocity, forward.rescaler.as_ref(), batch, self.train_rescaler);
+        let loss = {
+            let forward = pass.net(&model);
+            network_loss(&forward.velocity, forward.rescaler.as_ref(), batch, self.train_rescaler)
+        };
         let loss_value: f64 = loss.clone().into_scalar().elem();
         let grads = pass.scaled(loss).backward();
         let kept = keep_grads.then(|| {
@@ -407,7 +421,7 @@ where
             kept
         });
         let params = GradientsParams::from_grads(grads, &model);
-        let (grad_norm, skipped) = self.update(model, params, lr, None);
+        let (grad_norm, skipped) = self.update(model, params, lr, NormUse::Ignore);
         StepReport { loss: loss_value, grads: kept, grad_norm, skipped }
     }
 
@@ -468,36 +482,38 @@ where
         lr: f64,
         max_grad_norm: Option<f64>,
     ) -> StepReport {
-        let (grad_norm, skipped) = self.update(model, params, lr, Some(max_grad_norm));
+        let norm = max_grad_norm.map_or(NormUse::Report, NormUse::ClipTo);
+        let (grad_norm, skipped) = self.update(model, params, lr, norm);
         StepReport { loss, grads: None, grad_norm, skipped }
     }
 
-    /// Undoes f16's loss scale, skips the update if the gradients overflowed, clips to a global norm of
-    /// `clip = Some(Some(max))`, applies. The global norm is computed (and returned) when clipping is asked about
-    /// (`clip` is `Some`) or the run is f16; the flag says whether the update was skipped.
+    /// Undoes f16's loss scale, skips the update if the gradients overflowed, handles the global norm as `norm`
+    /// says (f16 always computes it, to detect the overflow), applies. Returns the norm when computed and whether
+    /// the update was skipped.
     fn update(
         &mut self,
         model: TrainNet<B>,
         mut params: GradientsParams,
         lr: f64,
-        clip: Option<Option<f64>>,
+        norm: NormUse,
     ) -> (Option<f64>, bool) {
         if let Some(scaler) = &self.scaler {
             grads::scale::<B, _>(&model, &mut params, 1.0 / scaler.scale);
         }
-        let norm = (clip.is_some() || self.scaler.is_some()).then(|| grads::global_norm::<B, _>(&model, &params));
+        let wanted = !matches!(norm, NormUse::Ignore) || self.scaler.is_some();
+        let global = wanted.then(|| grads::global_norm::<B, _>(&model, &params));
         if let Some(scaler) = &mut self.scaler {
-            if !scaler.update(norm.is_some_and(f64::is_finite)) {
+            if !scaler.update(global.is_some_and(f64::is_finite)) {
                 self.model = Some(model);
                 self.step += 1;
-                return (norm, true);
+                return (global, true);
             }
         }
-        if let (Some(Some(max)), Some(norm)) = (clip, norm) {
-            grads::clip_to_norm::<B, _>(&model, &mut params, norm, max);
+        if let (NormUse::ClipTo(max), Some(global)) = (norm, global) {
+            grads::clip_to_norm::<B, _>(&model, &mut params, global, max);
         }
         self.apply(model, params, lr);
-        (norm, false)
+        (global, false)
     }
 
     /// The AdamW update, the moving average, the step count.

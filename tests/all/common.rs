@@ -208,15 +208,31 @@ pub fn half_model<B: Backend>(model: VelocityModel<B>, precision: Precision) -> 
     half
 }
 
+/// An unconditional golden case (`x`, `t` → `v` in `case`'s io) through `model` in f32 and then in `precision`: the
+/// 16-bit output must stay within [`assert_half_close`]'s bounds of both.
+pub fn assert_unconditional_half_precision<B: Backend>(
+    case: &str,
+    model: VelocityModel<B>,
+    device: &B::Device,
+    precision: Precision,
+) {
+    let io = io(case);
+    let x = tensor::<B, 4>(get(&io, "x"), device);
+    let t = tensor::<B, 1>(get(&io, "t"), device);
+    let full = values(model.forward(t.clone(), x.clone(), None));
+    let half = values(half_model(model, precision).forward(t, x, None));
+    assert_half_close("v", precision, &half, &full, &get(&io, "v").to_f32());
+}
+
 /// The first CUDA device, or `None` (with a message) where the NVIDIA driver or a GPU is missing. CI machines
 /// have no GPU, so absence is not a failure under `CI=true`; `LFM_REQUIRE_CUDA=1` makes it one (set it where a
 /// GPU is meant to be present, so that these tests cannot pass by skipping).
 #[cfg(feature = "cuda")]
 pub fn cuda() -> Option<burn::backend::cuda::CudaDevice> {
-    match lfm::backend::cuda_devices() {
-        Ok(devices) if !devices.is_empty() => Some(burn::backend::cuda::CudaDevice { index: 0 }),
-        found => {
-            let why = found.err().map_or("no CUDA device".to_string(), |e| e.to_string());
+    match lfm::backend::select(lfm::backend::BackendChoice::Cuda) {
+        Ok(lfm::backend::Device::Cuda(index)) => Some(burn::backend::cuda::CudaDevice { index }),
+        other => {
+            let why = other.map_or_else(|e| e.to_string(), |d| format!("CUDA selected {d}"));
             assert!(std::env::var_os("LFM_REQUIRE_CUDA").is_none(), "LFM_REQUIRE_CUDA is set: {why}");
             eprintln!("skipping the cuda half of this test: {why}");
             None

@@ -88,6 +88,6 @@ fn sample_runs_in_f16_and_bf16_on_cuda() {
 fn mixed_precision_training_steps_on_cuda() {
     let Some(device) = cuda() else { return };
     for precision in [Precision::F16, Precision::Bf16] {
-        crate::train::mixed_precision_step::<Autodiff<Cuda>>(&device, precision);
+        crate::mixed::mixed_precision_step::<Autodiff<Cuda>>(&device, precision);
     }
 }

@@ -246,3 +246,45 @@ fn fid_commands() {
     let (ok, _, err) = lfm(&["fid", stats, small]);
     assert!(!ok && err.contains("dimensions differ"), "{err}");
 }
+
+/// Datasets score as their images: an IDX file (Fashion-MNIST's test set is one) gives the statistics of the same
+/// grey images saved as PNGs in a folder (FID ≈ 0 between the two), `--max-images` keeps the first images, and
+/// what is neither images nor statistics is refused clearly.
+#[test]
+fn fid_of_an_idx_dataset_equals_that_of_its_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n, side) = (3usize, 28usize);
+    let pixels: Vec<u8> = (0..n * side * side).map(|i| ((i * 37 + (i / side) * 11) % 256) as u8).collect();
+    let idx = dir.path().join("t10k-images-idx3-ubyte.gz");
+    crate::train::write_idx(&idx, &[n as u32, side as u32, side as u32], &pixels, true);
+    let folder = dir.path().join("pngs");
+    std::fs::create_dir(&folder).unwrap();
+    for (i, grey) in pixels.chunks(side * side).enumerate() {
+        let rgb = grey.iter().flat_map(|&p| [p, p, p]).collect();
+        let image = lfm::image::RgbImage { width: side, height: side, pixels: rgb };
+        lfm::image::write_rgb(&folder.join(format!("{i}.png")), &image).unwrap();
+    }
+    let (idx, folder) = (idx.to_str().unwrap(), folder.to_str().unwrap());
+    // Refusals that need no network.
+    let stats = fixture("inception/stats5.npz");
+    let (ok, _, err) = lfm(&["fid-stats", stats.to_str().unwrap(), "--out", "/tmp/never.npz", "--inception", "x"]);
+    assert!(!ok && err.contains("not a folder of images or a dataset"), "{err}");
+    let broken = dir.path().join("broken-images-idx3-ubyte");
+    std::fs::write(&broken, [0u8, 0, 0x08, 3, 0, 0]).unwrap();
+    let (ok, _, err) = lfm(&["fid", broken.to_str().unwrap(), folder, "--inception", "x"]);
+    assert!(!ok && err.contains("truncated header"), "{err}");
+
+    let Some(weights) = inception_weights() else { return };
+    let weights = weights.to_str().unwrap();
+    let (ok, out, err) = lfm(&["--backend", "cpu", "fid", idx, folder, "--inception", weights, "--json"]);
+    assert!(ok, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(json["fid"].as_f64().unwrap().abs() < 1e-3, "{out}");
+    assert_eq!(json["generated"]["source"], "3 images");
+    assert_eq!(json["reference"]["source"], "3 images");
+    let first_two = dir.path().join("two.npz");
+    let args = ["--backend", "cpu", "fid-stats", idx, "--max-images", "2", "--inception", weights, "--out"];
+    let (ok, out, err) = lfm(&[&args[..], &[first_two.to_str().unwrap()]].concat());
+    assert!(ok, "{err}");
+    assert!(out.contains("2 images"), "{out}");
+}

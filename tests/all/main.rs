@@ -14,6 +14,7 @@ mod edm;
 mod fid;
 mod flow;
 mod kernels;
+mod mixed;
 mod model_config;
 mod sample;
 mod solver;

@@ -68,13 +68,8 @@ pub(crate) fn check<B: Backend>(model: &UNetModel<B>, device: &B::Device, rel: f
 /// The network with weights in `precision` (f16 or bf16): within that format's rounding of the reference, and
 /// not equal to the f32 output.
 pub(crate) fn guided_unet_in_half_precision<B: Backend>(device: &B::Device, precision: Precision) {
-    let io = io(CASE);
     let model = VelocityModel::GuidedUnet(UNetModel::<B>::load(&golden_config(), &golden_weights(), device).unwrap());
-    let x = tensor::<B, 4>(get(&io, "x"), device);
-    let t = tensor::<B, 1>(get(&io, "t"), device);
-    let full = values(model.forward(t.clone(), x.clone(), None));
-    let half = values(half_model(model, precision).forward(t, x, None));
-    assert_half_close("v", precision, &half, &full, &get(&io, "v").to_f32());
+    assert_unconditional_half_precision(CASE, model, device, precision);
 }
 
 #[test]

@@ -10,8 +10,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor};
+use common::BackendBench;
 use lfm::autoencoder::{Autoencoder, AutoencoderKLConfig, Taesd};
-use lfm::backend::OnBackend;
 
 const BATCH: usize = 8;
 
@@ -32,40 +32,33 @@ fn time<B: Backend>(model: &dyn Autoencoder<B>, z: &Tensor<B, 4>, reps: usize) -
     times[times.len() / 2]
 }
 
-fn bench_backend<B: Backend>(backend: &str, device: &B::Device, reps: usize) {
-    let z = Tensor::<B, 4>::random([BATCH, 4, 32, 32], Distribution::Normal(0.0, 1.0), device);
-    let kl = AutoencoderKLConfig::sd_vae_ft_mse().init::<B>(device);
-    let taesd = Taesd::<B>::init(device);
-    let kl_time = time::<B>(&kl, &z, reps);
-    let taesd_time = time::<B>(&taesd, &z, reps);
-    for (name, t) in [("KL (sd-vae-ft-mse)", kl_time), ("TAESD", taesd_time)] {
-        println!(
-            "{backend:5} decode {BATCH}×4×32×32 {name:18}: {:9.1} ms  {:8.2} images/s",
-            t.as_secs_f64() * 1e3,
-            BATCH as f64 / t.as_secs_f64()
-        );
-    }
-    println!(
-        "{backend:5} TAESD is {:.1}× faster than the KL decoder",
-        kl_time.as_secs_f64() / taesd_time.as_secs_f64()
-    );
-}
-
-/// One backend's cases.
-struct Bench {
-    name: String,
+/// Both decoders, median of `reps` runs.
+struct Decoders {
     reps: usize,
 }
 
-impl OnBackend for Bench {
-    type Output = ();
-
-    fn run<B: Backend>(self, device: B::Device) {
-        bench_backend::<B>(&self.name, &device, self.reps);
+impl BackendBench for Decoders {
+    fn run<B: Backend>(&self, backend: &str, device: &B::Device) {
+        let Self { reps } = *self;
+        let z = Tensor::<B, 4>::random([BATCH, 4, 32, 32], Distribution::Normal(0.0, 1.0), device);
+        let kl = AutoencoderKLConfig::sd_vae_ft_mse().init::<B>(device);
+        let taesd = Taesd::<B>::init(device);
+        let kl_time = time::<B>(&kl, &z, reps);
+        let taesd_time = time::<B>(&taesd, &z, reps);
+        for (name, t) in [("KL (sd-vae-ft-mse)", kl_time), ("TAESD", taesd_time)] {
+            println!(
+                "{backend:5} decode {BATCH}×4×32×32 {name:18}: {:9.1} ms  {:8.2} images/s",
+                t.as_secs_f64() * 1e3,
+                BATCH as f64 / t.as_secs_f64()
+            );
+        }
+        println!(
+            "{backend:5} TAESD is {:.1}× faster than the KL decoder",
+            kl_time.as_secs_f64() / taesd_time.as_secs_f64()
+        );
     }
 }
 
 fn main() {
-    let reps = std::env::var("LFM_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    common::for_each_backend(|name| Bench { name, reps });
+    common::for_each_backend(&Decoders { reps: common::env_number("LFM_BENCH_REPS", 3) });
 }

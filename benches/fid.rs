@@ -11,7 +11,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use burn::tensor::backend::Backend;
-use lfm::backend::OnBackend;
+use common::BackendBench;
 use lfm::image::RgbImage;
 use lfm::metrics::features::FeatureExtractor;
 use lfm::metrics::fid::{frechet_distance, Accumulator};
@@ -22,35 +22,58 @@ fn median(mut times: Vec<Duration>) -> Duration {
     times[times.len() / 2]
 }
 
-fn bench_backend<B: Backend>(backend: &str, device: &B::Device, batch: usize, reps: usize) {
-    // Through the extractor, as `lfm fid` runs it (8-bit images in; GPU backends go 4 images per pass).
-    let extractor = FeatureExtractor::new(FidInception::<B>::init(device), device);
-    let images: Vec<RgbImage> = (0..batch)
-        .map(|i| RgbImage {
-            width: 256,
-            height: 256,
-            pixels: (0..256 * 256 * 3).map(|p| ((p * 31 + i * 7) % 256) as u8).collect(),
-        })
-        .collect();
-    let run = || {
-        let f = extractor.features(&images).expect("RGB input");
-        assert_eq!(f.len(), batch * 2048);
-    };
-    run();
-    let t = median(
-        (0..reps)
-            .map(|_| {
-                let start = Instant::now();
-                run();
-                start.elapsed()
+/// The Inception features of `batch` images, median of `reps` runs.
+struct Features {
+    batch: usize,
+    reps: usize,
+}
+
+impl BackendBench for Features {
+    fn run<B: Backend>(&self, backend: &str, device: &B::Device) {
+        let Self { batch, reps } = *self;
+        // Through the extractor, as `lfm fid` runs it (8-bit images in; GPU backends go 4 images per pass; the CPU
+        // splits a pass over its cores, measured against one pass on one thread in the same run).
+        let images: Vec<RgbImage> = (0..batch)
+            .map(|i| RgbImage {
+                width: 256,
+                height: 256,
+                pixels: (0..256 * 256 * 3).map(|p| ((p * 31 + i * 7) % 256) as u8).collect(),
             })
-            .collect(),
-    );
-    println!(
-        "{backend:5} Inception features, batch {batch} of 256² images: {:8.2} s  {:7.2} images/s",
-        t.as_secs_f64(),
-        batch as f64 / t.as_secs_f64()
-    );
+            .collect();
+        let time = |extractor: &FeatureExtractor<B>| {
+            let run = || {
+                let f = extractor.features(&images).expect("RGB input");
+                assert_eq!(f.len(), batch * 2048);
+            };
+            run();
+            median(
+                (0..reps)
+                    .map(|_| {
+                        let start = Instant::now();
+                        run();
+                        start.elapsed()
+                    })
+                    .collect(),
+            )
+        };
+        let model = FidInception::<B>::init(device);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cases: &[(&str, usize)] =
+            if backend == "cpu" { &[("one pass", 1), ("split over the cores", threads)] } else { &[("", 1)] };
+        let mut baseline = None;
+        for &(name, threads) in cases {
+            let extractor = FeatureExtractor::new(model.clone(), device).with_cpu_threads(threads);
+            let t = time(&extractor);
+            let speedup = baseline.map(|b: Duration| format!(", {:.2}× one pass", b.as_secs_f64() / t.as_secs_f64()));
+            baseline.get_or_insert(t);
+            println!(
+                "{backend:5} Inception features, batch {batch} of 256² images {name}: {:8.2} s  {:7.2} images/s{}",
+                t.as_secs_f64(),
+                batch as f64 / t.as_secs_f64(),
+                speedup.unwrap_or_default()
+            );
+        }
+    }
 }
 
 fn bench_frechet() {
@@ -68,24 +91,10 @@ fn bench_frechet() {
     println!("Fréchet distance of 2048-d statistics: {:.2} s (value {d:.3})", start.elapsed().as_secs_f64());
 }
 
-/// One backend's case.
-struct Bench {
-    name: String,
-    batch: usize,
-    reps: usize,
-}
-
-impl OnBackend for Bench {
-    type Output = ();
-
-    fn run<B: Backend>(self, device: B::Device) {
-        bench_backend::<B>(&self.name, &device, self.batch, self.reps);
-    }
-}
-
 fn main() {
-    let reps = std::env::var("LFM_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-    let batch = std::env::var("LFM_BENCH_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
     bench_frechet();
-    common::for_each_backend(|name| Bench { name, batch, reps });
+    common::for_each_backend(&Features {
+        batch: common::env_number("LFM_BENCH_BATCH", 50),
+        reps: common::env_number("LFM_BENCH_REPS", 1),
+    });
 }

@@ -12,7 +12,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor};
-use lfm::backend::OnBackend;
+use common::BackendBench;
 use lfm::models::{DiTConfig, ModelConfig, Preset, VelocityModel};
 
 fn median(mut times: Vec<Duration>) -> Duration {
@@ -50,28 +50,21 @@ fn bench_model<B: Backend>(backend: &str, name: &str, config: &ModelConfig, devi
     }
 }
 
-fn bench_backend<B: Backend>(backend: &str, device: &B::Device, reps: usize) {
-    let dit = ModelConfig::Dit(DiTConfig::named("DiT-B/2", 32, 4, 1, 0.0).expect("named size"));
-    let unet = Preset::find("celeb256_adm").expect("preset").model();
-    bench_model::<B>(backend, "DiT-B/2", &dit, device, reps);
-    bench_model::<B>(backend, "celeb256 guided UNet", &unet, device, reps);
-}
-
-/// One backend's cases.
-struct Bench {
-    name: String,
+/// DiT-B/2 and the celeb256 UNet, median of `reps` runs.
+struct Models {
     reps: usize,
 }
 
-impl OnBackend for Bench {
-    type Output = ();
-
-    fn run<B: Backend>(self, device: B::Device) {
-        bench_backend::<B>(&self.name, &device, self.reps);
+impl BackendBench for Models {
+    fn run<B: Backend>(&self, backend: &str, device: &B::Device) {
+        let Self { reps } = *self;
+        let dit = ModelConfig::Dit(DiTConfig::named("DiT-B/2", 32, 4, 1, 0.0).expect("named size"));
+        let unet = Preset::find("celeb256_adm").expect("preset").model();
+        bench_model::<B>(backend, "DiT-B/2", &dit, device, reps);
+        bench_model::<B>(backend, "celeb256 guided UNet", &unet, device, reps);
     }
 }
 
 fn main() {
-    let reps = std::env::var("LFM_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    common::for_each_backend(|name| Bench { name, reps });
+    common::for_each_backend(&Models { reps: common::env_number("LFM_BENCH_REPS", 3) });
 }

@@ -11,7 +11,7 @@
 mod common;
 
 use burn::tensor::backend::Backend;
-use lfm::backend::OnBackend;
+use common::BackendBench;
 use lfm::bench::{bench_sampling, SamplingBenchOptions};
 use lfm::models::Precision;
 
@@ -34,30 +34,22 @@ fn options() -> SamplingBenchOptions {
     }
 }
 
-fn bench_backend<B: Backend>(backend: &str, device: &B::Device) {
-    let print = |c: &lfm::bench::SamplingCase| {
-        println!(
-            "{backend:5} {} {:4} {:6} batch {:2}: NFE {:4}, {:8.3} s per image, {:8.1} GFLOP/s",
-            c.model, c.precision, c.solver, c.batch, c.nfe, c.seconds_per_image, c.gflops
-        )
-    };
-    let skip = |p: Precision, why: String| println!("{backend:5} {}: skipped ({why})", p.name());
-    bench_sampling::<B>(device, &options(), print, skip).expect("the benchmark's cases run");
-}
+/// The sampling cases of [`options`].
+struct Sampling;
 
-/// One backend's cases.
-struct Bench {
-    name: String,
-}
-
-impl OnBackend for Bench {
-    type Output = ();
-
-    fn run<B: Backend>(self, device: B::Device) {
-        bench_backend::<B>(&self.name, &device);
+impl BackendBench for Sampling {
+    fn run<B: Backend>(&self, backend: &str, device: &B::Device) {
+        let print = |c: &lfm::bench::SamplingCase| {
+            println!(
+                "{backend:5} {} {:4} {:6} batch {:2}: NFE {:4}, {:8.3} s per image, {:8.1} GFLOP/s",
+                c.model, c.precision, c.solver, c.batch, c.nfe, c.seconds_per_image, c.gflops
+            )
+        };
+        let skip = |p: Precision, why: String| println!("{backend:5} {}: skipped ({why})", p.name());
+        bench_sampling::<B>(device, &options(), print, skip).expect("the benchmark's cases run");
     }
 }
 
 fn main() {
-    common::for_each_backend(|name| Bench { name });
+    common::for_each_backend(&Sampling);
 }

@@ -10,43 +10,35 @@
 mod common;
 
 use burn::tensor::backend::Backend;
-use lfm::backend::OnBackend;
+use common::BackendBench;
 use lfm::bench::{bench_training, TrainingBenchOptions};
 
 fn var(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.into())
 }
 
-fn bench_backend<B: Backend>(backend: &str, device: &B::Device) {
-    let options = TrainingBenchOptions {
-        models: var("LFM_BENCH_MODELS", "DiT-S/2,DiT-B/2").split(',').map(|m| m.trim().to_string()).collect(),
-        batch: var("LFM_BENCH_BATCH", "8").parse().expect("LFM_BENCH_BATCH is a number"),
-        steps: var("LFM_BENCH_STEPS", "3").parse().expect("LFM_BENCH_STEPS is a number"),
-        ..Default::default()
-    };
-    bench_training::<B>(device, &options, |c| {
-        println!(
-            "{backend:5} {:8} batch {:2}: {:7.2} images/s training ({:6.3} s per step), forward alone {:7.2} \
+/// The training cases set by the environment.
+struct Training;
+
+impl BackendBench for Training {
+    fn run<B: Backend>(&self, backend: &str, device: &B::Device) {
+        let options = TrainingBenchOptions {
+            models: var("LFM_BENCH_MODELS", "DiT-S/2,DiT-B/2").split(',').map(|m| m.trim().to_string()).collect(),
+            batch: var("LFM_BENCH_BATCH", "8").parse().expect("LFM_BENCH_BATCH is a number"),
+            steps: var("LFM_BENCH_STEPS", "3").parse().expect("LFM_BENCH_STEPS is a number"),
+            ..Default::default()
+        };
+        bench_training::<B>(device, &options, |c| {
+            println!(
+                "{backend:5} {:8} batch {:2}: {:7.2} images/s training ({:6.3} s per step), forward alone {:7.2} \
              images/s; step/forward {:4.2}",
-            c.model, c.batch, c.images_per_s, c.step_s, c.forward_images_per_s, c.step_over_forward
-        )
-    })
-    .expect("the benchmark's cases run");
-}
-
-/// One backend's cases.
-struct Bench {
-    name: String,
-}
-
-impl OnBackend for Bench {
-    type Output = ();
-
-    fn run<B: Backend>(self, device: B::Device) {
-        bench_backend::<B>(&self.name, &device);
+                c.model, c.batch, c.images_per_s, c.step_s, c.forward_images_per_s, c.step_over_forward
+            )
+        })
+        .expect("the benchmark's cases run");
     }
 }
 
 fn main() {
-    common::for_each_backend(|name| Bench { name });
+    common::for_each_backend(&Training);
 }

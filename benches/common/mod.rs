@@ -1,17 +1,42 @@
 //! What the plain-harness benchmarks share.
 
+use burn::tensor::backend::Backend;
 use lfm::backend::{dispatch, select_each, OnBackend};
 
-/// Runs a benchmark on every backend of `LFM_BENCH_BACKENDS` (default `cpu,wgpu`; `cuda` with that feature),
-/// `task` making it for each backend name; backends that cannot run here are skipped with the reason.
-pub fn for_each_backend<T: OnBackend>(task: impl Fn(String) -> T) {
+/// A benchmark's body for one backend: `backend` names it in the printed lines.
+pub trait BackendBench {
+    /// Runs the cases on backend `B`.
+    fn run<B: Backend>(&self, backend: &str, device: &B::Device);
+}
+
+/// A bench bound to one backend's name, as [`dispatch`] wants it.
+struct OnNamed<'a, T> {
+    name: String,
+    bench: &'a T,
+}
+
+impl<T: BackendBench> OnBackend for OnNamed<'_, T> {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device) {
+        self.bench.run::<B>(&self.name, &device);
+    }
+}
+
+/// Runs `bench` on every backend of `LFM_BENCH_BACKENDS` (default `cpu,wgpu`; `cuda` with that feature); backends
+/// that cannot run here are skipped with the reason.
+pub fn for_each_backend(bench: &impl BackendBench) {
     let names = std::env::var("LFM_BENCH_BACKENDS").unwrap_or_else(|_| "cpu,wgpu".into());
     for (name, device) in select_each(&names) {
         match device {
-            Ok(device) => {
-                dispatch(&device, task(name));
-            }
+            Ok(device) => dispatch(&device, OnNamed { name, bench }),
             Err(e) => println!("{name}: skipped ({e})"),
         }
     }
+}
+
+/// A numeric setting from the environment, `default` when unset or not a number.
+#[allow(dead_code)] // Not every bench has numeric settings.
+pub fn env_number(var: &str, default: usize) -> usize {
+    std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }

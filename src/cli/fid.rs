@@ -107,53 +107,49 @@ impl OnBackend for ImageStatistics {
 /// Statistics of one input and where they came from ("3 images", "statistics file").
 type Scored = (Statistics, String);
 
-/// Statistics files are read; folders and datasets are listed, then scored together on the selected backend (named
-/// in the second value when one was used).
-fn statistics_of(
-    inputs: &[&Path],
-    max_images: Option<usize>,
+/// Opens each input once (see [`FidInput::open`]).
+fn open_all(inputs: &[&Path], max_images: Option<usize>) -> anyhow::Result<Vec<(PathBuf, FidInput)>> {
+    inputs.iter().map(|path| Ok((path.to_path_buf(), FidInput::open(path, max_images)?))).collect()
+}
+
+/// Statistics files are read; folders and datasets are scored together on the selected backend (named in the
+/// second value when one was used). Results come back in the inputs' order.
+fn score(
+    opened: Vec<(PathBuf, FidInput)>,
     inception: &InceptionSource,
     choice: BackendChoice,
 ) -> anyhow::Result<(Vec<Scored>, Option<String>)> {
-    let mut opened = Vec::new();
-    for input in inputs {
-        opened.push(FidInput::open(input, max_images)?);
+    let mut scored: Vec<Option<Scored>> = Vec::with_capacity(opened.len());
+    // Image lists move into the job; `positions[k]` is where the k-th computed result belongs.
+    let (mut to_score, mut positions) = (Vec::new(), Vec::new());
+    for (position, (path, input)) in opened.into_iter().enumerate() {
+        match input {
+            FidInput::Statistics(file) => scored.push(Some((read_statistics(&file)?, "statistics file".into()))),
+            FidInput::Images(items) => {
+                scored.push(None);
+                positions.push(position);
+                to_score.push((path, items));
+            }
+        }
     }
-    let to_score: Vec<(PathBuf, Vec<ImageItem>)> = inputs
-        .iter()
-        .zip(&opened)
-        .filter_map(|(path, input)| match input {
-            FidInput::Images(items) => Some((path.to_path_buf(), items.clone())),
-            FidInput::Statistics(_) => None,
-        })
-        .collect();
-    let (mut computed, device) = if to_score.is_empty() {
-        (Vec::new(), None)
-    } else {
-        let device = backend::select(choice)?;
+    let mut device = None;
+    if !to_score.is_empty() {
+        let selected = backend::select(choice)?;
         let counts: Vec<usize> = to_score.iter().map(|(_, items)| items.len()).collect();
         let job =
             ImageStatistics { weights: inception.weights()?, inputs: to_score, batch_size: inception.fid_batch_size };
-        let stats = backend::dispatch(&device, job)?;
-        (counts.into_iter().zip(stats).collect::<Vec<_>>(), Some(device.to_string()))
-    };
-    computed.reverse();
-    let mut scored = Vec::new();
-    for input in opened {
-        scored.push(match input {
-            FidInput::Images(_) => {
-                let (n, stats) = computed.pop().expect("one result per scored input");
-                (stats, format!("{n} images"))
-            }
-            FidInput::Statistics(path) => (read_statistics(&path)?, "statistics file".to_string()),
-        });
+        let computed = backend::dispatch(&selected, job)?;
+        for ((position, n), stats) in positions.into_iter().zip(counts).zip(computed) {
+            scored[position] = Some((stats, format!("{n} images")));
+        }
+        device = Some(selected.to_string());
     }
-    Ok((scored, device))
+    Ok((scored.into_iter().map(|s| s.expect("every input scored")).collect(), device))
 }
 
 pub(crate) fn fid(args: FidArgs, choice: BackendChoice) -> anyhow::Result<()> {
     let inputs = [args.generated.as_path(), args.reference.as_path()];
-    let (stats, device) = statistics_of(&inputs, args.max_images, &args.inception, choice)?;
+    let (stats, device) = score(open_all(&inputs, args.max_images)?, &args.inception, choice)?;
     let distance = frechet_distance(&stats[0].0, &stats[1].0)
         .map_err(|e| anyhow::anyhow!("{e} ({} vs {})", args.generated.display(), args.reference.display()))?;
     if args.json {
@@ -172,13 +168,13 @@ pub(crate) fn fid(args: FidArgs, choice: BackendChoice) -> anyhow::Result<()> {
 
 pub(crate) fn fid_stats(args: FidStatsArgs, choice: BackendChoice) -> anyhow::Result<()> {
     super::refuse_existing(&args.out, args.force)?;
-    let input = args.images.as_path();
+    let opened = open_all(&[args.images.as_path()], args.max_images)?;
     anyhow::ensure!(
-        !matches!(FidInput::open(input, Some(0))?, FidInput::Statistics(_)),
+        !matches!(opened[0].1, FidInput::Statistics(_)),
         "{}: not a folder of images or a dataset (IDX file, LMDB folder)",
-        input.display()
+        args.images.display()
     );
-    let (stats, device) = statistics_of(&[input], args.max_images, &args.inception, choice)?;
+    let (stats, device) = score(opened, &args.inception, choice)?;
     write_npz(&args.out, &stats[0].0)?;
     println!(
         "wrote {} ({}, {} features, device {})",

@@ -18,6 +18,9 @@ pub const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 /// Why features could not be computed.
 #[derive(Debug, thiserror::Error)]
 pub enum FeatureError {
+    /// The path names no file or folder.
+    #[error("{0}: no such file or folder")]
+    Missing(PathBuf),
     /// The folder could not be listed or holds no images.
     #[error("{path}: {reason}")]
     Folder {
@@ -79,7 +82,7 @@ impl FidInput {
     /// the first images only.
     pub fn open(path: &Path, max: Option<usize>) -> Result<Self, FeatureError> {
         if !path.exists() {
-            return Err(FeatureError::Folder { path: path.to_path_buf(), reason: "no such file or folder".into() });
+            return Err(FeatureError::Missing(path.to_path_buf()));
         }
         let mut items = if is_lmdb(path) || is_idx(path) {
             match open_images(path, 0, false, max).map_err(FeatureError::Dataset)? {
@@ -126,35 +129,66 @@ pub const GPU_IMAGES_PER_PASS: usize = 4;
 pub struct FeatureExtractor<B: Backend> {
     model: FidInception<B>,
     device: B::Device,
+    /// Threads a CPU pass is split over (see [`FeatureExtractor::features`]).
+    cpu_threads: usize,
 }
 
 impl<B: Backend> FeatureExtractor<B> {
     /// Loads the Inception weights (see [`FidInception::load`]).
     pub fn load(weights: &Path, device: &B::Device) -> Result<Self, InceptionError> {
-        Ok(Self { model: FidInception::load(weights, device)?, device: device.clone() })
+        Ok(Self::new(FidInception::load(weights, device)?, device))
     }
 
     /// Wraps an already built network.
     pub fn new(model: FidInception<B>, device: &B::Device) -> Self {
-        Self { model, device: device.clone() }
+        let cpu_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self { model, device: device.clone(), cpu_threads }
+    }
+
+    /// Splits each CPU pass over `threads` threads instead of one per core (1: one pass on the calling thread, as
+    /// the GPU backends run). No effect on GPU backends.
+    pub fn with_cpu_threads(mut self, threads: usize) -> Self {
+        self.cpu_threads = threads.max(1);
+        self
     }
 
     /// pool3 features `[N · 2048]` (row-major) of 8-bit images; runs of equal size go through together, at most
-    /// [`GPU_IMAGES_PER_PASS`] at a time on GPU backends.
+    /// [`GPU_IMAGES_PER_PASS`] at a time on GPU backends. On the CPU a run is split over the cores, one part per
+    /// thread: Burn's ndarray backend threads its matrix products but runs most element-wise work, pads and
+    /// im2col copies on one core, so one pass alone keeps barely more than one core busy.
     pub fn features(&self, images: &[RgbImage]) -> Result<Vec<f32>, InceptionError> {
-        let per_pass = if crate::nn::is_ndarray::<B>() { usize::MAX } else { GPU_IMAGES_PER_PASS };
+        let cpu = crate::nn::is_ndarray::<B>();
+        let per_pass = if cpu { usize::MAX } else { GPU_IMAGES_PER_PASS };
+        let threads = if cpu { self.cpu_threads } else { 1 };
         let mut out = Vec::with_capacity(images.len() * FEATURE_DIM);
         let mut start = 0;
         while start < images.len() {
             let size = (images[start].width, images[start].height);
             let run = images[start..].iter().take_while(|i| (i.width, i.height) == size).count();
             let end = start + run.min(per_pass);
-            let x = unit_tensor::<B>(&images[start..end], &self.device);
-            let f = self.model.features(x)?;
-            out.extend(f.into_data().convert::<f32>().into_vec::<f32>().expect("float features"));
+            let pass = &images[start..end];
+            if threads > 1 && pass.len() > 1 {
+                let part = pass.len().div_ceil(threads.min(pass.len()));
+                std::thread::scope(|scope| -> Result<(), InceptionError> {
+                    let parts: Vec<_> =
+                        pass.chunks(part).map(|chunk| scope.spawn(move || self.features_of_one_size(chunk))).collect();
+                    for part in parts {
+                        out.extend(part.join().expect("an Inception thread panicked")?);
+                    }
+                    Ok(())
+                })?;
+            } else {
+                out.extend(self.features_of_one_size(pass)?);
+            }
             start = end;
         }
         Ok(out)
+    }
+
+    /// pool3 features of images of one size, in one forward pass.
+    fn features_of_one_size(&self, images: &[RgbImage]) -> Result<Vec<f32>, InceptionError> {
+        let f = self.model.features(unit_tensor::<B>(images, &self.device))?;
+        Ok(f.into_data().convert::<f32>().into_vec::<f32>().expect("float features"))
     }
 
     /// Adds the features of 8-bit images to `acc`.

@@ -95,6 +95,28 @@ fn inception_features_match_pytorch_fid_on_cpu() {
     inception_parity::<Cpu>(&cpu(), 3, 1e-4);
 }
 
+/// A run of equal-size images split over CPU threads (two parts here) gives each image the features it gets alone,
+/// in order.
+#[test]
+fn inception_features_split_over_cpu_threads_keep_each_image() {
+    let Some(weights) = inception_weights() else { return };
+    let device = cpu();
+    let extractor = FeatureExtractor::<Cpu>::load(&weights, &device).unwrap().with_cpu_threads(2);
+    let astronaut = read_rgb(&fixture(INCEPTION_IMAGES[0])).unwrap();
+    // Three different images of one size: the photograph, its channels rotated, its negative.
+    let mut rotated = astronaut.clone();
+    rotated.pixels.chunks_mut(3).for_each(|p| p.rotate_left(1));
+    let mut negative = astronaut.clone();
+    negative.pixels.iter_mut().for_each(|p| *p = 255 - *p);
+    let images = [astronaut, rotated, negative];
+    let split = extractor.features(&images).unwrap();
+    assert_close("pool3 features of astronaut_256.png", &split[..2048], &reference_features()[..2048], 1e-4, 0.0);
+    for (i, image) in images.iter().enumerate() {
+        let alone = extractor.features(std::slice::from_ref(image)).unwrap();
+        assert_close(&format!("image {i} of the split run"), &split[i * 2048..(i + 1) * 2048], &alone, 1e-5, 0.0);
+    }
+}
+
 #[test]
 fn inception_features_match_pytorch_fid_on_wgpu() {
     let Some(device) = wgpu() else { return };

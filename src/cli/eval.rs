@@ -14,7 +14,7 @@ use burn::tensor::backend::Backend;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::sample::{read_inpaint, MASKED_IMAGE_NOISE};
+use super::conditioning::{read_inpaint, MASKED_IMAGE_NOISE};
 use super::ModelSource;
 use crate::autoencoder::{Autoencoder, AutoencoderWeights};
 use crate::backend::{self, BackendChoice, OnBackend};

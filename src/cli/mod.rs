@@ -2,6 +2,7 @@
 
 mod autoencode;
 mod bench;
+mod conditioning;
 mod devices;
 mod eval;
 mod fid;

@@ -1,23 +1,23 @@
 //! `lfm sample`: checkpoint → noise → ODE → latents → images.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::conditioning::Condition;
 use super::ModelSource;
 use crate::autoencoder::{Autoencoder, AutoencoderWeights};
 use crate::backend::{self, BackendChoice, OnBackend};
 use crate::checkpoint::{read_safetensors, write_safetensors, HostTensor, TensorMap};
-use crate::image::{grid, read_rgb, write_rgb, RgbImage};
-use crate::inpaint::{self, composite, hole_tensor, masked_images, read_hole};
+use crate::image::{grid, write_rgb, RgbImage};
+use crate::inpaint::composite;
 use crate::metrics::features::{FeatureExtractor, FidInput};
 use crate::metrics::fid::{frechet_distance, Accumulator, Statistics};
 use crate::metrics::inception::FEATURE_DIM;
 use crate::metrics::stats_file::read_statistics;
-use crate::models::conditioning::{class_shares, SpatialRescaler};
 use crate::models::{weights_and_config, ConfigChoice, ModelConfig, Precision, Preset, VelocityModel};
 use crate::sample::{labels, noise, sample_batch, BatchInput, ClassChoice, Guidance, Summary};
 use crate::train::data::ImageItem;
@@ -124,27 +124,6 @@ pub struct SampleArgs {
     pub inception: super::fid::InceptionSource,
 }
 
-/// The inpainting inputs, on the host.
-pub(crate) struct Inpaint {
-    /// The original image.
-    pub image: RgbImage,
-    /// 1 = generate, 0 = keep, per pixel.
-    pub hole: Vec<f32>,
-}
-
-/// The noise stream of the masked image's posterior sample.
-pub(crate) const MASKED_IMAGE_NOISE: u64 = 0xC0DE;
-
-/// The semantic-synthesis inputs, on the host.
-struct Semantic {
-    /// Class index per pixel.
-    classes: Vec<u8>,
-    width: usize,
-    height: usize,
-    /// The SpatialRescaler's weights.
-    rescaler: TensorMap,
-}
-
 /// The reference of `--fid`.
 enum FidReference {
     /// Precomputed statistics.
@@ -162,12 +141,11 @@ struct FidJob {
 
 struct Job {
     fid: Option<FidJob>,
-    semantic: Option<Semantic>,
+    condition: Condition,
     config: ModelConfig,
     weights: TensorMap,
     autoencoder: Option<AutoencoderWeights>,
     noise: Option<(HostTensor, Option<Vec<i64>>)>,
-    inpaint: Option<Inpaint>,
     args: SampleArgs,
     cfg_scale: Option<f64>,
 }
@@ -204,8 +182,7 @@ impl OnBackend for Job {
         let model = VelocityModel::<B>::load(&self.config, &self.weights, &device)?.with_precision(args.precision);
         let autoencoder = self.autoencoder.as_ref().map(|w| w.load::<B>(&device)).transpose()?;
         let side = self.config.latent_size();
-        let (c_in, c_out) = self.config.channels();
-        let extra = c_in - c_out;
+        let c_out = self.config.channels().1;
         if let Some(ae) = &autoencoder {
             ae.check_fits(c_out).map_err(|e| anyhow::anyhow!(e))?;
         }
@@ -213,69 +190,7 @@ impl OnBackend for Job {
         let classes = model.classes();
         let guidance = Guidance { cfg_scale: self.cfg_scale, null_label: model.null_label().unwrap_or(0) };
         let options = args.solve.options(!args.no_fused_kernels);
-        // Inpainting: the masked image's latent and the ±1 mask on the latent grid, the same for every sample.
-        let condition = match (&self.inpaint, &autoencoder) {
-            (Some(inpaint), Some(ae)) => {
-                let f = ae.factor();
-                let (w, h) = (inpaint.image.width, inpaint.image.height);
-                anyhow::ensure!(
-                    (w, h) == (side * f, side * f),
-                    "the image is {w}×{h} but the model's {side}×{side} latent decodes to {}×{} (the autoencoder \
-                     scales by {f})",
-                    side * f,
-                    side * f
-                );
-                let image = crate::image::to_tensor::<B>(std::slice::from_ref(&inpaint.image), &device)?;
-                let hole = hole_tensor::<B>(inpaint.hole.clone(), 1, (w, h), &device);
-                let eps = noise::<B>(args.seed ^ MASKED_IMAGE_NOISE, 0, 1, [c_out, h / f, w / f], &device);
-                let latent = ae.encode(masked_images(image, hole.clone()), Some(eps));
-                Some(inpaint::condition(latent, hole, f))
-            }
-            _ => None,
-        };
-        let condition = match (&self.semantic, condition) {
-            (Some(semantic), None) => {
-                // The map is f× the latent; the rescaler halves it log₂ f times (LFM: 256 → 32, 3 times).
-                let f = semantic.width / side;
-                let decoded = autoencoder.as_ref().map(|ae| ae.factor());
-                anyhow::ensure!(
-                    semantic.width == semantic.height
-                        && semantic.width == side * f
-                        && f.is_power_of_two()
-                        && decoded.is_none_or(|d| d == f),
-                    "the segmentation map is {}×{}; the model's {side}×{side} latent needs {s}×{s} (the autoencoder \
-                     scales by {})",
-                    semantic.width,
-                    semantic.height,
-                    decoded.unwrap_or(8),
-                    s = side * decoded.unwrap_or(8),
-                );
-                let rescaler = SpatialRescaler::<B>::load(&semantic.rescaler, f.trailing_zeros() as usize, &device)?;
-                let shares = class_shares::<B>(
-                    std::slice::from_ref(&semantic.classes),
-                    semantic.width,
-                    f,
-                    rescaler.classes(),
-                    &device,
-                )
-                .map_err(|e| anyhow::anyhow!(e))?;
-                Some(rescaler.project(shares))
-            }
-            (_, condition) => condition,
-        };
-        if let Some(c) = &condition {
-            anyhow::ensure!(
-                c.dims()[1] == extra,
-                "the model reads {c_in} channels: {c_out} latent + {extra} conditioning, but the condition supplies {}",
-                c.dims()[1]
-            );
-        } else {
-            anyhow::ensure!(
-                extra == 0,
-                "the model reads {c_in} channels ({extra} beyond its {c_out} output): it is a conditional model; \
-                 inpainting models (9 channels) need --image and --mask, semantic ones (8) --segmentation"
-            );
-        }
+        let condition = self.condition.tensor::<B>(autoencoder.as_ref(), &self.config, args.seed, &device)?;
         // FID: the reference statistics first (a folder is scored here), then features of every decoded batch.
         let mut fid = match &self.fid {
             Some(job) => {
@@ -326,7 +241,7 @@ impl OnBackend for Job {
             if let Some(ae) = &autoencoder {
                 let decoded = ae.decode_sliced(out.latents.clone(), args.decode_batch);
                 let mut batch_images = crate::image::from_tensor(decoded);
-                if let Some(inpaint) = &self.inpaint {
+                if let Some(inpaint) = &self.condition.inpaint {
                     for image in &mut batch_images {
                         composite(image, &inpaint.image, &inpaint.hole);
                     }
@@ -363,20 +278,6 @@ impl OnBackend for Job {
             images,
         })
     }
-}
-
-/// An image and its mask (LFM: `1 − png/255`, black = hole; grey levels are kept as they are, as in the reference).
-pub(crate) fn read_inpaint(image: &Path, mask: &Path, white_is_hole: bool) -> anyhow::Result<Inpaint> {
-    let image = read_rgb(image)?;
-    let (w, h, hole) = read_hole(mask, white_is_hole).map_err(|e| anyhow::anyhow!(e))?;
-    anyhow::ensure!(
-        (w, h) == (image.width, image.height),
-        "the mask {} is {w}×{h} but the image is {}×{}: they must have one size",
-        mask.display(),
-        image.width,
-        image.height
-    );
-    Ok(Inpaint { image, hole })
 }
 
 /// The built-in model's defaults, filled into what the user left unset: its classes in rows, its CFG scale, and a
@@ -515,20 +416,8 @@ pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result
                 .read("decoding needs --weights PATH of the autoencoder (or --latents-only --save-latents FILE)")?,
         )
     };
-    let inpaint = match (&args.image, &args.mask) {
-        (Some(image), Some(mask)) => Some(read_inpaint(image, mask, args.mask_white_is_hole)?),
-        _ => None,
-    };
-    let semantic = match (&args.segmentation, &args.cond_checkpoint) {
-        (Some(map), Some(cond)) => {
-            let image = read_rgb(map)?;
-            let classes = image.pixels.chunks(3).map(|p| p[0]).collect();
-            let rescaler = crate::checkpoint::read_weights(cond)?.tensors;
-            Some(Semantic { classes, width: image.width, height: image.height, rescaler })
-        }
-        _ => None,
-    };
-    if c_in > c_out && inpaint.is_none() && semantic.is_none() {
+    let condition = Condition::read(&args)?;
+    if c_in > c_out && condition.is_none() {
         anyhow::bail!(
             "the model reads {c_in} channels for {c_out} output channels: it is a conditional model; inpainting models \
              need --image and --mask, semantic ones --segmentation and --cond-checkpoint"
@@ -539,7 +428,7 @@ pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result
     }
 
     let device = backend::select(choice)?;
-    let job = Job { fid, semantic, config, weights, autoencoder, noise, inpaint, args, cfg_scale };
+    let job = Job { fid, condition, config, weights, autoencoder, noise, args, cfg_scale };
     // The job owns the arguments; keep what the summary needs.
     let (grid_path, nrow, save_latents, json, out_dir, precision) = (
         job.args.grid.clone(),

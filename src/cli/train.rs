@@ -13,7 +13,7 @@ use crate::models::{read_config, ModelConfig, Precision, Preset};
 use crate::train::data::{open_images, Source};
 use crate::train::latents::LatentStore;
 use crate::train::nodes::{fingerprint, NodeGroup, NodeSpec};
-use crate::train::run::{read_state, train, RunSettings, Schedule, State};
+use crate::train::run::{read_state, train, RunOutcome, RunSettings, Schedule};
 use crate::train::task::{Task, TaskFiles};
 
 /// The task names of `--task`.
@@ -208,7 +208,7 @@ struct Job {
 }
 
 impl OnBackend for Job {
-    type Output = anyhow::Result<State>;
+    type Output = anyhow::Result<RunOutcome>;
 
     fn run<B: Backend>(mut self, device: B::Device) -> Self::Output {
         let autoencoder = self.autoencoder.as_ref().map(|w| w.load::<B>(&device)).transpose()?;
@@ -327,11 +327,16 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
     let (rank, world) = (nodes.rank(), nodes.world());
     let job =
         Job { config, init, source, files, autoencoder, settings, out: args.out.clone(), resume: args.resume, nodes };
-    let state = backend::dispatch(&device, job)?;
-    if rank > 0 {
-        println!("node {rank} of {world}: trained {} steps on {device}; node 0 wrote the weights", state.step);
-        return Ok(());
-    }
+    let state = match backend::dispatch(&device, job)? {
+        RunOutcome::Written(state) => state,
+        RunOutcome::Follower { step, unreadable_images } => {
+            println!(
+                "node {rank} of {world}: trained {step} steps on {device} ({unreadable_images} unreadable images \
+                 skipped); node 0 wrote the weights"
+            );
+            return Ok(());
+        }
+    };
     println!(
         "trained {} steps on {n} examples on {device}; weights in {} ({} unreadable images skipped)",
         state.step,

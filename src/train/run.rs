@@ -119,6 +119,20 @@ impl RunSettings {
     }
 }
 
+/// How a run ended on this node.
+#[derive(Debug, Clone)]
+pub enum RunOutcome {
+    /// This node (the leader, rank 0) wrote the final checkpoint, described by its state.
+    Written(Box<State>),
+    /// Another node of a multi-node run: it trained every step but wrote nothing (the leader wrote the weights).
+    Follower {
+        /// Steps taken (the run's total).
+        step: usize,
+        /// Images of this node's shards that could not be read.
+        unreadable_images: usize,
+    },
+}
+
 /// What `state.json` records.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct State {
@@ -214,7 +228,8 @@ pub fn replica_devices<B: Backend>(device: &B::Device, count: usize) -> Vec<B::D
 }
 
 /// Trains `config` (from `init` weights if given, else freshly initialised) on `source` (with the task's `files`)
-/// on backend `B`, resuming from `out_dir`'s checkpoint when `resume` is set. Returns the final state.
+/// on backend `B`, resuming from `out_dir`'s checkpoint when `resume` is set. Returns the final checkpoint's state
+/// (on the node that writes it).
 ///
 /// On several `nodes`, each node trains on its share of every batch and the gradients are summed over the nodes;
 /// only the leader (rank 0) writes `out_dir` (a resumed run reads it on every node: a shared file system, or a copy).
@@ -230,7 +245,7 @@ pub fn train<B: Backend>(
     resume: bool,
     nodes: &mut NodeGroup,
     device: &B::Device,
-) -> Result<State, TrainError> {
+) -> Result<RunOutcome, TrainError> {
     type A<B> = Autodiff<B>;
     let leader = nodes.is_leader();
     if source.is_empty() {
@@ -511,21 +526,14 @@ pub fn train<B: Backend>(
         Ok(())
     })?;
     progress.finish_and_clear();
-    match state {
-        Some(state) => Ok(state),
-        // The other nodes write nothing: the state the leader wrote for the same step.
-        None if !leader => Ok(State {
-            step: trainer.step,
-            model: config.clone(),
-            settings: settings.clone(),
-            model_file: String::new(),
-            optimizer_file: String::new(),
-            ema_file: None,
-            unreadable_images: unreadable,
-            loss_scaler: trainer.loss_scaler().cloned(),
-        }),
-        None => read_state(out_dir)?.ok_or_else(|| TrainError::Invalid("no step was taken".into())),
+    if !leader {
+        return Ok(RunOutcome::Follower { step: trainer.step, unreadable_images: unreadable });
     }
+    let state = match state {
+        Some(state) => state,
+        None => read_state(out_dir)?.ok_or_else(|| TrainError::Invalid("no step was taken".into()))?,
+    };
+    Ok(RunOutcome::Written(Box::new(state)))
 }
 
 /// Samples [`PREVIEW_SAMPLES`] images from the moving average (or the network, without one) with

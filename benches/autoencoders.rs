@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor};
 use common::BackendBench;
@@ -20,16 +20,7 @@ fn time<B: Backend>(model: &dyn Autoencoder<B>, z: &Tensor<B, 4>, reps: usize) -
         let images = model.decode_sliced(z.clone(), BATCH);
         let _: f32 = images.slice([0..1, 0..1, 0..1, 0..1]).into_scalar().elem();
     };
-    run();
-    let mut times: Vec<Duration> = (0..reps)
-        .map(|_| {
-            let start = Instant::now();
-            run();
-            start.elapsed()
-        })
-        .collect();
-    times.sort();
-    times[times.len() / 2]
+    common::median_time(reps, run)
 }
 
 /// Both decoders, median of `reps` runs.

@@ -10,6 +10,8 @@
 //! `LFM_BENCH_IMAGES` (default 64) synthetic 320×288 PNGs, batches of `LFM_BENCH_BATCH` (default 32).
 //! Run: `cargo bench --features cuda --profile dev --bench data` (`--release` for publishable numbers).
 
+mod common;
+
 use std::time::Instant;
 
 use lfm::checkpoint::{write_safetensors, HostTensor, TensorMap};
@@ -20,10 +22,6 @@ use lfm::train::loader::{prepare, EpochOrder};
 use lfm::train::nodes::{NodeGroup, NodeSpec};
 use lfm::train::run::{RunSettings, Schedule};
 use lfm::train::task::{Task, TaskFiles};
-
-fn var(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 fn settings(batch_size: usize) -> RunSettings {
     RunSettings {
@@ -61,7 +59,7 @@ fn loader_rate(source: &Source, settings: &RunSettings, per_sample: usize, threa
 }
 
 fn main() {
-    let (images, batch) = (var("LFM_BENCH_IMAGES", 64), var("LFM_BENCH_BATCH", 32));
+    let (images, batch) = (common::env_number("LFM_BENCH_IMAGES", 64), common::env_number("LFM_BENCH_BATCH", 32));
     let dir = tempfile::tempdir().expect("a temporary folder");
     let folder = dir.path().join("images");
     std::fs::create_dir_all(&folder).expect("a folder");
@@ -132,7 +130,7 @@ fn main() {
     );
 
     // The gradient sum of two nodes: every value crosses the loopback twice (reduce-scatter, all-gather).
-    let len = var("LFM_BENCH_GRADIENT", 33_000_000);
+    let len = common::env_number("LFM_BENCH_GRADIENT", 33_000_000);
     let buffers: Vec<Vec<f32>> = (0..2).map(|r| (0..len).map(|i| ((i + r) % 1013) as f32).collect()).collect();
     let start = Instant::now();
     let summed: Vec<f32> = buffers[0].iter().zip(&buffers[1]).map(|(a, b)| a + b).collect();

@@ -17,11 +17,6 @@ use lfm::metrics::features::FeatureExtractor;
 use lfm::metrics::fid::{frechet_distance, Accumulator};
 use lfm::metrics::inception::FidInception;
 
-fn median(mut times: Vec<Duration>) -> Duration {
-    times.sort();
-    times[times.len() / 2]
-}
-
 /// The Inception features of `batch` images, median of `reps` runs.
 struct Features {
     batch: usize,
@@ -45,24 +40,19 @@ impl BackendBench for Features {
                 let f = extractor.features(&images).expect("RGB input");
                 assert_eq!(f.len(), batch * 2048);
             };
-            run();
-            median(
-                (0..reps)
-                    .map(|_| {
-                        let start = Instant::now();
-                        run();
-                        start.elapsed()
-                    })
-                    .collect(),
-            )
+            common::median_time(reps, run)
         };
         let model = FidInception::<B>::init(device);
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let cases: &[(&str, usize)] =
-            if backend == "cpu" { &[("one pass", 1), ("split over the cores", threads)] } else { &[("", 1)] };
+        // `None`: the extractor's own default (one part per core on the CPU).
+        let cases: &[(&str, Option<usize>)] =
+            if backend == "cpu" { &[("one pass", Some(1)), ("split over the cores", None)] } else { &[("", None)] };
         let mut baseline = None;
         for &(name, threads) in cases {
-            let extractor = FeatureExtractor::new(model.clone(), device).with_cpu_threads(threads);
+            let extractor = FeatureExtractor::new(model.clone(), device);
+            let extractor = match threads {
+                Some(n) => extractor.with_cpu_threads(n),
+                None => extractor,
+            };
             let t = time(&extractor);
             let speedup = baseline.map(|b: Duration| format!(", {:.2}× one pass", b.as_secs_f64() / t.as_secs_f64()));
             baseline.get_or_insert(t);

@@ -9,16 +9,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor};
 use common::BackendBench;
 use lfm::models::{DiTConfig, ModelConfig, Preset, VelocityModel};
-
-fn median(mut times: Vec<Duration>) -> Duration {
-    times.sort();
-    times[times.len() / 2]
-}
 
 fn bench_model<B: Backend>(backend: &str, name: &str, config: &ModelConfig, device: &B::Device, reps: usize) {
     let model = VelocityModel::<B>::init(config, device);
@@ -31,15 +24,7 @@ fn bench_model<B: Backend>(backend: &str, name: &str, config: &ModelConfig, devi
             // Reading one value back waits for the device.
             let _: f32 = v.slice([0..1, 0..1, 0..1, 0..1]).into_scalar().elem();
         };
-        run();
-        let times: Vec<Duration> = (0..reps)
-            .map(|_| {
-                let start = Instant::now();
-                run();
-                start.elapsed()
-            })
-            .collect();
-        let time = median(times);
+        let time = common::median_time(reps, run);
         let gflop = config.flops() * batch as f64 / 1e9;
         println!(
             "{backend:5} {name:22} batch {batch}: {:9.1} ms  {:7.1} GFLOP  {:7.1} GFLOP/s",

@@ -24,8 +24,8 @@ impl BackendBench for Training {
     fn run<B: Backend>(&self, backend: &str, device: &B::Device) {
         let options = TrainingBenchOptions {
             models: var("LFM_BENCH_MODELS", "DiT-S/2,DiT-B/2").split(',').map(|m| m.trim().to_string()).collect(),
-            batch: var("LFM_BENCH_BATCH", "8").parse().expect("LFM_BENCH_BATCH is a number"),
-            steps: var("LFM_BENCH_STEPS", "3").parse().expect("LFM_BENCH_STEPS is a number"),
+            batch: common::env_number("LFM_BENCH_BATCH", 8),
+            steps: common::env_number("LFM_BENCH_STEPS", 3),
             ..Default::default()
         };
         bench_training::<B>(device, &options, |c| {

@@ -5,6 +5,7 @@
 //! drawn in. The adaptive solver's error norm runs over the whole batch, as torchdiffeq's does, so with dopri5 a
 //! sample's trajectory depends (within the tolerance) on its batch; fixed-step solvers do not couple samples.
 
+use std::ops::Range;
 use std::time::Instant;
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
@@ -99,26 +100,49 @@ pub fn sample_batch<B: Backend>(
     let labels =
         input.labels.as_ref().map(|y| Tensor::<B, 1, Int>::from_data(TensorData::new(y.clone(), [n]), &device));
     let cfg = guidance.cfg_scale.filter(|&s| s > 1.0);
-    let cfg_labels = match (cfg, &labels) {
-        (Some(_), Some(y)) => Some(Tensor::cat(vec![y.clone(), Tensor::full([n], guidance.null_label, &device)], 0)),
-        _ => None,
-    };
-    let mut nfe = 0;
-    let mut field = |t: f64, x: Tensor<B, 4>| -> Tensor<B, 4> {
+    // The network on samples `range` of the batch (CFG doubles them with the null label); the network couples no
+    // samples, so parts of the batch can be evaluated apart.
+    let evaluate = |t: &Tensor<B, 1>, x: Tensor<B, 4>, range: Range<usize>| -> Tensor<B, 4> {
+        let len = range.len();
         let x = match &input.condition {
-            Some(c) => Tensor::cat(vec![x, c.clone()], 1),
+            Some(c) => Tensor::cat(vec![x, c.clone().narrow(0, range.start, len)], 1),
             None => x,
         };
+        let labels = labels.as_ref().map(|y| y.clone().narrow(0, range.start, len));
+        match (cfg, labels) {
+            (Some(scale), Some(y)) => {
+                let y = Tensor::cat(vec![y, Tensor::full([len], guidance.null_label, &device)], 0);
+                let doubled = Tensor::cat(vec![x.clone(), x], 0);
+                let out = model.forward_with_cfg(t.clone(), doubled, y, scale).expect("CFG support is checked first");
+                out.narrow(0, 0, len)
+            }
+            (_, labels) => model.forward(t.clone(), x, labels),
+        }
+    };
+    // On the CPU each evaluation is split over the cores: Burn's ndarray backend threads its matrix products but
+    // runs element-wise work on one core, so one pass keeps barely more than one core busy.
+    let threads = if crate::nn::is_ndarray::<B>() { rayon::current_num_threads().min(n) } else { 1 };
+    let mut nfe = 0;
+    let mut field = |t: f64, x: Tensor<B, 4>| -> Tensor<B, 4> {
         let t_tensor =
             Tensor::<B, 1>::from_data(TensorData::new(vec![t as f32], [1]).convert::<B::FloatElem>(), &device);
-        let v = match (cfg, &cfg_labels) {
-            (Some(scale), Some(y)) => {
-                let doubled = Tensor::cat(vec![x.clone(), x], 0);
-                let out =
-                    model.forward_with_cfg(t_tensor, doubled, y.clone(), scale).expect("CFG support is checked first");
-                out.narrow(0, 0, n)
-            }
-            _ => model.forward(t_tensor, x, labels.clone()),
+        let v = if threads > 1 {
+            let part = n.div_ceil(threads);
+            std::thread::scope(|scope| {
+                let (evaluate, t_tensor) = (&evaluate, &t_tensor);
+                let parts: Vec<_> = (0..n)
+                    .step_by(part)
+                    .map(|start| {
+                        let range = start..(start + part).min(n);
+                        let x = x.clone().narrow(0, start, range.len());
+                        scope.spawn(move || evaluate(t_tensor, x, range))
+                    })
+                    .collect();
+                let parts = parts.into_iter().map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+                Tensor::cat(parts.collect(), 0)
+            })
+        } else {
+            evaluate(&t_tensor, x, 0..n)
         };
         nfe += 1;
         progress(t, nfe);

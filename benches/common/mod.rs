@@ -1,5 +1,10 @@
 //! What the plain-harness benchmarks share.
 
+// Each bench uses the part it needs.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
 use burn::tensor::backend::Backend;
 use lfm::backend::{dispatch, select_each, OnBackend};
 
@@ -35,8 +40,25 @@ pub fn for_each_backend(bench: &impl BackendBench) {
     }
 }
 
-/// A numeric setting from the environment, `default` when unset or not a number.
-#[allow(dead_code)] // Not every bench has numeric settings.
+/// A numeric setting from the environment, `default` when unset; a value that is not a number stops the bench
+/// with a message naming the variable (a silent fallback would time the wrong case).
 pub fn env_number(var: &str, default: usize) -> usize {
-    std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    match std::env::var(var) {
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| panic!("{var}={v:?} is not a whole number")),
+        Err(_) => default,
+    }
+}
+
+/// The median wall time of `reps` (at least 1) runs of `run`, after one untimed warm-up run.
+pub fn median_time(reps: usize, mut run: impl FnMut()) -> Duration {
+    run();
+    let mut times: Vec<Duration> = (0..reps.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            run();
+            start.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[times.len() / 2]
 }

@@ -154,8 +154,8 @@ impl<B: Backend> FeatureExtractor<B> {
 
     /// pool3 features `[N · 2048]` (row-major) of 8-bit images; runs of equal size go through together, at most
     /// [`GPU_IMAGES_PER_PASS`] at a time on GPU backends. On the CPU a run is split over the cores, one part per
-    /// thread: Burn's ndarray backend threads its matrix products but runs most element-wise work, pads and
-    /// im2col copies on one core, so one pass alone keeps barely more than one core busy.
+    /// thread: lfm's CPU convolutions and pools ([`crate::nn::cpu`]) use every core, but the rest of Burn's ndarray
+    /// element-wise work (batch-norm folding, ReLU, concatenation) runs on one.
     pub fn features(&self, images: &[RgbImage]) -> Result<Vec<f32>, InceptionError> {
         let cpu = crate::nn::is_ndarray::<B>();
         let per_pass = if cpu { usize::MAX } else { GPU_IMAGES_PER_PASS };

@@ -1,17 +1,30 @@
 //! Layers shared by the velocity networks: sinusoidal embeddings, attention, normalisations, activations.
 
 pub mod attention;
+pub mod cpu;
 pub mod dtype;
 pub mod embedding;
 pub mod init;
 
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor};
 
-/// GELU with the tanh approximation (`nn.GELU(approximate="tanh")`), as DiT's MLP uses.
+/// GELU with the tanh approximation (`nn.GELU(approximate="tanh")`), as DiT's MLP uses:
+/// `½·x·(1 + tanh(u))` with `u = √(2/π)·(x + 0.044715·x³)`.
+///
+/// On the CPU backend at inference it is computed as `x / (1 + e^(−2u))`, the same function and as accurate, because
+/// ndarray's `tanh` runs in f64 through `expm1` (with a `powf` for `x³`, a fifth of the built-in model's CPU sampling
+/// time). Not under autodiff or in 16 bits: there `e^(−2u)` overflows left of 0 and its gradient is NaN.
 pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
-    let inner = (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715)).mul_scalar(SQRT_2_OVER_PI);
-    x.mul_scalar(0.5) * inner.tanh().add_scalar(1.0)
+    let cube = x.clone() * x.clone() * x.clone();
+    let inner = (x.clone() + cube.mul_scalar(0.044715)).mul_scalar(SQRT_2_OVER_PI);
+    let cpu_inference = is_ndarray::<B>() && x.dtype() == burn::tensor::DType::F32 && !B::ad_enabled(&x.device());
+    if cpu_inference {
+        // e^(−2u) = +∞ far left of 0 gives x / ∞ = −0, GELU's limit.
+        x / inner.mul_scalar(-2.0).exp().add_scalar(1.0)
+    } else {
+        x.mul_scalar(0.5) * inner.tanh().add_scalar(1.0)
+    }
 }
 
 /// SiLU, `x·σ(x)`.
@@ -171,8 +184,9 @@ pub fn conv2d_im2col<B: Backend>(
     y.reshape([n, out, ho, wo])
 }
 
-/// A convolution with explicit stride and symmetric zero padding `[ph, pw]`; on the CPU backend it goes through
-/// [`conv2d_im2col`] (an order of magnitude faster there than Burn 0.21's direct loop).
+/// A convolution with explicit stride and symmetric zero padding `[ph, pw]`. On the CPU backend it goes through
+/// [`cpu::conv2d`] at inference (7–86× Burn 0.21's direct loop on Inception's and the KL decoder's layers,
+/// `benches/cpu_conv.rs`) and [`conv2d_im2col`] under autodiff (its backward is two matmuls).
 pub fn conv2d_padded<B: Backend>(
     x: Tensor<B, 4>,
     weight: Tensor<B, 4>,
@@ -181,65 +195,45 @@ pub fn conv2d_padded<B: Backend>(
     padding: [usize; 2],
 ) -> Tensor<B, 4> {
     if is_ndarray::<B>() {
-        conv2d_im2col(x, weight, bias, stride, padding)
+        if cpu::applies(&x, Some(&weight)) {
+            cpu::conv2d(x, weight, bias, stride, padding)
+        } else {
+            conv2d_im2col(x, weight, bias, stride, padding)
+        }
     } else {
         let options = burn::tensor::ops::ConvOptions::new([stride, stride], padding, [1, 1], 1);
         burn::tensor::module::conv2d(x, weight, bias, options)
     }
 }
 
-/// `max_pool2d(x, k, stride, padding)` (padding never wins the maximum). On the CPU backend a stride-1 pool is the
-/// maximum of the [`windows`] (Burn 0.21's ndarray pool indexes element by element); strided ones stay Burn's,
-/// which measured faster there (0.78 s against 1.49 s for 3×3/2 on 50×288×35×35).
+/// `max_pool2d(x, k, stride, padding)` (padding never wins the maximum); [`cpu::pool2d`] on the CPU backend at
+/// inference (Burn 0.21's ndarray pool indexes element by element).
 pub fn max_pool2d<B: Backend>(x: Tensor<B, 4>, kernel: usize, stride: usize, padding: usize) -> Tensor<B, 4> {
-    if !is_ndarray::<B>() || stride > 1 {
-        let p = [padding, padding];
-        return burn::tensor::module::max_pool2d(x, [kernel, kernel], [stride, stride], p, [1, 1], false);
+    if is_ndarray::<B>() && cpu::applies(&x, None) {
+        return cpu::pool2d(x, cpu::Pool::Max, kernel, stride, padding);
     }
-    let [_, _, h, w] = x.dims();
-    let out = [out_size(h, padding, kernel, stride), out_size(w, padding, kernel, stride)];
-    let p = padding;
-    let x = if p > 0 { x.pad((p, p, p, p), burn::tensor::ops::PadMode::Constant(f32::NEG_INFINITY)) } else { x };
-    let mut it = windows(x, [kernel, kernel], stride, out).into_iter();
-    let first = it.next().expect("a kernel of at least one element");
-    it.fold(first, |m, win| m.max_pair(win))
+    let [k, s, p] = [[kernel; 2], [stride; 2], [padding; 2]];
+    burn::tensor::module::max_pool2d(x, k, s, p, [1, 1], false)
 }
 
 /// `avg_pool2d(x, k, stride, padding, count_include_pad=False)`: each output divides by the number of real input
-/// pixels under its window. On the CPU backend it is a sum of [`windows`].
+/// pixels under its window; [`cpu::pool2d`] on the CPU backend at inference.
 pub fn avg_pool2d_exclude_pad<B: Backend>(
     x: Tensor<B, 4>,
     kernel: usize,
     stride: usize,
     padding: usize,
 ) -> Tensor<B, 4> {
-    if !is_ndarray::<B>() {
-        let [k, s, p] = [[kernel; 2], [stride; 2], [padding; 2]];
-        return burn::tensor::module::avg_pool2d(x, k, s, p, false, false);
+    if is_ndarray::<B>() && cpu::applies(&x, None) {
+        return cpu::pool2d(x, cpu::Pool::MeanExcludingPadding, kernel, stride, padding);
     }
-    let [_, _, h, w] = x.dims();
-    let (ho, wo) = (out_size(h, padding, kernel, stride), out_size(w, padding, kernel, stride));
-    let device = x.device();
-    let p = padding;
-    let x = if p > 0 { x.pad((p, p, p, p), burn::tensor::ops::PadMode::Constant(0.0)) } else { x };
-    let mut it = windows(x, [kernel, kernel], stride, [ho, wo]).into_iter();
-    let first = it.next().expect("a kernel of at least one element");
-    let sum = it.fold(first, |acc, win| acc + win);
-    // Real pixels under each window: (rows inside) × (columns inside).
-    let inside = |o: usize, size: usize| {
-        let start = (o * stride) as isize - p as isize;
-        let lo = start.max(0);
-        let hi = (start + kernel as isize).min(size as isize);
-        (hi - lo).max(1) as f32
-    };
-    let counts: Vec<f32> = (0..ho).flat_map(|oy| (0..wo).map(move |ox| inside(oy, h) * inside(ox, w))).collect();
-    let counts = Tensor::<B, 4>::from_data(TensorData::new(counts, [1, 1, ho, wo]), (&device, sum.dtype()));
-    sum / counts
+    let [k, s, p] = [[kernel; 2], [stride; 2], [padding; 2]];
+    burn::tensor::module::avg_pool2d(x, k, s, p, false, false)
 }
 
 /// A `Conv2d` layer's forward pass; on the CPU backend, convolutions with square strides and equal padding on all
-/// sides go through [`conv2d_padded`] (im2col, an order of magnitude faster there than Burn's direct loop, and its
-/// backward is two matmuls), everything else through Burn's own kernel.
+/// sides go through [`conv2d_padded`] (im2col and GEMM, much faster there than Burn's direct loop), everything else
+/// through Burn's own kernel.
 pub fn conv2d<B: Backend>(layer: &burn::nn::conv::Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     let padding = match layer.padding {
         burn::nn::PaddingConfig2d::Explicit(a, b, c, d) if [b, c, d] == [a; 3] => Some(a),

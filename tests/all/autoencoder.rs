@@ -51,9 +51,9 @@ fn kl_vae_matches_diffusers_on_wgpu() {
 }
 
 #[test]
-fn cpu_im2col_convolution_equals_burns_convolution() {
+fn cpu_convolutions_equal_burns_convolution() {
     // Square "same" kernels, Inception's 1×7 / 7×1 / 1×3 kernels, unpadded ("valid") ones and strided ones
-    // (odd and even sizes, with and without padding).
+    // (odd and even sizes, with and without padding); the last one is large enough to take several column blocks.
     let cases = [
         (3, 5, [3, 3], 1, [1, 1], 7, 9),
         (8, 4, [1, 1], 1, [0, 0], 5, 3),
@@ -66,17 +66,32 @@ fn cpu_im2col_convolution_equals_burns_convolution() {
         (2, 3, [3, 3], 2, [1, 1], 8, 7),
         (2, 2, [4, 4], 3, [1, 2], 10, 9),
         (2, 2, [1, 1], 2, [0, 0], 5, 6),
+        (2, 3, [5, 5], 1, [2, 2], 3, 4),
+        (64, 3, [3, 3], 1, [1, 1], 130, 64),
     ];
     for (c_in, c_out, [kh, kw], stride, padding, h, w) in cases {
-        let x = Tensor::<Cpu, 4>::random([2, c_in, h, w], Distribution::Normal(0.0, 1.0), &cpu());
-        let weight = Tensor::<Cpu, 4>::random([c_out, c_in, kh, kw], Distribution::Normal(0.0, 1.0), &cpu());
-        let bias = Tensor::<Cpu, 1>::random([c_out], Distribution::Normal(0.0, 1.0), &cpu());
-        let options = burn::tensor::ops::ConvOptions::new([stride, stride], padding, [1, 1], 1);
-        let want = burn::tensor::module::conv2d(x.clone(), weight.clone(), Some(bias.clone()), options);
-        let got = lfm::nn::conv2d_im2col(x, weight, Some(bias), stride, padding);
-        assert_eq!(got.dims(), want.dims());
-        let case = format!("{c_in}→{c_out} k{kh}×{kw} s{stride} p{padding:?} {h}×{w}");
-        assert_close(&case, &values(got), &values(want), 1e-5, 1e-5);
+        // Batches of 1 (each GEMM split over the threads) and 3 (one image per thread), with and without bias.
+        for (batch, with_bias) in [(1, true), (3, true), (3, false)] {
+            // Batch 1 reads a transposed view: a strided input the kernel copies to standard layout first.
+            let x = if batch == 1 {
+                Tensor::<Cpu, 4>::random([batch, c_in, w, h], Distribution::Normal(0.0, 1.0), &cpu()).swap_dims(2, 3)
+            } else {
+                Tensor::<Cpu, 4>::random([batch, c_in, h, w], Distribution::Normal(0.0, 1.0), &cpu())
+            };
+            let weight = Tensor::<Cpu, 4>::random([c_out, c_in, kh, kw], Distribution::Normal(0.0, 1.0), &cpu());
+            let bias = with_bias.then(|| Tensor::<Cpu, 1>::random([c_out], Distribution::Normal(0.0, 1.0), &cpu()));
+            let options = burn::tensor::ops::ConvOptions::new([stride, stride], padding, [1, 1], 1);
+            let want = values(burn::tensor::module::conv2d(x.clone(), weight.clone(), bias.clone(), options));
+            let case =
+                format!("{c_in}→{c_out} k{kh}×{kw} s{stride} p{padding:?} {h}×{w} batch {batch} bias {with_bias}");
+            let tolerance = 1e-5 * ((c_in * kh * kw) as f64).sqrt();
+            let im2col = lfm::nn::conv2d_im2col(x.clone(), weight.clone(), bias.clone(), stride, padding);
+            assert_close(&format!("im2col {case}"), &values(im2col), &want, tolerance, 1e-5);
+            let kernel = lfm::nn::cpu::conv2d(x, weight, bias, stride, padding);
+            let [ho, wo] = [(h + 2 * padding[0] - kh) / stride + 1, (w + 2 * padding[1] - kw) / stride + 1];
+            assert_eq!(kernel.dims(), [batch, c_out, ho, wo], "{case}");
+            assert_close(&format!("cpu kernel {case}"), &values(kernel), &want, tolerance, 1e-5);
+        }
     }
 }
 

@@ -121,29 +121,16 @@ pub fn sample_batch<B: Backend>(
     };
     // On the CPU each evaluation is split over the cores: Burn's ndarray backend threads its matrix products but
     // runs element-wise work on one core, so one pass keeps barely more than one core busy.
-    let threads = if crate::nn::is_ndarray::<B>() { rayon::current_num_threads().min(n) } else { 1 };
+    let threads = if crate::nn::is_ndarray::<B>() { rayon::current_num_threads() } else { 1 };
     let mut nfe = 0;
     let mut field = |t: f64, x: Tensor<B, 4>| -> Tensor<B, 4> {
         let t_tensor =
             Tensor::<B, 1>::from_data(TensorData::new(vec![t as f32], [1]).convert::<B::FloatElem>(), &device);
-        let v = if threads > 1 {
-            let part = n.div_ceil(threads);
-            std::thread::scope(|scope| {
-                let (evaluate, t_tensor) = (&evaluate, &t_tensor);
-                let parts: Vec<_> = (0..n)
-                    .step_by(part)
-                    .map(|start| {
-                        let range = start..(start + part).min(n);
-                        let x = x.clone().narrow(0, start, range.len());
-                        scope.spawn(move || evaluate(t_tensor, x, range))
-                    })
-                    .collect();
-                let parts = parts.into_iter().map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
-                Tensor::cat(parts.collect(), 0)
-            })
-        } else {
-            evaluate(&t_tensor, x, 0..n)
-        };
+        let parts = crate::nn::cpu::in_parts(n, threads, |range| {
+            let x = if range.len() == n { x.clone() } else { x.clone().narrow(0, range.start, range.len()) };
+            evaluate(&t_tensor, x, range)
+        });
+        let v = if parts.len() == 1 { parts.into_iter().next().expect("one part") } else { Tensor::cat(parts, 0) };
         nfe += 1;
         progress(t, nfe);
         v

@@ -167,18 +167,9 @@ impl<B: Backend> FeatureExtractor<B> {
             let run = images[start..].iter().take_while(|i| (i.width, i.height) == size).count();
             let end = start + run.min(per_pass);
             let pass = &images[start..end];
-            if threads > 1 && pass.len() > 1 {
-                let part = pass.len().div_ceil(threads.min(pass.len()));
-                std::thread::scope(|scope| -> Result<(), InceptionError> {
-                    let parts: Vec<_> =
-                        pass.chunks(part).map(|chunk| scope.spawn(move || self.features_of_one_size(chunk))).collect();
-                    for part in parts {
-                        out.extend(part.join().expect("an Inception thread panicked")?);
-                    }
-                    Ok(())
-                })?;
-            } else {
-                out.extend(self.features_of_one_size(pass)?);
+            let parts = crate::nn::cpu::in_parts(pass.len(), threads, |range| self.features_of_one_size(&pass[range]));
+            for part in parts {
+                out.extend(part?);
             }
             start = end;
         }

@@ -7,20 +7,22 @@
 //! the input rows, and multiplied by the `gemm` crate's kernels; the bias is the GEMM's initial output.
 
 use std::any::Any;
+use std::ops::Range;
 
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData, TensorPrimitive};
 use gemm::Parallelism;
+
+use super::out_size;
 use rayon::prelude::*;
 
 /// Upper bound on one column block (`in·kh·kw` × a few output rows), in `f32`s: 8 MiB, so a block stays in the
 /// last-level cache on most CPUs and memory does not grow with the image (a 256² decoder layer would need 300 MB).
 const BLOCK_FLOATS: usize = 1 << 21;
 
-/// Whether this module's kernels can run on these tensors: `f32` data on a backend without autodiff (the caller
-/// checks that the backend is the CPU one).
-pub fn applies<B: Backend>(x: &Tensor<B, 4>, weight: Option<&Tensor<B, 4>>) -> bool {
-    let f32 = |t: &Tensor<B, 4>| t.dtype() == DType::F32;
-    f32(x) && weight.is_none_or(f32) && !B::ad_enabled(&x.device())
+/// Whether this module's kernels (and other CPU-inference shortcuts) can run on this tensor: `f32` data on the CPU
+/// backend without autodiff.
+pub fn applies<B: Backend, const D: usize>(x: &Tensor<B, D>) -> bool {
+    super::is_ndarray::<B>() && x.dtype() == DType::F32 && !B::ad_enabled(&x.device())
 }
 
 /// The shape of one convolution.
@@ -166,7 +168,6 @@ pub fn conv2d<B: Backend>(
     let device = x.device();
     let [n, channels, height, width] = x.dims();
     let [out_channels, _, kh, kw] = weight.dims();
-    let out_size = |size: usize, pad: usize, k: usize| (size + 2 * pad - k) / stride + 1;
     let g = Geometry {
         channels,
         height,
@@ -175,8 +176,8 @@ pub fn conv2d<B: Backend>(
         kernel: [kh, kw],
         stride,
         padding,
-        out_height: out_size(height, padding[0], kh),
-        out_width: out_size(width, padding[1], kw),
+        out_height: out_size(height, padding[0], kh, stride),
+        out_width: out_size(width, padding[1], kw, stride),
     };
     let plane = g.out_height * g.out_width;
     let mut out = vec![0.0f32; n * out_channels * plane];
@@ -218,7 +219,7 @@ fn with_values<B: Backend, const D: usize, R>(tensor: Tensor<B, D>, f: impl FnOn
         return f(view.as_standard_layout().as_slice().expect("a standard-layout copy"));
     }
     let data = Tensor::<B, D>::from_primitive(TensorPrimitive::Float(primitive)).into_data();
-    f(&data.into_vec::<f32>().unwrap_or_else(|e| unreachable!("conv2d on f32 data only: {e:?}")))
+    f(&data.into_vec::<f32>().unwrap_or_else(|e| unreachable!("CPU kernels take f32 data only: {e:?}")))
 }
 
 /// What a pooling window computes.
@@ -236,8 +237,7 @@ pub enum Pool {
 pub fn pool2d<B: Backend>(x: Tensor<B, 4>, pool: Pool, kernel: usize, stride: usize, padding: usize) -> Tensor<B, 4> {
     let device = x.device();
     let [n, c, h, w] = x.dims();
-    let out_size = |size: usize| (size + 2 * padding - kernel) / stride + 1;
-    let (ho, wo) = (out_size(h), out_size(w));
+    let (ho, wo) = (out_size(h, padding, kernel, stride), out_size(w, padding, kernel, stride));
     // The input rows (or columns) under output row (column) `o`: the window clipped to the image.
     let span = |o: usize, size: usize| {
         let start = (o * stride).saturating_sub(padding);
@@ -262,4 +262,21 @@ pub fn pool2d<B: Backend>(x: Tensor<B, 4>, pool: Pool, kernel: usize, stride: us
         })
     });
     Tensor::from_data(TensorData::new(out, [n, c, ho, wo]), &device)
+}
+
+/// `f` on consecutive parts of `0..n`, at most `threads` of them (as equal as possible), each on its own scoped
+/// thread, results in order; one call on the calling thread when `threads` ≤ 1 or `n` ≤ 1. For passes whose
+/// element-wise work Burn's ndarray backend runs on one core (it threads only its matrix products). A panic in a
+/// part is re-raised as it was.
+pub fn in_parts<T: Send>(n: usize, threads: usize, f: impl Fn(Range<usize>) -> T + Sync) -> Vec<T> {
+    if threads <= 1 || n <= 1 {
+        return vec![f(0..n)];
+    }
+    let part = n.div_ceil(threads.min(n));
+    std::thread::scope(|scope| {
+        let f = &f;
+        let parts: Vec<_> =
+            (0..n).step_by(part).map(|start| scope.spawn(move || f(start..(start + part).min(n)))).collect();
+        parts.into_iter().map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+    })
 }

@@ -18,8 +18,7 @@ pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
     let cube = x.clone() * x.clone() * x.clone();
     let inner = (x.clone() + cube.mul_scalar(0.044715)).mul_scalar(SQRT_2_OVER_PI);
-    let cpu_inference = is_ndarray::<B>() && x.dtype() == burn::tensor::DType::F32 && !B::ad_enabled(&x.device());
-    if cpu_inference {
+    if cpu::applies(&x) {
         // e^(−2u) = +∞ far left of 0 gives x / ∞ = −0, GELU's limit.
         x / inner.mul_scalar(-2.0).exp().add_scalar(1.0)
     } else {
@@ -194,12 +193,10 @@ pub fn conv2d_padded<B: Backend>(
     stride: usize,
     padding: [usize; 2],
 ) -> Tensor<B, 4> {
-    if is_ndarray::<B>() {
-        if cpu::applies(&x, Some(&weight)) {
-            cpu::conv2d(x, weight, bias, stride, padding)
-        } else {
-            conv2d_im2col(x, weight, bias, stride, padding)
-        }
+    if cpu::applies(&x) && cpu::applies(&weight) {
+        cpu::conv2d(x, weight, bias, stride, padding)
+    } else if is_ndarray::<B>() {
+        conv2d_im2col(x, weight, bias, stride, padding)
     } else {
         let options = burn::tensor::ops::ConvOptions::new([stride, stride], padding, [1, 1], 1);
         burn::tensor::module::conv2d(x, weight, bias, options)
@@ -209,7 +206,7 @@ pub fn conv2d_padded<B: Backend>(
 /// `max_pool2d(x, k, stride, padding)` (padding never wins the maximum); [`cpu::pool2d`] on the CPU backend at
 /// inference (Burn 0.21's ndarray pool indexes element by element).
 pub fn max_pool2d<B: Backend>(x: Tensor<B, 4>, kernel: usize, stride: usize, padding: usize) -> Tensor<B, 4> {
-    if is_ndarray::<B>() && cpu::applies(&x, None) {
+    if cpu::applies(&x) {
         return cpu::pool2d(x, cpu::Pool::Max, kernel, stride, padding);
     }
     let [k, s, p] = [[kernel; 2], [stride; 2], [padding; 2]];
@@ -224,7 +221,7 @@ pub fn avg_pool2d_exclude_pad<B: Backend>(
     stride: usize,
     padding: usize,
 ) -> Tensor<B, 4> {
-    if is_ndarray::<B>() && cpu::applies(&x, None) {
+    if cpu::applies(&x) {
         return cpu::pool2d(x, cpu::Pool::MeanExcludingPadding, kernel, stride, padding);
     }
     let [k, s, p] = [[kernel; 2], [stride; 2], [padding; 2]];

@@ -23,6 +23,34 @@ pub type Cuda = lfm_kernels::CudaCube;
 
 pub use burn::backend::wgpu::WgpuDevice;
 
+/// CubeCL's configuration files, looked for from the working folder up (CubeCL's own lookup): when one exists it
+/// configures CubeCL and [`keep_kernel_caches`] leaves everything to it.
+const CUBECL_CONFIG_FILES: [&str; 4] = ["cubecl.toml", "CubeCL.toml", "burn.toml", "Burn.toml"];
+
+/// Keeps compiled CUDA kernels (PTX) and autotune results between runs in `<user cache>/lfm/cubecl` (e.g.
+/// `~/.cache/lfm/cubecl`), so that only the first run on a machine pays NVRTC compilation and autotuning: on an
+/// H200 the built-in model's first `lfm sample` compiled over 400 kernels and took longer than a minute.
+/// CubeCL's defaults compile every kernel in every process and keep autotune results in the `target/` folder of
+/// whatever Cargo project the command runs in. A `cubecl.toml`/`burn.toml` (see [`CUBECL_CONFIG_FILES`]) takes
+/// precedence, and CubeCL's environment variables (`CUBECL_AUTOTUNE_LEVEL`, `CUBECL_DEBUG_LOG`…) still apply.
+/// Where the cache folder cannot be created, CubeCL's defaults stay. Returns the folder in use, if any.
+///
+/// Must run before any GPU work (CubeCL reads its configuration once); `lfm`'s `main` calls it first.
+pub fn keep_kernel_caches() -> Option<std::path::PathBuf> {
+    use cubecl::config::{cache::CacheConfig, CubeClRuntimeConfig, RuntimeConfig};
+    let cwd = std::env::current_dir().ok()?;
+    if cwd.ancestors().any(|dir| CUBECL_CONFIG_FILES.iter().any(|name| dir.join(name).is_file())) {
+        return None;
+    }
+    let root = dirs::cache_dir()?.join("lfm").join("cubecl");
+    std::fs::create_dir_all(&root).ok()?;
+    let mut config = CubeClRuntimeConfig::default().override_from_env();
+    config.compilation.cache = Some(CacheConfig::File(root.clone()));
+    config.autotune.cache = CacheConfig::File(root.clone());
+    CubeClRuntimeConfig::set(config);
+    Some(root)
+}
+
 /// What the user asked for with `--backend`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BackendChoice {

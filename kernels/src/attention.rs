@@ -347,7 +347,7 @@ pub fn has_fused_attention<B: Backend>() -> bool {
     }
     #[cfg(feature = "cuda")]
     if TypeId::of::<B>() == TypeId::of::<Autodiff<crate::dispatch::CudaCube>>() {
-        return true;
+        return crate::cuda_kernels_enabled();
     }
     TypeId::of::<B>() == TypeId::of::<Autodiff<crate::dispatch::WgpuCube>>()
 }

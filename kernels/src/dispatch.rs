@@ -30,11 +30,28 @@ pub(crate) fn is_runtime<B: Backend, R: CubeRuntime>() -> bool {
     TypeId::of::<B::FloatTensorPrimitive>() == TypeId::of::<CubeTensor<R>>()
 }
 
-/// Whether this crate has CubeCL kernels for backend `B`.
+/// The variable that switches lfm's kernels on for the CUDA backend ([`cuda_kernels_enabled`]).
+pub const CUDA_KERNELS_VAR: &str = "LFM_CUDA_KERNELS";
+
+/// Whether lfm's CubeCL kernels run on the CUDA backend: only when `LFM_CUDA_KERNELS=1` (read once per process).
+///
+/// Off by default because the first run on a real NVIDIA GPU (an H200, 2026-11-30) did not confirm them: the
+/// linear-combination kernel returned wrong elements on a 26,418-element tensor (the one test shape that takes
+/// 2-wide vectors), and dopri5 on CUDA took 44 evaluations where cpu and wgpu take 26. Until a GPU run of
+/// `tests/all/cuda.rs` with the variable set passes, CUDA takes the plain-Burn path (the kernels' own oracle),
+/// which is slower but cannot be wrong in the way an unverified kernel can. wgpu is unaffected: its kernels are
+/// tested on every CI run (lavapipe) and matched on the H200's Vulkan driver.
+pub fn cuda_kernels_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var(CUDA_KERNELS_VAR).is_ok_and(|v| v == "1"))
+}
+
+/// Whether this crate runs its CubeCL kernels for backend `B`: wgpu always, CUDA when
+/// [`cuda_kernels_enabled`].
 pub fn has_kernels<B: Backend>() -> bool {
     #[cfg(feature = "cuda")]
     if is_runtime::<B, CudaRuntime>() {
-        return true;
+        return cuda_kernels_enabled();
     }
     is_runtime::<B, WgpuRuntime>()
 }
@@ -52,13 +69,16 @@ pub(crate) fn from_cube<B: Backend, R: CubeRuntime, const D: usize>(tensor: Cube
     Tensor::from_primitive(TensorPrimitive::Float(primitive))
 }
 
-/// Runs `$body` with `$R` bound to the CubeCL runtime of backend `$B`, or evaluates to `None` when `$B` has none.
+/// Runs `$body` with `$R` bound to the CubeCL runtime of backend `$B` when this crate runs its kernels there
+/// ([`has_kernels`]); evaluates to `None` otherwise.
 macro_rules! with_runtime {
     ($B:ty, |$R:ident| $body:expr) => {{
         #[allow(unused_mut, unused_assignments)]
         let mut result = None;
         #[cfg(feature = "cuda")]
-        if $crate::dispatch::is_runtime::<$B, $crate::dispatch::CudaRuntime>() {
+        if $crate::dispatch::is_runtime::<$B, $crate::dispatch::CudaRuntime>()
+            && $crate::dispatch::cuda_kernels_enabled()
+        {
             type $R = $crate::dispatch::CudaRuntime;
             result = Some($body);
         }
@@ -75,10 +95,16 @@ pub(crate) use with_runtime;
 /// After `Backend::memory_cleanup`, the growth of this figure over an operation is the operation's peak
 /// working memory (pools keep their pages until the next cleanup).
 pub fn memory_reserved<B: Backend>(device: &B::Device) -> Option<u64> {
-    with_runtime!(B, |R| {
-        let device: &dyn Any = device;
+    fn reserved<R: CubeRuntime>(device: &dyn Any) -> Option<u64> {
         let device = device.downcast_ref::<<R as cubecl::Runtime>::Device>().expect("checked by is_runtime");
         <R as cubecl::Runtime>::client(device).memory_usage().ok().map(|usage| usage.bytes_reserved)
-    })
-    .flatten()
+    }
+    #[cfg(feature = "cuda")]
+    if is_runtime::<B, CudaRuntime>() {
+        return reserved::<CudaRuntime>(device);
+    }
+    if is_runtime::<B, WgpuRuntime>() {
+        return reserved::<WgpuRuntime>(device);
+    }
+    None
 }

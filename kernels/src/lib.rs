@@ -12,6 +12,6 @@ mod dispatch;
 pub mod rk;
 pub mod tableau;
 
-pub use dispatch::{has_kernels, memory_reserved, WgpuCube, WgpuRuntime};
+pub use dispatch::{cuda_kernels_enabled, has_kernels, memory_reserved, WgpuCube, WgpuRuntime, CUDA_KERNELS_VAR};
 #[cfg(feature = "cuda")]
 pub use dispatch::{CudaCube, CudaRuntime};

@@ -272,7 +272,11 @@ fn run_kernels(args: KernelsArgs, choice: BackendChoice) -> anyhow::Result<()> {
     let task = Kernels { options, device_name: device.to_string(), roofline, json: args.json };
     let report = report(&device, task, args.json)?;
     if !args.json && !report.fused_kernels {
-        println!("note: this backend has no fused kernels; both columns ran the plain Burn expressions");
+        println!(
+            "note: lfm's kernels do not run on this backend (on CUDA they are off unless {}=1); both columns ran \
+             the plain Burn expressions",
+            lfm_kernels::CUDA_KERNELS_VAR
+        );
     }
     Ok(())
 }

@@ -108,7 +108,8 @@ pub struct SampleArgs {
     /// Overwrite existing outputs.
     #[arg(long)]
     pub force: bool,
-    /// Use the plain Burn expressions instead of lfm's fused GPU kernels (attention, RK step) on wgpu/CUDA.
+    /// Use the plain Burn expressions instead of lfm's fused GPU kernels (attention, RK step) on wgpu (on CUDA
+    /// they only run with LFM_CUDA_KERNELS=1, until verified there).
     #[arg(long)]
     pub no_fused_kernels: bool,
     /// Print the summary as JSON.

@@ -2,7 +2,8 @@
 //! training step takes — the three networks, the flow-matching loss, the solvers with and without lfm's fused
 //! kernels, the kernels themselves, a full training step, `lfm sample` end to end — and 16-bit inference in f16 and
 //! bf16. Each test skips with a message where no NVIDIA GPU is present (CI has none); run them on a GPU machine
-//! with `LFM_REQUIRE_CUDA=1` so that they cannot pass by skipping.
+//! with `LFM_REQUIRE_CUDA=1` so that they cannot pass by skipping, once as is (CUDA's default: Burn's kernels only)
+//! and once with `LFM_CUDA_KERNELS=1` (lfm's kernels too, off by default on CUDA until such a run passes).
 
 use burn::backend::Autodiff;
 use burn::tensor::DType;
@@ -33,9 +34,24 @@ fn networks_compute_in_f16_and_bf16_on_cuda() {
     }
 }
 
+/// lfm's kernels stay off on CUDA unless `LFM_CUDA_KERNELS=1` (they failed their first real-GPU run); wgpu keeps
+/// them. Needs no GPU: it checks the dispatch, which every CUDA path consults.
+#[test]
+fn lfm_kernels_are_off_on_cuda_unless_asked_for() {
+    use lfm_kernels::attention::has_fused_attention;
+    let asked = std::env::var(lfm_kernels::CUDA_KERNELS_VAR).is_ok_and(|v| v == "1");
+    assert_eq!(lfm_kernels::has_kernels::<Cuda>(), asked);
+    assert_eq!(has_fused_attention::<Autodiff<Cuda>>(), asked);
+    assert!(lfm_kernels::has_kernels::<lfm::backend::Wgpu>() && has_fused_attention::<Autodiff<lfm::backend::Wgpu>>());
+}
+
 #[test]
 fn fused_kernels_match_burn_on_cuda() {
     let Some(device) = cuda() else { return };
+    if !lfm_kernels::cuda_kernels_enabled() {
+        eprintln!("skipped: lfm's kernels are off on CUDA; run with LFM_CUDA_KERNELS=1 to test them");
+        return;
+    }
     assert!(lfm_kernels::has_kernels::<Cuda>() && lfm_kernels::attention::has_fused_attention::<Autodiff<Cuda>>());
     crate::kernels::linear_combinations_match::<Cuda>(&device);
     crate::kernels::error_ratios_match::<Cuda>(&device);

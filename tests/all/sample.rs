@@ -414,3 +414,52 @@ fn sample_fid_equals_fid_of_the_written_images() {
     assert!(streamed > 1.0, "generated noise images should be far from photographs: FID {streamed}");
     assert!((streamed - from_files).abs() <= 1e-6 * from_files, "streamed {streamed} vs files {from_files}");
 }
+
+/// GPU runs keep CubeCL's autotune results (and, on CUDA, compiled kernels) in the user's cache folder, so a
+/// second run skips the tuning; a `cubecl.toml` in the working folder hands the configuration back to CubeCL.
+#[test]
+fn gpu_runs_keep_kernel_caches_in_the_user_cache_folder() {
+    if wgpu().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = converted(dir.path(), "dit_tiny");
+    let run = |name: &str, config: Option<&str>| -> std::path::PathBuf {
+        let (work, cache) = (dir.path().join(name), dir.path().join(format!("{name}-cache")));
+        std::fs::create_dir_all(&work).unwrap();
+        if let Some(config) = config {
+            std::fs::write(work.join("cubecl.toml"), config).unwrap();
+        }
+        let out = work.join("x0.safetensors");
+        let args = ["--backend", "wgpu", "sample", "--checkpoint", &ckpt, "--latents-only", "-n", "1"];
+        let extra = ["--solver", "euler", "--steps", "2", "--save-latents", out.to_str().unwrap()];
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_lfm"))
+            .current_dir(&work)
+            .env("XDG_CACHE_HOME", &cache)
+            .args(args)
+            .args(extra)
+            .output()
+            .expect("run lfm");
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        cache
+    };
+    let files = |dir: &std::path::Path| -> Vec<String> {
+        let mut found = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if entry.path().is_dir() {
+                    stack.push(entry.path());
+                } else {
+                    found.push(entry.path().display().to_string());
+                }
+            }
+        }
+        found
+    };
+    let cache = run("plain", None);
+    let kept = files(&cache.join("lfm/cubecl"));
+    assert!(kept.iter().any(|f| f.contains("autotune")), "no autotune results under {}: {kept:?}", cache.display());
+    let cache = run("configured", Some("[autotune]\nlevel = \"minimal\"\n"));
+    assert!(!cache.join("lfm").exists(), "a cubecl.toml should leave the configuration to CubeCL");
+}

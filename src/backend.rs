@@ -35,17 +35,27 @@ const CUBECL_CONFIG_FILES: [&str; 4] = ["cubecl.toml", "CubeCL.toml", "burn.toml
 /// precedence, and CubeCL's environment variables (`CUBECL_AUTOTUNE_LEVEL`, `CUBECL_DEBUG_LOG`…) still apply.
 /// Where the cache folder cannot be created, CubeCL's defaults stay. Returns the folder in use, if any.
 ///
+/// CubeCL keys a compiled kernel by its Rust type name and compile-time settings, not by its code or the GPU: a
+/// new build of lfm with a changed kernel body would load the old PTX. Compiled kernels therefore go in a
+/// subfolder per executable (`ptx-<size and time of this binary>`); autotune results, which CubeCL checks
+/// itself, are shared. After replacing the GPU with another model, delete the folder.
+///
 /// Must run before any GPU work (CubeCL reads its configuration once); `lfm`'s `main` calls it first.
 pub fn keep_kernel_caches() -> Option<std::path::PathBuf> {
     use cubecl::config::{cache::CacheConfig, CubeClRuntimeConfig, RuntimeConfig};
+    use std::hash::{Hash, Hasher};
     let cwd = std::env::current_dir().ok()?;
     if cwd.ancestors().any(|dir| CUBECL_CONFIG_FILES.iter().any(|name| dir.join(name).is_file())) {
         return None;
     }
     let root = dirs::cache_dir()?.join("lfm").join("cubecl");
-    std::fs::create_dir_all(&root).ok()?;
+    let exe = std::fs::metadata(std::env::current_exe().ok()?).ok()?;
+    let mut build = std::collections::hash_map::DefaultHasher::new();
+    (exe.len(), exe.modified().ok()).hash(&mut build);
+    let ptx = root.join(format!("ptx-{}-{:016x}", env!("CARGO_PKG_VERSION"), build.finish()));
+    std::fs::create_dir_all(&ptx).ok()?;
     let mut config = CubeClRuntimeConfig::default().override_from_env();
-    config.compilation.cache = Some(CacheConfig::File(root.clone()));
+    config.compilation.cache = Some(CacheConfig::File(ptx));
     config.autotune.cache = CacheConfig::File(root.clone());
     CubeClRuntimeConfig::set(config);
     Some(root)

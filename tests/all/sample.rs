@@ -460,6 +460,9 @@ fn gpu_runs_keep_kernel_caches_in_the_user_cache_folder() {
     let cache = run("plain", None);
     let kept = files(&cache.join("lfm/cubecl"));
     assert!(kept.iter().any(|f| f.contains("autotune")), "no autotune results under {}: {kept:?}", cache.display());
+    // The compiled-kernel folder is this binary's own (wgpu compiles no PTX, so it stays empty here).
+    let ptx: Vec<_> = std::fs::read_dir(cache.join("lfm/cubecl")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(ptx.iter().any(|name| name.to_string_lossy().starts_with("ptx-")), "no per-build kernel folder: {ptx:?}");
     let cache = run("configured", Some("[autotune]\nlevel = \"minimal\"\n"));
     assert!(!cache.join("lfm").exists(), "a cubecl.toml should leave the configuration to CubeCL");
 }

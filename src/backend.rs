@@ -40,7 +40,9 @@ const CUBECL_CONFIG_FILES: [&str; 4] = ["cubecl.toml", "CubeCL.toml", "burn.toml
 /// subfolder per executable (`ptx-<size and time of this binary>`); autotune results, which CubeCL checks
 /// itself, are shared. After replacing the GPU with another model, delete the folder.
 ///
-/// Must run before any GPU work (CubeCL reads its configuration once); `lfm`'s `main` calls it first.
+/// Must run before any GPU work (CubeCL reads its configuration once, and setting it twice panics): `lfm` does
+/// not call it directly but through [`keep_kernel_caches_when_a_gpu_is_selected`], once, when [`select`] first
+/// picks a GPU, so CPU-only commands leave the user's cache folder alone.
 pub fn keep_kernel_caches() -> Option<std::path::PathBuf> {
     use cubecl::config::{cache::CacheConfig, CubeClRuntimeConfig, RuntimeConfig};
     use std::hash::{Hash, Hasher};
@@ -59,6 +61,19 @@ pub fn keep_kernel_caches() -> Option<std::path::PathBuf> {
     config.autotune.cache = CacheConfig::File(root.clone());
     CubeClRuntimeConfig::set(config);
     Some(root)
+}
+
+/// Set by [`keep_kernel_caches_when_a_gpu_is_selected`]: the process wants [`keep_kernel_caches`] on its first GPU.
+static KERNEL_CACHES_WANTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The outcome of the one [`keep_kernel_caches`] call a process makes.
+static KERNEL_CACHES: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+
+/// Asks [`select`] to call [`keep_kernel_caches`] (once per process) the first time it picks a GPU, before the GPU
+/// runtime starts (selection itself only probes the driver and wgpu, not CubeCL). For programs that own their
+/// process, such as `lfm`'s `main`; a library embedding lfm keeps CubeCL's defaults unless it calls this.
+pub fn keep_kernel_caches_when_a_gpu_is_selected() {
+    KERNEL_CACHES_WANTED.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// What the user asked for with `--backend`.
@@ -248,6 +263,12 @@ pub fn select(choice: BackendChoice) -> Result<Device, BackendError> {
         BackendChoice::Auto => auto_device(),
     };
     tracing::info!(backend = %choice, device = %device, "selected device");
+    if device != Device::Cpu && KERNEL_CACHES_WANTED.load(std::sync::atomic::Ordering::Relaxed) {
+        match KERNEL_CACHES.get_or_init(keep_kernel_caches) {
+            Some(dir) => tracing::debug!("GPU kernel and autotune caches in {}", dir.display()),
+            None => tracing::debug!("GPU kernel caches: CubeCL's own configuration"),
+        }
+    }
     Ok(device)
 }
 

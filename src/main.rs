@@ -10,8 +10,8 @@ fn main() -> std::process::ExitCode {
             std::env::set_var("XDG_RUNTIME_DIR", &dir);
         }
     }
-    // Before anything touches a GPU runtime: CubeCL reads its configuration once.
-    let kernel_cache = lfm::backend::keep_kernel_caches();
+    // Compiled kernels and autotune results kept between runs, set up when a command first selects a GPU.
+    lfm::backend::keep_kernel_caches_when_a_gpu_is_selected();
     let cli = lfm::cli::Cli::parse();
     let level = match cli.verbose {
         0 => "info",
@@ -21,10 +21,6 @@ fn main() -> std::process::ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("lfm={level},warn")));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
-    match &kernel_cache {
-        Some(dir) => tracing::debug!("GPU kernel and autotune caches in {}", dir.display()),
-        None => tracing::debug!("GPU kernel caches: CubeCL's own configuration"),
-    }
     // A panic inside a backend (e.g. a GPU runtime) becomes one readable line, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
         let message = info

@@ -416,7 +416,8 @@ fn sample_fid_equals_fid_of_the_written_images() {
 }
 
 /// GPU runs keep CubeCL's autotune results (and, on CUDA, compiled kernels) in the user's cache folder, so a
-/// second run skips the tuning; a `cubecl.toml` in the working folder hands the configuration back to CubeCL.
+/// second run skips the tuning; a `cubecl.toml` in the working folder hands the configuration back to CubeCL; a
+/// CPU run writes nothing there.
 #[test]
 fn gpu_runs_keep_kernel_caches_in_the_user_cache_folder() {
     if wgpu().is_none() {
@@ -424,14 +425,14 @@ fn gpu_runs_keep_kernel_caches_in_the_user_cache_folder() {
     }
     let dir = tempfile::tempdir().unwrap();
     let ckpt = converted(dir.path(), "dit_tiny");
-    let run = |name: &str, config: Option<&str>| -> std::path::PathBuf {
+    let run = |name: &str, backend: &str, config: Option<&str>| -> std::path::PathBuf {
         let (work, cache) = (dir.path().join(name), dir.path().join(format!("{name}-cache")));
         std::fs::create_dir_all(&work).unwrap();
         if let Some(config) = config {
             std::fs::write(work.join("cubecl.toml"), config).unwrap();
         }
         let out = work.join("x0.safetensors");
-        let args = ["--backend", "wgpu", "sample", "--checkpoint", &ckpt, "--latents-only", "-n", "1"];
+        let args = ["--backend", backend, "sample", "--checkpoint", &ckpt, "--latents-only", "-n", "1"];
         let extra = ["--solver", "euler", "--steps", "2", "--save-latents", out.to_str().unwrap()];
         let run = std::process::Command::new(env!("CARGO_BIN_EXE_lfm"))
             .current_dir(&work)
@@ -457,12 +458,14 @@ fn gpu_runs_keep_kernel_caches_in_the_user_cache_folder() {
         }
         found
     };
-    let cache = run("plain", None);
+    let cache = run("cpu", "cpu", None);
+    assert!(!cache.exists(), "a CPU run should leave the user's cache folder alone");
+    let cache = run("plain", "wgpu", None);
     let kept = files(&cache.join("lfm/cubecl"));
     assert!(kept.iter().any(|f| f.contains("autotune")), "no autotune results under {}: {kept:?}", cache.display());
     // The compiled-kernel folder is this binary's own (wgpu compiles no PTX, so it stays empty here).
     let ptx: Vec<_> = std::fs::read_dir(cache.join("lfm/cubecl")).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(ptx.iter().any(|name| name.to_string_lossy().starts_with("ptx-")), "no per-build kernel folder: {ptx:?}");
-    let cache = run("configured", Some("[autotune]\nlevel = \"minimal\"\n"));
+    let cache = run("configured", "wgpu", Some("[autotune]\nlevel = \"minimal\"\n"));
     assert!(!cache.join("lfm").exists(), "a cubecl.toml should leave the configuration to CubeCL");
 }

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use burn::tensor::backend::Backend;
 use clap::Args;
 
-use crate::autoencoder::AutoencoderKLConfig;
+use crate::autoencoder::{AutoencoderKLConfig, AutoencoderKind, AutoencoderWeights};
 use crate::backend::{self, BackendChoice, OnBackend};
+use crate::checkpoint::TensorMap;
 use crate::train::autoencoder::{train_autoencoder, AutoencoderData, AutoencoderRun, AutoencoderState};
 use crate::train::data::{open_images, ImageItem, Source};
 
@@ -29,9 +30,17 @@ pub struct TrainAutoencoderArgs {
     #[arg(long, default_value_t = 256)]
     pub image_size: usize,
     /// The architecture: a diffusers AutoencoderKL config.json (block_out_channels, layers_per_block,
-    /// latent_channels, norm_num_groups, …). Not needed with --resume.
-    #[arg(long)]
+    /// latent_channels, norm_num_groups, …). Not needed with --resume or --init.
+    #[arg(long, conflicts_with = "init")]
     pub config: Option<PathBuf>,
+    /// Start from a trained autoencoder: a diffusers folder (`config.json` + weights, e.g. an earlier
+    /// `lfm train-autoencoder --out`), whose architecture and weights the run takes.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Fine-tune the decoder only (with --init): the encoder and its latent scale stay as they are, so latents
+    /// encoded before and velocity networks trained on them stay valid (how SD's sd-vae-ft-mse was made).
+    #[arg(long)]
+    pub decoder_only: bool,
     /// Output folder: config.json + diffusion_pytorch_model.safetensors (a diffusers folder), metrics.jsonl,
     /// train-state/.
     #[arg(long)]
@@ -78,6 +87,7 @@ fn images(path: &Path, size: usize) -> anyhow::Result<Vec<ImageItem>> {
 
 struct Job {
     config: AutoencoderKLConfig,
+    init: Option<TensorMap>,
     train: Vec<ImageItem>,
     eval: Option<Vec<ImageItem>>,
     size: usize,
@@ -97,19 +107,31 @@ impl OnBackend for Job {
             size: self.size,
             eval_images: self.eval_images,
         };
-        Ok(train_autoencoder::<B>(&self.config, data, &self.settings, &self.out, self.resume, &device)?)
+        let init = self.init.as_ref();
+        Ok(train_autoencoder::<B>(&self.config, init, data, &self.settings, &self.out, self.resume, &device)?)
     }
 }
 
 pub(crate) fn run(args: TrainAutoencoderArgs, choice: BackendChoice) -> anyhow::Result<()> {
     let previous = crate::train::autoencoder::read_autoencoder_state(&args.out)?;
-    let config = match (&args.config, &previous) {
-        (Some(path), _) => {
+    let init = match &args.init {
+        Some(dir) => match AutoencoderWeights::read(AutoencoderKind::Kl, dir, None)? {
+            AutoencoderWeights::Kl(config, weights) => Some((config, weights)),
+            AutoencoderWeights::Taesd(..) => unreachable!("read as a KL autoencoder"),
+        },
+        None => None,
+    };
+    let config = match (&args.config, &init, &previous) {
+        (Some(path), _, _) => {
             let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             AutoencoderKLConfig::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
         }
-        (None, Some(state)) if args.resume => state.config.clone(),
-        _ => anyhow::bail!("give the architecture with --config config.json (a diffusers AutoencoderKL config)"),
+        (None, Some((config, _)), _) => config.clone(),
+        (None, None, Some(state)) if args.resume => state.config.clone(),
+        _ => anyhow::bail!(
+            "give the architecture with --config config.json (a diffusers AutoencoderKL config), or a trained \
+             autoencoder to start from with --init DIR"
+        ),
     };
     anyhow::ensure!(args.batch_size > 0 && args.max_steps > 0, "--batch-size and --max-steps must be positive");
     anyhow::ensure!(args.kl_weight >= 0.0 && args.kl_weight.is_finite(), "--kl-weight must be ≥ 0");
@@ -125,12 +147,14 @@ pub(crate) fn run(args: TrainAutoencoderArgs, choice: BackendChoice) -> anyhow::
         flip: !args.no_flip,
         seed: args.seed,
         save_every: args.save_every,
+        decoder_only: args.decoder_only,
     };
     std::fs::create_dir_all(&args.out)?;
     let device = backend::select(choice)?;
     let n = train.len();
     let job = Job {
         config,
+        init: init.map(|(_, weights)| weights),
         train,
         eval,
         size: args.image_size,

@@ -51,6 +51,11 @@ pub struct AutoencoderRun {
     pub seed: u64,
     /// Checkpoint every this many steps (and at the end).
     pub save_every: usize,
+    /// Train the decoder (and `post_quant_conv`) only: the encoder and `quant_conv` keep their starting weights,
+    /// so the latent space, its `scaling_factor` and any velocity network trained on it stay valid (SD's
+    /// `sd-vae-ft-mse` is such a decoder fine-tune). Needs starting weights.
+    #[serde(default)]
+    pub decoder_only: bool,
 }
 
 impl AutoencoderRun {
@@ -225,10 +230,20 @@ pub struct AutoencoderData<'a> {
     pub eval_images: usize,
 }
 
+/// The encoder half (`encoder`, `quant_conv`) made constant: no gradient reaches it, so the optimiser never moves it.
+fn freeze_encoder<B: AutodiffBackend>(mut model: AutoencoderKL<B>) -> AutoencoderKL<B> {
+    model.encoder = model.encoder.no_grad();
+    model.quant_conv = model.quant_conv.no_grad();
+    model
+}
+
 /// Trains `config` on `data` with `settings` on backend `B`, writing checkpoints to `out` (resuming from its
-/// last one when `resume`). Returns the final state, whose `config.scaling_factor` is 1 / the latents' std.
+/// last one when `resume`), starting from `init` (diffusers-named weights of `config`'s architecture) when given.
+/// Returns the final state, whose `config.scaling_factor` is 1 / the latents' std — or, with
+/// [`AutoencoderRun::decoder_only`], `config`'s own (the encoder, and so the latent scale, does not change).
 pub fn train_autoencoder<B: Backend>(
     config: &AutoencoderKLConfig,
+    init: Option<&crate::checkpoint::TensorMap>,
     data: AutoencoderData<'_>,
     settings: &AutoencoderRun,
     out: &Path,
@@ -237,6 +252,11 @@ pub fn train_autoencoder<B: Backend>(
 ) -> Result<AutoencoderState, TrainError> {
     type A<B> = Autodiff<B>;
     config.validate().map_err(TrainError::Invalid)?;
+    if settings.decoder_only && init.is_none() && !resume {
+        return Err(TrainError::Invalid(
+            "--decoder-only fine-tunes the decoder of a trained autoencoder: give its folder with --init DIR".into(),
+        ));
+    }
     if data.train.is_empty() {
         return Err(TrainError::Invalid("the training data is empty".into()));
     }
@@ -248,7 +268,12 @@ pub fn train_autoencoder<B: Backend>(
         )));
     }
     <A<B> as Backend>::seed(device, settings.seed);
-    let mut model: AutoencoderKL<A<B>> = config.init(device);
+    let mut model: AutoencoderKL<A<B>> = match init {
+        Some(weights) => {
+            AutoencoderKL::load(config, weights, device).map_err(|e| TrainError::Invalid(format!("--init: {e}")))?
+        }
+        None => config.init(device),
+    };
     let mut optimizer = lfm_adamw().init::<A<B>, AutoencoderKL<A<B>>>();
     let dir = state_dir(out);
     std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
@@ -259,11 +284,12 @@ pub fn train_autoencoder<B: Backend>(
         (true, Some(state)) => {
             if state.settings.seed != settings.seed
                 || state.settings.batch_size != settings.batch_size
+                || state.settings.decoder_only != settings.decoder_only
                 || (AutoencoderKLConfig { scaling_factor: config.scaling_factor, ..state.config.clone() }) != *config
             {
                 return Err(TrainError::Invalid(
-                    "--resume: the architecture, seed or batch size differ from the checkpoint's; resume with the \
-                     same ones"
+                    "--resume: the architecture, seed, batch size or --decoder-only differ from the checkpoint's; \
+                     resume with the same ones"
                         .into(),
                 ));
             }
@@ -292,10 +318,12 @@ pub fn train_autoencoder<B: Backend>(
         }
         (false, None) => {}
     }
+    if settings.decoder_only {
+        model = freeze_encoder(model);
+    }
 
     let log_path = out.join("metrics.jsonl");
-    let mut log =
-        std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| io_error(&log_path, e))?;
+    let mut log = super::metrics_log::open(&log_path, resume.then_some(step)).map_err(|e| io_error(&log_path, e))?;
     let progress = ProgressBar::new(settings.max_steps as u64);
     progress.set_style(
         ProgressStyle::with_template("autoencoder {bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
@@ -354,7 +382,9 @@ pub fn train_autoencoder<B: Backend>(
                 eval.psnr, eval.mse, eval.images, eval.latent_std
             ));
             let mut config = config.clone();
-            config.scaling_factor = 1.0 / eval.latent_std.max(1e-12);
+            if !settings.decoder_only {
+                config.scaling_factor = 1.0 / eval.latent_std.max(1e-12);
+            }
             let saved = save(&model, &optimizer, &recorder, &config, settings, out, step, eval)?;
             state = Some(saved);
         }

@@ -9,6 +9,7 @@ pub mod latents;
 pub mod lmdb;
 pub mod loader;
 pub mod masks;
+pub mod metrics_log;
 pub mod mixed;
 pub mod nodes;
 pub mod run;

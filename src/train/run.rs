@@ -340,11 +340,7 @@ pub fn train<B: Backend>(
     let log_path = out_dir.join("metrics.jsonl");
     let mut log = match leader {
         true => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)
-                .map_err(|e| io_error(&log_path, e))?,
+            super::metrics_log::open(&log_path, resume.then_some(trainer.step)).map_err(|e| io_error(&log_path, e))?,
         ),
         false => None,
     };

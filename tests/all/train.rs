@@ -431,9 +431,21 @@ fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
         std::thread::sleep(std::time::Duration::from_millis(2));
     };
     assert!(killed_at < 40, "killed at step {killed_at}");
+    // A step logged after the checkpoint (the kill may land before or after the next line): the resumed run
+    // takes it again, and the log keeps each step once.
+    let log = killed.join("metrics.jsonl");
+    let mut text = std::fs::read_to_string(&log).unwrap();
+    text.push_str(&format!("{{\"step\":{},\"loss\":1.0}}\n", killed_at + 1));
+    std::fs::write(&log, text).unwrap();
     args.push("--resume");
     let (ok, _, stderr) = lfm(&args);
     assert!(ok, "{stderr}");
+    let logged: Vec<u64> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(logged, (1..=40).collect::<Vec<u64>>(), "metrics.jsonl after kill -9 at step {killed_at} and --resume");
     // The weights and their moving average.
     for file in ["model.safetensors", "ema.safetensors"] {
         let a = read_weights(&straight.join(file)).unwrap().tensors;

@@ -144,10 +144,17 @@ fn training_learns_resumes_exactly_and_writes_a_diffusers_folder() {
     let split = d.root.join("split");
     let (ok, _, stderr) = lfm(&args(&d, split.to_str().unwrap(), "20"));
     assert!(ok, "{stderr}");
+    // A line of a step past the checkpoint (a run killed between checkpoints) is dropped when the run resumes.
+    let log = split.join("metrics.jsonl");
+    let mut text = std::fs::read_to_string(&log).unwrap();
+    text.push_str("{\"step\":21,\"loss\":1.0}\n");
+    std::fs::write(&log, text).unwrap();
     let mut resumed = args(&d, split.to_str().unwrap(), "40");
     resumed.push("--resume");
     let (ok, _, stderr) = lfm(&resumed);
     assert!(ok, "{stderr}");
+    assert_eq!(metric(&split, "mse").len(), 40, "each step logged once");
+    assert_eq!(metric(&split, "loss"), metric(&straight, "loss"), "the resumed log is the uninterrupted run's");
     let file = "diffusion_pytorch_model.safetensors";
     let (a, b) =
         (read_weights(&straight.join(file)).unwrap().tensors, read_weights(&split.join(file)).unwrap().tensors);
@@ -200,4 +207,66 @@ fn bad_autoencoder_settings_are_refused_clearly() {
     missing[at] = "/nonexistent/train-images-idx3-ubyte";
     let (ok, _, stderr) = lfm(&missing);
     assert!(!ok && stderr.contains("/nonexistent"), "{stderr}");
+}
+
+/// `--init DIR --decoder-only` fine-tunes the decoder of a trained autoencoder: the encoder half and the latent
+/// scale are bit-identical to the starting folder's (latents and velocity networks made with it stay valid), the
+/// decoder moves and reconstructs better; without --init the flag is refused.
+#[test]
+fn decoder_only_fine_tuning_keeps_the_latent_space() {
+    let d = data();
+    let base = d.root.join("base");
+    let (ok, _, stderr) = lfm(&args(&d, base.to_str().unwrap(), "20"));
+    assert!(ok, "{stderr}");
+    let tuned = d.root.join("tuned");
+    let mut fine_tune = args(&d, tuned.to_str().unwrap(), "30");
+    let at = fine_tune.iter().position(|a| *a == "--config").unwrap();
+    fine_tune.splice(at..at + 2, ["--init", base.to_str().unwrap(), "--decoder-only"]);
+    let (ok, _, stderr) = lfm(&fine_tune);
+    assert!(ok, "{stderr}");
+
+    let file = "diffusion_pytorch_model.safetensors";
+    let (before, after) =
+        (read_weights(&base.join(file)).unwrap().tensors, read_weights(&tuned.join(file)).unwrap().tensors);
+    assert_eq!(before.keys().collect::<Vec<_>>(), after.keys().collect::<Vec<_>>());
+    let mut decoder_moved = false;
+    for (key, tensor) in &before {
+        let same = tensor.to_f32() == after[key].to_f32();
+        if key.starts_with("encoder.") || key.starts_with("quant_conv.") {
+            assert!(same, "{key} changed in a decoder-only run");
+        } else if key.starts_with("decoder.") {
+            decoder_moved |= !same;
+        }
+    }
+    assert!(decoder_moved, "the decoder did not train");
+    let (base_state, tuned_state) =
+        (read_autoencoder_state(&base).unwrap().unwrap(), read_autoencoder_state(&tuned).unwrap().unwrap());
+    assert_eq!(tuned_state.config, base_state.config, "the architecture and latent scale are the starting folder's");
+    let (base_eval, tuned_eval) = (base_state.eval.unwrap(), tuned_state.eval.unwrap());
+    assert_eq!(tuned_eval.latent_std, base_eval.latent_std, "the same encoder gives the same latents");
+    assert!(tuned_eval.mse < base_eval.mse, "held-out mse {} → {}", base_eval.mse, tuned_eval.mse);
+
+    let no_init_out = d.root.join("no-init");
+    // 15 steps, then 15 more with --resume, end with the weights of the 30-step run (the encoder stays frozen).
+    let split = d.root.join("tuned-split");
+    let mut first = fine_tune.clone();
+    let (out_at, steps_at) =
+        (first.iter().position(|a| *a == "--out").unwrap() + 1, first.iter().position(|a| *a == "30").unwrap());
+    first[out_at] = split.to_str().unwrap();
+    first[steps_at] = "15";
+    let (ok, _, stderr) = lfm(&first);
+    assert!(ok, "{stderr}");
+    let mut second = first.clone();
+    second[steps_at] = "30";
+    second.push("--resume");
+    let (ok, _, stderr) = lfm(&second);
+    assert!(ok, "{stderr}");
+    for (key, tensor) in read_weights(&split.join(file)).unwrap().tensors {
+        assert_eq!(tensor.to_f32(), after[&key].to_f32(), "{key} differs after a resume");
+    }
+
+    let mut no_init = args(&d, no_init_out.to_str().unwrap(), "5");
+    no_init.push("--decoder-only");
+    let (ok, _, stderr) = lfm(&no_init);
+    assert!(!ok && stderr.contains("--init"), "{stderr}");
 }

@@ -11,6 +11,7 @@ mod common;
 use burn::backend::ndarray::NdArrayDevice;
 use burn::tensor::{Distribution, Tensor};
 use lfm::backend::Cpu;
+use lfm::nn::cpu::Activation;
 
 /// One layer: name, input `[C, H, W]`, output channels, kernel, stride, padding.
 type Layer = (&'static str, [usize; 3], usize, [usize; 2], usize, [usize; 2]);
@@ -39,7 +40,7 @@ fn main() {
             lfm::nn::conv2d_im2col(x.clone(), weight.clone(), Some(bias.clone()), stride, padding);
         });
         let kernel_time = common::median_time(reps, || {
-            lfm::nn::cpu::conv2d(x.clone(), weight.clone(), Some(bias.clone()), stride, padding);
+            lfm::nn::cpu::conv2d(x.clone(), weight.clone(), Some(bias.clone()), stride, padding, Activation::None);
         });
         let [ho, wo] = [(h + 2 * padding[0] - kernel[0]) / stride + 1, (w + 2 * padding[1] - kernel[1]) / stride + 1];
         let flops = 2.0 * (batch * out * ho * wo * c * kernel[0] * kernel[1]) as f64;

@@ -50,8 +50,17 @@ impl Geometry {
         self.kernel == [1, 1] && self.stride == 1 && self.padding == [0, 0]
     }
 
-    /// Convolves one image `[in, H, W]` into `out` `[out, Ho, Wo]` (which holds the bias on entry).
-    fn image(&self, x: &[f32], weight: &[f32], out: &mut [f32], parallelism: Parallelism) {
+    /// Convolves one image `[in, H, W]` into `out` `[out, Ho, Wo]` (which holds the bias on entry), then applies
+    /// `activation` while the output is still in cache.
+    fn image(&self, x: &[f32], weight: &[f32], out: &mut [f32], parallelism: Parallelism, activation: Activation) {
+        self.convolve(x, weight, out, parallelism);
+        if activation == Activation::Relu {
+            // `<`, not `max`: a NaN stays NaN, as with Burn's relu.
+            out.iter_mut().filter(|v| **v < 0.0).for_each(|v| *v = 0.0);
+        }
+    }
+
+    fn convolve(&self, x: &[f32], weight: &[f32], out: &mut [f32], parallelism: Parallelism) {
         let (depth, plane) = (self.depth(), self.out_height * self.out_width);
         if self.is_pointwise() {
             // SAFETY: `weight` is [out, depth], `x` is [depth, plane], `out` is [out, plane], all row-major.
@@ -153,8 +162,17 @@ unsafe fn gemm_rows(
     }
 }
 
-/// `conv2d(x, weight, bias, stride, padding)` for `f32` tensors on the CPU backend without autodiff (see
-/// [`applies`]): `x` `[N, in, H, W]`, `weight` `[out, in, kh, kw]`, symmetric zero padding `[ph, pw]`.
+/// What follows a convolution, applied to each image's output while it is still in cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// Nothing.
+    None,
+    /// `max(x, 0)` (NaN kept): one pass over the output where Burn's relu would be another tensor.
+    Relu,
+}
+
+/// `activation(conv2d(x, weight, bias, stride, padding))` for `f32` tensors on the CPU backend without autodiff
+/// (see [`applies`]): `x` `[N, in, H, W]`, `weight` `[out, in, kh, kw]`, symmetric zero padding `[ph, pw]`.
 ///
 /// Batches of at least as many images as there are threads convolve one image per thread; smaller ones split
 /// each GEMM over the threads instead.
@@ -164,6 +182,7 @@ pub fn conv2d<B: Backend>(
     bias: Option<Tensor<B, 1>>,
     stride: usize,
     padding: [usize; 2],
+    activation: Activation,
 ) -> Tensor<B, 4> {
     let device = x.device();
     let [n, channels, height, width] = x.dims();
@@ -195,10 +214,10 @@ pub fn conv2d<B: Backend>(
             if n >= threads && n > 1 {
                 out.par_chunks_exact_mut(image_out)
                     .zip(x.par_chunks_exact(image_in))
-                    .for_each(|(out, x)| g.image(x, weight, out, Parallelism::None));
+                    .for_each(|(out, x)| g.image(x, weight, out, Parallelism::None, activation));
             } else {
                 for (out, x) in out.chunks_exact_mut(image_out).zip(x.chunks_exact(image_in)) {
-                    g.image(x, weight, out, Parallelism::Rayon(threads));
+                    g.image(x, weight, out, Parallelism::Rayon(threads), activation);
                 }
             }
         })

@@ -194,13 +194,28 @@ pub fn conv2d_padded<B: Backend>(
     padding: [usize; 2],
 ) -> Tensor<B, 4> {
     if cpu::applies(&x) && cpu::applies(&weight) {
-        cpu::conv2d(x, weight, bias, stride, padding)
+        cpu::conv2d(x, weight, bias, stride, padding, cpu::Activation::None)
     } else if is_ndarray::<B>() {
         conv2d_im2col(x, weight, bias, stride, padding)
     } else {
         let options = burn::tensor::ops::ConvOptions::new([stride, stride], padding, [1, 1], 1);
         burn::tensor::module::conv2d(x, weight, bias, options)
     }
+}
+
+/// `relu(conv2d_padded(x, weight, bias, stride, padding))`, the ReLU fused into [`cpu::conv2d`] on the CPU backend
+/// at inference. Arguments as [`conv2d_padded`]'s.
+pub fn conv2d_relu_padded<B: Backend>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    bias: Option<Tensor<B, 1>>,
+    stride: usize,
+    padding: [usize; 2],
+) -> Tensor<B, 4> {
+    if cpu::applies(&x) && cpu::applies(&weight) {
+        return cpu::conv2d(x, weight, bias, stride, padding, cpu::Activation::Relu);
+    }
+    burn::tensor::activation::relu(conv2d_padded(x, weight, bias, stride, padding))
 }
 
 /// `max_pool2d(x, k, stride, padding)` (padding never wins the maximum); [`cpu::pool2d`] on the CPU backend at

@@ -268,6 +268,9 @@ pub fn train_autoencoder<B: Backend>(
         )));
     }
     <A<B> as Backend>::seed(device, settings.seed);
+    let previous = read_autoencoder_state(out)?;
+    // A resumed run's weights come from its checkpoint; `init` only gave the architecture.
+    let init = init.filter(|_| !(resume && previous.is_some()));
     let mut model: AutoencoderKL<A<B>> = match init {
         Some(weights) => {
             AutoencoderKL::load(config, weights, device).map_err(|e| TrainError::Invalid(format!("--init: {e}")))?
@@ -279,7 +282,6 @@ pub fn train_autoencoder<B: Backend>(
     std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
     let recorder = NamedMpkBytesRecorder::<FullPrecisionSettings>::default();
     let mut step = 0;
-    let previous = read_autoencoder_state(out)?;
     match (resume, previous) {
         (true, Some(state)) => {
             if state.settings.seed != settings.seed

@@ -6,20 +6,52 @@ use std::path::Path;
 
 /// Opens the log at `path` for appending. A run resuming from its checkpoint at step `resumed_at` first drops the
 /// lines of later steps: a run stopped between checkpoints (`kill -9`, a crash) had logged steps that the resumed
-/// run takes again, and each step should appear once. The file is rewritten atomically, and only when a line goes.
+/// run takes again, and each step should appear once. A last line cut short by the crash (no newline, not JSON)
+/// goes too, so the next line is not glued to it. The file is rewritten atomically, and only when a line goes.
 pub fn open(path: &Path, resumed_at: Option<usize>) -> std::io::Result<File> {
     if let (Some(at), true) = (resumed_at, path.exists()) {
         let text = std::fs::read_to_string(path)?;
-        let later = |line: &str| {
-            serde_json::from_str::<serde_json::Value>(line)
-                .ok()
-                .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
-                .is_some_and(|step| step > at as u64)
+        let torn_tail = !text.is_empty() && !text.ends_with('\n');
+        let lines: Vec<&str> = text.lines().collect();
+        let keep = |(i, line): &(usize, &&str)| match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(value) => value.get("step").and_then(serde_json::Value::as_u64).is_none_or(|step| step <= at as u64),
+            Err(_) => !(torn_tail && *i + 1 == lines.len()),
         };
-        if text.lines().any(later) {
-            let kept: String = text.lines().filter(|line| !later(line)).flat_map(|line| [line, "\n"]).collect();
-            crate::io::write_atomic(path, kept.as_bytes())?;
+        let kept: Vec<&str> = lines.iter().enumerate().filter(keep).map(|(_, line)| *line).collect();
+        if kept.len() < lines.len() || torn_tail {
+            let text: String = kept.iter().flat_map(|line| [*line, "\n"]).collect();
+            crate::io::write_atomic(path, text.as_bytes())?;
         }
     }
     std::fs::OpenOptions::new().create(true).append(true).open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    fn log_after_resume(text: &str, resumed_at: usize) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        std::fs::write(&path, text).unwrap();
+        let mut file = super::open(&path, Some(resumed_at)).unwrap();
+        writeln!(file, "{{\"step\":{}}}", resumed_at + 1).unwrap();
+        drop(file);
+        std::fs::read_to_string(&path).unwrap()
+    }
+
+    #[test]
+    fn a_resumed_log_keeps_each_step_once() {
+        let text = "{\"step\":1}\n{\"step\":2}\n{\"step\":3}\n";
+        assert_eq!(log_after_resume(text, 2), "{\"step\":1}\n{\"step\":2}\n{\"step\":3}\n");
+        assert_eq!(log_after_resume(text, 3), "{\"step\":1}\n{\"step\":2}\n{\"step\":3}\n{\"step\":4}\n");
+    }
+
+    #[test]
+    fn a_line_cut_short_by_a_crash_is_dropped_not_glued_to() {
+        let text = "{\"step\":1}\n{\"step\":2}\n{\"step\":3,\"lo";
+        assert_eq!(log_after_resume(text, 2), "{\"step\":1}\n{\"step\":2}\n{\"step\":3}\n");
+        // A complete line that is not JSON (written by hand) stays.
+        assert_eq!(log_after_resume("# note\n{\"step\":1}\n", 1), "# note\n{\"step\":1}\n{\"step\":2}\n");
+    }
 }

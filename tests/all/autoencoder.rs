@@ -5,6 +5,7 @@ use burn::tensor::{backend::Backend, Distribution, Tensor};
 use lfm::autoencoder::{Autoencoder, AutoencoderKL, AutoencoderKLConfig, AutoencoderKind, AutoencoderWeights};
 use lfm::backend::{Cpu, Wgpu};
 use lfm::checkpoint::{read_weights, CheckpointError};
+use lfm::nn::cpu::Activation;
 
 use crate::common::*;
 
@@ -87,10 +88,16 @@ fn cpu_convolutions_equal_burns_convolution() {
             let tolerance = 1e-5 * ((c_in * kh * kw) as f64).sqrt();
             let im2col = lfm::nn::conv2d_im2col(x.clone(), weight.clone(), bias.clone(), stride, padding);
             assert_close(&format!("im2col {case}"), &values(im2col), &want, tolerance, 1e-5);
-            let kernel = lfm::nn::cpu::conv2d(x, weight, bias, stride, padding);
+            let kernel =
+                lfm::nn::cpu::conv2d(x.clone(), weight.clone(), bias.clone(), stride, padding, Activation::None);
             let [ho, wo] = [(h + 2 * padding[0] - kh) / stride + 1, (w + 2 * padding[1] - kw) / stride + 1];
             assert_eq!(kernel.dims(), [batch, c_out, ho, wo], "{case}");
-            assert_close(&format!("cpu kernel {case}"), &values(kernel), &want, tolerance, 1e-5);
+            let kernel = values(kernel);
+            assert_close(&format!("cpu kernel {case}"), &kernel, &want, tolerance, 1e-5);
+            // The fused ReLU (Inception's layers) is exactly the ReLU of the same convolution.
+            let fused = values(lfm::nn::conv2d_relu_padded(x, weight, bias, stride, padding));
+            let relu: Vec<f32> = kernel.iter().map(|v| v.max(0.0)).collect();
+            assert_eq!(fused, relu, "fused ReLU {case}");
         }
     }
 }

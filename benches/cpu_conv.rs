@@ -11,7 +11,7 @@ mod common;
 use burn::backend::ndarray::NdArrayDevice;
 use burn::tensor::{Distribution, Tensor};
 use lfm::backend::Cpu;
-use lfm::nn::cpu::Activation;
+use lfm::nn::Activation;
 
 /// One layer: name, input `[C, H, W]`, output channels, kernel, stride, padding.
 type Layer = (&'static str, [usize; 3], usize, [usize; 2], usize, [usize; 2]);

@@ -107,7 +107,8 @@ impl<B: Backend> BasicConv2d<B> {
         let shift = self.bn.bias.val() - self.bn.running_mean.val() * scale.clone();
         let [c_out, ..] = self.conv.weight.dims();
         let weight = self.conv.weight.val() * scale.reshape([c_out, 1, 1, 1]);
-        crate::nn::conv2d_relu_padded(x, weight, Some(shift), self.stride, [self.pad_h, self.pad_w])
+        let padding = [self.pad_h, self.pad_w];
+        crate::nn::conv2d_padded(x, weight, Some(shift), self.stride, padding, crate::nn::Activation::Relu)
     }
 }
 

@@ -12,7 +12,7 @@ use std::ops::Range;
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData, TensorPrimitive};
 use gemm::Parallelism;
 
-use super::out_size;
+use super::{out_size, Activation};
 use rayon::prelude::*;
 
 /// Upper bound on one column block (`in·kh·kw` × a few output rows), in `f32`s: 8 MiB, so a block stays in the
@@ -162,17 +162,9 @@ unsafe fn gemm_rows(
     }
 }
 
-/// What follows a convolution, applied to each image's output while it is still in cache.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    /// Nothing.
-    None,
-    /// `max(x, 0)` (NaN kept): one pass over the output where Burn's relu would be another tensor.
-    Relu,
-}
-
 /// `activation(conv2d(x, weight, bias, stride, padding))` for `f32` tensors on the CPU backend without autodiff
-/// (see [`applies`]): `x` `[N, in, H, W]`, `weight` `[out, in, kh, kw]`, symmetric zero padding `[ph, pw]`.
+/// (see [`applies`]): `x` `[N, in, H, W]`, `weight` `[out, in, kh, kw]`, symmetric zero padding `[ph, pw]`. The
+/// activation runs on each image's output while it is still in cache, where Burn's relu would be one more pass.
 ///
 /// Batches of at least as many images as there are threads convolve one image per thread; smaller ones split
 /// each GEMM over the threads instead.

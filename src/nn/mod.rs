@@ -185,37 +185,45 @@ pub fn conv2d_im2col<B: Backend>(
 
 /// A convolution with explicit stride and symmetric zero padding `[ph, pw]`. On the CPU backend it goes through
 /// [`cpu::conv2d`] at inference (7–86× Burn 0.21's direct loop on Inception's and the KL decoder's layers,
-/// `benches/cpu_conv.rs`) and [`conv2d_im2col`] under autodiff (its backward is two matmuls).
+/// `benches/cpu_conv.rs`) and [`conv2d_im2col`] under autodiff (its backward is two matmuls). `activation` follows.
 pub fn conv2d_padded<B: Backend>(
     x: Tensor<B, 4>,
     weight: Tensor<B, 4>,
     bias: Option<Tensor<B, 1>>,
     stride: usize,
     padding: [usize; 2],
+    activation: Activation,
 ) -> Tensor<B, 4> {
     if cpu::applies(&x) && cpu::applies(&weight) {
-        cpu::conv2d(x, weight, bias, stride, padding, cpu::Activation::None)
-    } else if is_ndarray::<B>() {
+        return cpu::conv2d(x, weight, bias, stride, padding, activation);
+    }
+    let y = if is_ndarray::<B>() {
         conv2d_im2col(x, weight, bias, stride, padding)
     } else {
         let options = burn::tensor::ops::ConvOptions::new([stride, stride], padding, [1, 1], 1);
         burn::tensor::module::conv2d(x, weight, bias, options)
-    }
+    };
+    activation.apply(y)
 }
 
-/// `relu(conv2d_padded(x, weight, bias, stride, padding))`, the ReLU fused into [`cpu::conv2d`] on the CPU backend
-/// at inference. Arguments as [`conv2d_padded`]'s.
-pub fn conv2d_relu_padded<B: Backend>(
-    x: Tensor<B, 4>,
-    weight: Tensor<B, 4>,
-    bias: Option<Tensor<B, 1>>,
-    stride: usize,
-    padding: [usize; 2],
-) -> Tensor<B, 4> {
-    if cpu::applies(&x) && cpu::applies(&weight) {
-        return cpu::conv2d(x, weight, bias, stride, padding, cpu::Activation::Relu);
+/// What follows a convolution in [`conv2d_padded`]; on the CPU backend at inference it is fused into
+/// [`cpu::conv2d`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// Nothing.
+    None,
+    /// `max(x, 0)`, NaN kept (Burn's relu).
+    Relu,
+}
+
+impl Activation {
+    /// The activation as Burn tensor ops.
+    pub fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Self::None => x,
+            Self::Relu => burn::tensor::activation::relu(x),
+        }
     }
-    burn::tensor::activation::relu(conv2d_padded(x, weight, bias, stride, padding))
 }
 
 /// `max_pool2d(x, k, stride, padding)` (padding never wins the maximum); [`cpu::pool2d`] on the CPU backend at
@@ -255,7 +263,7 @@ pub fn conv2d<B: Backend>(layer: &burn::nn::conv::Conv2d<B>, x: Tensor<B, 4>) ->
     let [sy, sx] = layer.stride;
     match padding {
         Some(p) if is_ndarray::<B>() && sy == sx && layer.dilation == [1, 1] && layer.groups == 1 => {
-            conv2d_padded(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()), sy, [p, p])
+            conv2d_padded(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()), sy, [p, p], Activation::None)
         }
         _ => layer.forward(x),
     }

@@ -7,19 +7,25 @@ use std::path::Path;
 /// Opens the log at `path` for appending. A run resuming from its checkpoint at step `resumed_at` first drops the
 /// lines of later steps: a run stopped between checkpoints (`kill -9`, a crash) had logged steps that the resumed
 /// run takes again, and each step should appear once. A last line cut short by the crash (no newline, not JSON)
-/// goes too, so the next line is not glued to it. The file is rewritten atomically, and only when a line goes.
+/// goes too, so the next line is not glued to it. The file is rewritten atomically, and only when that changes it.
 pub fn open(path: &Path, resumed_at: Option<usize>) -> std::io::Result<File> {
     if let (Some(at), true) = (resumed_at, path.exists()) {
         let text = std::fs::read_to_string(path)?;
         let torn_tail = !text.is_empty() && !text.ends_with('\n');
-        let lines: Vec<&str> = text.lines().collect();
-        let keep = |(i, line): &(usize, &&str)| match serde_json::from_str::<serde_json::Value>(line) {
-            Ok(value) => value.get("step").and_then(serde_json::Value::as_u64).is_none_or(|step| step <= at as u64),
-            Err(_) => !(torn_tail && *i + 1 == lines.len()),
+        let json = |line: &str| serde_json::from_str::<serde_json::Value>(line).ok();
+        let mut lines: Vec<&str> = text.lines().collect();
+        let total = lines.len();
+        if torn_tail && lines.last().is_some_and(|line| json(line).is_none()) {
+            lines.pop();
+        }
+        let later = |line: &&str| {
+            json(line)
+                .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
+                .is_some_and(|step| step > at as u64)
         };
-        let kept: Vec<&str> = lines.iter().enumerate().filter(keep).map(|(_, line)| *line).collect();
-        if kept.len() < lines.len() || torn_tail {
-            let text: String = kept.iter().flat_map(|line| [*line, "\n"]).collect();
+        lines.retain(|line| !later(line));
+        if lines.len() < total || torn_tail {
+            let text: String = lines.iter().flat_map(|line| [*line, "\n"]).collect();
             crate::io::write_atomic(path, text.as_bytes())?;
         }
     }

@@ -5,7 +5,7 @@ use burn::tensor::{backend::Backend, Distribution, Tensor};
 use lfm::autoencoder::{Autoencoder, AutoencoderKL, AutoencoderKLConfig, AutoencoderKind, AutoencoderWeights};
 use lfm::backend::{Cpu, Wgpu};
 use lfm::checkpoint::{read_weights, CheckpointError};
-use lfm::nn::cpu::Activation;
+use lfm::nn::Activation;
 
 use crate::common::*;
 
@@ -95,7 +95,7 @@ fn cpu_convolutions_equal_burns_convolution() {
             let kernel = values(kernel);
             assert_close(&format!("cpu kernel {case}"), &kernel, &want, tolerance, 1e-5);
             // The fused ReLU (Inception's layers) is exactly the ReLU of the same convolution.
-            let fused = values(lfm::nn::conv2d_relu_padded(x, weight, bias, stride, padding));
+            let fused = values(lfm::nn::conv2d_padded(x, weight, bias, stride, padding, Activation::Relu));
             let relu: Vec<f32> = kernel.iter().map(|v| v.max(0.0)).collect();
             assert_eq!(fused, relu, "fused ReLU {case}");
         }

@@ -11,10 +11,10 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::KeyMap;
-use crate::nn::attention::attention;
+use crate::nn::attention::packed_attention;
 use crate::nn::embedding::{sincos_2d_table, timestep_embedding};
 use crate::nn::init::{self, ConvSpec, Init};
-use crate::nn::{gelu_tanh, layer_norm, modulate, silu};
+use crate::nn::{add_gated, layer_norm_modulate, linear, silu, Activation};
 
 /// Renames between Burn field paths and LFM's DiT state_dict keys.
 pub fn dit_keys() -> KeyMap {
@@ -211,7 +211,7 @@ impl<B: Backend> TimestepEmbedder<B> {
             timestep_embedding(t, FREQUENCY_EMBEDDING_SIZE, 10000.0),
             self.mlp_0.weight.val().dtype(),
         );
-        self.mlp_2.forward(silu(self.mlp_0.forward(freq)))
+        linear(&self.mlp_2, silu(linear(&self.mlp_0, freq, Activation::None)), Activation::None)
     }
 }
 
@@ -256,12 +256,8 @@ pub struct Attention<B: Backend> {
 impl<B: Backend> Attention<B> {
     /// `[N, T, D] → [N, T, D]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [n, t, d] = x.dims();
-        let h = self.num_heads;
-        let qkv = self.qkv.forward(x).reshape([n, t, 3, h, d / h]).permute([2, 0, 3, 1, 4]);
-        let part = |i: usize| qkv.clone().narrow(0, i, 1).squeeze_dim::<4>(0);
-        let out = attention(part(0), part(1), part(2));
-        self.proj.forward(out.swap_dims(1, 2).reshape([n, t, d]))
+        let qkv = linear(&self.qkv, x, Activation::None);
+        linear(&self.proj, packed_attention(qkv, self.num_heads), Activation::None)
     }
 }
 
@@ -277,7 +273,7 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     /// `[N, T, D] → [N, T, D]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.fc2.forward(gelu_tanh(self.fc1.forward(x)))
+        linear(&self.fc2, linear(&self.fc1, x, Activation::GeluTanh), Activation::None)
     }
 }
 
@@ -302,11 +298,9 @@ impl<B: Backend> DiTBlock<B> {
     /// `x + gate·attn(modulate(norm(x)))`, then the same with the MLP.
     pub fn forward(&self, x: Tensor<B, 3>, c: Tensor<B, 2>) -> Tensor<B, 3> {
         let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp] =
-            chunks::<B, 6>(self.ada_ln_modulation.forward(silu(c)));
-        let x = x.clone()
-            + gate_msa.unsqueeze_dim::<3>(1) * self.attn.forward(modulate(layer_norm(x, 1e-6), shift_msa, scale_msa));
-        x.clone()
-            + gate_mlp.unsqueeze_dim::<3>(1) * self.mlp.forward(modulate(layer_norm(x, 1e-6), shift_mlp, scale_mlp))
+            chunks::<B, 6>(linear(&self.ada_ln_modulation, silu(c), Activation::None));
+        let x = add_gated(x.clone(), gate_msa, self.attn.forward(layer_norm_modulate(x, shift_msa, scale_msa, 1e-6)));
+        add_gated(x.clone(), gate_mlp, self.mlp.forward(layer_norm_modulate(x, shift_mlp, scale_mlp, 1e-6)))
     }
 }
 
@@ -322,8 +316,8 @@ pub struct FinalLayer<B: Backend> {
 impl<B: Backend> FinalLayer<B> {
     /// `[N, T, D] → [N, T, p²·C]`.
     pub fn forward(&self, x: Tensor<B, 3>, c: Tensor<B, 2>) -> Tensor<B, 3> {
-        let [shift, scale] = chunks::<B, 2>(self.ada_ln_modulation.forward(silu(c)));
-        self.linear.forward(modulate(layer_norm(x, 1e-6), shift, scale))
+        let [shift, scale] = chunks::<B, 2>(linear(&self.ada_ln_modulation, silu(c), Activation::None));
+        linear(&self.linear, layer_norm_modulate(x, shift, scale, 1e-6), Activation::None)
     }
 }
 

@@ -23,3 +23,17 @@ pub fn fused() -> bool {
 pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
     lfm_kernels::attention::attention_on(q, k, v, fused())
 }
+
+/// Multi-head self-attention from a fused projection `qkv` `[N, T, 3·C]` laid out `[q | k | v] × heads × head_dim`
+/// (timm's, DiT's), returned `[N, T, C]` with the heads side by side; [`super::cpu::packed_attention`] on the CPU
+/// backend at inference, [`attention`] on the split heads elsewhere.
+pub fn packed_attention<B: Backend>(qkv: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
+    if super::cpu::applies(&qkv) {
+        return super::cpu::packed_attention(qkv, heads);
+    }
+    let [n, t, width] = qkv.dims();
+    let c = width / 3;
+    let qkv = qkv.reshape([n, t, 3, heads, c / heads]).permute([2, 0, 3, 1, 4]);
+    let part = |i: usize| qkv.clone().narrow(0, i, 1).squeeze_dim::<4>(0);
+    attention(part(0), part(1), part(2)).swap_dims(1, 2).reshape([n, t, c])
+}

@@ -54,10 +54,7 @@ impl Geometry {
     /// `activation` while the output is still in cache.
     fn image(&self, x: &[f32], weight: &[f32], out: &mut [f32], parallelism: Parallelism, activation: Activation) {
         self.convolve(x, weight, out, parallelism);
-        if activation == Activation::Relu {
-            // `<`, not `max`: a NaN stays NaN, as with Burn's relu.
-            out.iter_mut().filter(|v| **v < 0.0).for_each(|v| *v = 0.0);
-        }
+        activation.apply_in_place(out);
     }
 
     fn convolve(&self, x: &[f32], weight: &[f32], out: &mut [f32], parallelism: Parallelism) {
@@ -65,7 +62,16 @@ impl Geometry {
         if self.is_pointwise() {
             // SAFETY: `weight` is [out, depth], `x` is [depth, plane], `out` is [out, plane], all row-major.
             unsafe {
-                gemm_rows(self.out_channels, plane, depth, out.as_mut_ptr(), plane, weight, x, plane, parallelism)
+                gemm_rows(
+                    self.out_channels,
+                    plane,
+                    depth,
+                    out.as_mut_ptr(),
+                    plane,
+                    (weight, [depth, 1]),
+                    (x, [plane, 1]),
+                    parallelism,
+                )
             };
             return;
         }
@@ -78,7 +84,18 @@ impl Geometry {
             let out = out[first_row * self.out_width..].as_mut_ptr();
             // SAFETY: `columns` is [depth, width]; the block of `out` starts at row `first_row` of each output plane
             // and spans `width` ≤ `plane − first_row·Wo` entries of each of the `out` planes (row stride `plane`).
-            unsafe { gemm_rows(self.out_channels, width, depth, out, plane, weight, &columns, width, parallelism) };
+            unsafe {
+                gemm_rows(
+                    self.out_channels,
+                    width,
+                    depth,
+                    out,
+                    plane,
+                    (weight, [depth, 1]),
+                    (&columns, [width, 1]),
+                    parallelism,
+                )
+            };
         }
     }
 
@@ -117,12 +134,12 @@ impl Geometry {
     }
 }
 
-/// `out[m×n] += lhs[m×k] · rhs[k×n]` for row-major `lhs` (row stride `k`) and `rhs` (row stride `rhs_stride`), with
-/// `out` rows `out_stride` apart.
+/// `out[m×n] += lhs[m×k] · rhs[k×n]` for `lhs` and `rhs` given with their strides `[row, column]` (a row-major
+/// `[r, c]` matrix has `[c, 1]`, its transposed view `[1, c]`), with `out` row-major and rows `out_stride` apart.
 ///
 /// # Safety
-/// `out` must be valid for writes at `i·out_stride + j` for all `i < m`, `j < n`; `lhs` must hold `m·k` values and
-/// `rhs` `(k−1)·rhs_stride + n`.
+/// `out` must be valid for writes at `i·out_stride + j` for all `i < m`, `j < n`; `lhs` must hold every
+/// `i·row + a·column` for `i < m`, `a < k`, and `rhs` every `a·row + j·column` for `a < k`, `j < n`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_rows(
     m: usize,
@@ -130,12 +147,13 @@ unsafe fn gemm_rows(
     k: usize,
     out: *mut f32,
     out_stride: usize,
-    lhs: &[f32],
-    rhs: &[f32],
-    rhs_stride: usize,
+    (lhs, [lhs_row, lhs_column]): (&[f32], [usize; 2]),
+    (rhs, [rhs_row, rhs_column]): (&[f32], [usize; 2]),
     parallelism: Parallelism,
 ) {
-    debug_assert!(lhs.len() >= m * k && (k == 0 || rhs.len() >= (k - 1) * rhs_stride + n));
+    let last = |rows: usize, columns: usize, [row, column]: [usize; 2]| (rows - 1) * row + (columns - 1) * column;
+    debug_assert!(m == 0 || k == 0 || lhs.len() > last(m, k, [lhs_row, lhs_column]));
+    debug_assert!(k == 0 || n == 0 || rhs.len() > last(k, n, [rhs_row, rhs_column]));
     // gemm computes dst = α·dst + β·lhs·rhs with (column stride, row stride) pairs.
     unsafe {
         gemm::gemm(
@@ -147,11 +165,11 @@ unsafe fn gemm_rows(
             out_stride as isize,
             true,
             lhs.as_ptr(),
-            1,
-            k as isize,
+            lhs_column as isize,
+            lhs_row as isize,
             rhs.as_ptr(),
-            1,
-            rhs_stride as isize,
+            rhs_column as isize,
+            rhs_row as isize,
             1.0f32,
             1.0f32,
             false,
@@ -215,6 +233,205 @@ pub fn conv2d<B: Backend>(
         })
     });
     Tensor::from_data(TensorData::new(out, [n, out_channels, g.out_height, g.out_width]), &device)
+}
+
+/// Fewest rows of a [`linear`] output computed per task: each task packs the whole weight for its GEMM, so the
+/// rows are split evenly over the cores rather than in small blocks (a DiT-B/2 qkv weight is 7 MB).
+const LINEAR_MIN_ROWS_PER_TASK: usize = 64;
+
+/// `activation(x·weight + bias)` over the last dimension of `x` (Burn's `Linear`: `x` `[…, in]`, `weight`
+/// `[in, out]` in either memory order — checkpoints load it as a transposed view of PyTorch's `[out, in]` — and
+/// `bias` `[out]`), for `f32` tensors on the CPU backend without autodiff (see [`applies`]).
+///
+/// The rows are split evenly over the cores, one GEMM per part (gemm's AVX-512 kernels where the CPU has them)
+/// with the bias as its initial output, then the activation in one pass over the part: Burn's ndarray linear adds
+/// the bias in a broadcast pass through ndarray's dynamic-rank iterators, which cost the built-in model's sampling
+/// more than a fifth of its time. A row's result does not depend on how many rows are computed with it.
+///
+/// # Panics
+/// If `weight`'s first dimension is not `x`'s last (a caller bug; `Linear` guarantees it).
+pub fn linear<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    activation: Activation,
+) -> Tensor<B, D> {
+    let device = x.device();
+    let dims = x.dims();
+    let k = dims[D - 1];
+    let [k_weight, n] = weight.dims();
+    assert_eq!(k, k_weight, "linear: input features {k} but a weight of {k_weight} rows");
+    let m = dims[..D - 1].iter().product::<usize>();
+    let mut out = vec![0.0f32; m * n];
+    if let Some(bias) = bias {
+        with_values(bias, |bias| out.chunks_exact_mut(n.max(1)).for_each(|row| row.copy_from_slice(bias)));
+    }
+    if m > 0 && n > 0 && k > 0 {
+        with_matrix(weight, |weight, strides| {
+            with_values(x, |x| {
+                let rows = m.div_ceil(rayon::current_num_threads()).max(LINEAR_MIN_ROWS_PER_TASK);
+                out.par_chunks_mut(rows * n).zip(x.par_chunks(rows * k)).for_each(|(out, x)| {
+                    // SAFETY: `out` holds `rows` rows of `n`, `x` the same rows of `k`, and `weight` is `[k, n]`
+                    // with the strides `with_matrix` reports.
+                    unsafe {
+                        gemm_rows(
+                            out.len() / n,
+                            n,
+                            k,
+                            out.as_mut_ptr(),
+                            n,
+                            (x, [k, 1]),
+                            (weight, strides),
+                            Parallelism::None,
+                        )
+                    };
+                    activation.apply_in_place(out);
+                })
+            })
+        });
+    } else {
+        activation.apply_in_place(&mut out);
+    }
+    let mut out_dims = dims;
+    out_dims[D - 1] = n;
+    Tensor::from_data(TensorData::new(out, out_dims), &device)
+}
+
+/// adaLN's `layer_norm(x)·(1 + scale) + shift` in one pass: LayerNorm over the last dimension of `x` `[N, T, C]`
+/// without affine parameters (biased variance, statistics in f64), modulated per sample by `shift` and `scale`
+/// `[N, C]`, for `f32` tensors on the CPU backend without autodiff (see [`applies`]). The composed Burn expression
+/// is seven passes over `x`, three of them broadcasts.
+pub fn layer_norm_modulate<B: Backend>(
+    x: Tensor<B, 3>,
+    shift: Tensor<B, 2>,
+    scale: Tensor<B, 2>,
+    eps: f64,
+) -> Tensor<B, 3> {
+    let device = x.device();
+    let [n, t, c] = x.dims();
+    let mut out = vec![0.0f32; n * t * c];
+    if c > 0 {
+        with_values(shift, |shift| {
+            with_values(scale, |scale| {
+                with_values(x, |x| {
+                    out.par_chunks_mut(t * c).zip(x.par_chunks(t * c)).enumerate().for_each(|(i, (out, x))| {
+                        let (shift, scale) = (&shift[i * c..(i + 1) * c], &scale[i * c..(i + 1) * c]);
+                        for (out, x) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                            let mean = x.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+                            let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+                            let (mean, std) = (mean as f32, (var + eps).sqrt() as f32);
+                            for (((o, &v), &sh), &sc) in out.iter_mut().zip(x).zip(shift).zip(scale) {
+                                // Rounded step by step as the composed expression: normalise, scale, shift.
+                                *o = (v - mean) / std * (sc + 1.0) + sh;
+                            }
+                        }
+                    })
+                })
+            })
+        });
+    }
+    Tensor::from_data(TensorData::new(out, [n, t, c]), &device)
+}
+
+/// DiT's gated residual `x + gate·y` with a per-sample `gate` `[N, C]` over tokens `x`, `y` `[N, T, C]`, in one pass,
+/// for `f32` tensors on the CPU backend without autodiff (see [`applies`]).
+pub fn add_gated<B: Backend>(x: Tensor<B, 3>, gate: Tensor<B, 2>, y: Tensor<B, 3>) -> Tensor<B, 3> {
+    let device = x.device();
+    let [n, t, c] = x.dims();
+    let mut out = vec![0.0f32; n * t * c];
+    if c > 0 {
+        with_values(gate, |gate| {
+            with_values(x, |x| {
+                with_values(y, |y| {
+                    out.par_chunks_mut(t * c).zip(x.par_chunks(t * c).zip(y.par_chunks(t * c))).enumerate().for_each(
+                        |(i, (out, (x, y)))| {
+                            let gate = &gate[i * c..(i + 1) * c];
+                            for (out, (x, y)) in out.chunks_exact_mut(c).zip(x.chunks_exact(c).zip(y.chunks_exact(c))) {
+                                for (((o, &x), &y), &g) in out.iter_mut().zip(x).zip(y).zip(gate) {
+                                    *o = x + g * y;
+                                }
+                            }
+                        },
+                    )
+                })
+            })
+        });
+    }
+    Tensor::from_data(TensorData::new(out, [n, t, c]), &device)
+}
+
+/// Multi-head self-attention `softmax(q·kᵀ/√d)·v` read straight from a fused projection `qkv` `[N, T, 3·C]`
+/// (timm's layout: `[q | k | v] × heads × head_dim` along the last axis), written as `[N, T, C]` with the heads
+/// side by side — the layout the output projection reads. For `f32` tensors on the CPU backend without autodiff
+/// (see [`applies`]); one sample per task, its scores `[T, T]` one head at a time. The tensor route splits `qkv`
+/// with a 5-D permute and joins the heads with another, both strided copies, around five passes of softmax.
+///
+/// # Panics
+/// If the last dimension is not `3·heads·head_dim` (a caller bug).
+pub fn packed_attention<B: Backend>(qkv: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
+    let device = qkv.device();
+    let [n, t, width] = qkv.dims();
+    assert!(
+        heads > 0 && width % (3 * heads) == 0,
+        "packed attention: {width} features do not split into q, k, v × {heads} heads"
+    );
+    let (c, head_dim) = (width / 3, width / (3 * heads));
+    let scale = (head_dim as f64).powf(-0.5) as f32;
+    let mut out = vec![0.0f32; n * t * c];
+    if t > 0 && head_dim > 0 {
+        with_values(qkv, |qkv| {
+            out.par_chunks_mut(t * c).zip(qkv.par_chunks(t * width)).for_each(|(out, qkv)| {
+                let mut scores = vec![0.0f32; t * t];
+                for head in 0..heads {
+                    let [q, k, v] = [0, 1, 2].map(|part| &qkv[part * c + head * head_dim..]);
+                    scores.fill(0.0);
+                    // SAFETY: q, k and v rows are `width` apart and `head_dim` wide inside the sample's `t` rows;
+                    // `scores` is `[t, t]`; the head's output columns start at `head·head_dim` of rows `c` apart.
+                    unsafe {
+                        // kᵀ: element (a, j) is k[j][a].
+                        gemm_rows(
+                            t,
+                            t,
+                            head_dim,
+                            scores.as_mut_ptr(),
+                            t,
+                            (q, [width, 1]),
+                            (k, [1, width]),
+                            Parallelism::None,
+                        );
+                    }
+                    for row in scores.chunks_exact_mut(t) {
+                        // As Burn's softmax of the scaled scores: subtract the row's maximum, exponentiate, normalise.
+                        row.iter_mut().for_each(|s| *s *= scale);
+                        let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                        row.iter_mut().for_each(|s| *s = (*s - max).exp());
+                        let sum: f32 = row.iter().sum();
+                        row.iter_mut().for_each(|s| *s /= sum);
+                    }
+                    let out = out[head * head_dim..].as_mut_ptr();
+                    unsafe { gemm_rows(t, head_dim, t, out, c, (&scores, [t, 1]), (v, [width, 1]), Parallelism::None) };
+                }
+            })
+        });
+    }
+    Tensor::from_data(TensorData::new(out, [n, t, c]), &device)
+}
+
+/// Runs `f` on a 2-D `f32` tensor's buffer and its `[row, column]` strides when the buffer is contiguous in some
+/// order with non-negative strides (a weight a checkpoint loaded as a transposed view), else on a row-major copy.
+fn with_matrix<B: Backend, R>(tensor: Tensor<B, 2>, f: impl FnOnce(&[f32], [usize; 2]) -> R) -> R {
+    let columns = tensor.dims()[1];
+    let primitive = tensor.into_primitive().tensor();
+    if let Some(burn_ndarray::NdArrayTensor::F32(storage)) = (&primitive as &dyn Any).downcast_ref() {
+        let view = storage.view();
+        if let (Some(values), &[row, column]) = (view.as_slice_memory_order(), view.strides()) {
+            if row >= 0 && column >= 0 {
+                return f(values, [row as usize, column as usize]);
+            }
+        }
+    }
+    let tensor = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(primitive));
+    with_values(tensor, |values| f(values, [columns, 1]))
 }
 
 /// Runs `f` on an `f32` tensor's values in row-major order. On the CPU backend it borrows the tensor's buffer when

@@ -8,6 +8,9 @@ pub mod init;
 
 use burn::tensor::{backend::Backend, Tensor};
 
+/// √(2/π), GELU's tanh-approximation constant.
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+
 /// GELU with the tanh approximation (`nn.GELU(approximate="tanh")`), as DiT's MLP uses:
 /// `½·x·(1 + tanh(u))` with `u = √(2/π)·(x + 0.044715·x³)`.
 ///
@@ -15,7 +18,6 @@ use burn::tensor::{backend::Backend, Tensor};
 /// ndarray's `tanh` runs in f64 through `expm1` (with a `powf` for `x³`, a fifth of the built-in model's CPU sampling
 /// time). Not under autodiff or in 16 bits: there `e^(−2u)` overflows left of 0 and its gradient is NaN.
 pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
     let cube = x.clone() * x.clone() * x.clone();
     let inner = (x.clone() + cube.mul_scalar(0.044715)).mul_scalar(SQRT_2_OVER_PI);
     if cpu::applies(&x) {
@@ -206,14 +208,16 @@ pub fn conv2d_padded<B: Backend>(
     activation.apply(y)
 }
 
-/// What follows a convolution in [`conv2d_padded`]; on the CPU backend at inference it is fused into
-/// [`cpu::conv2d`].
+/// What follows a convolution in [`conv2d_padded`] or a layer in [`linear`]; on the CPU backend at inference it is
+/// fused into [`cpu::conv2d`] and [`cpu::linear`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
     /// Nothing.
     None,
     /// `max(x, 0)`, NaN kept (Burn's relu).
     Relu,
+    /// [`gelu_tanh`].
+    GeluTanh,
 }
 
 impl Activation {
@@ -222,8 +226,62 @@ impl Activation {
         match self {
             Self::None => x,
             Self::Relu => burn::tensor::activation::relu(x),
+            Self::GeluTanh => gelu_tanh(x),
         }
     }
+
+    /// The activation on `f32` values in place, rounded step by step as [`Activation::apply`] on the CPU backend.
+    pub fn apply_in_place(self, values: &mut [f32]) {
+        match self {
+            Self::None => {}
+            // `<`, not `max`: a NaN stays NaN, as with Burn's relu.
+            Self::Relu => values.iter_mut().filter(|v| **v < 0.0).for_each(|v| *v = 0.0),
+            Self::GeluTanh => values.iter_mut().for_each(|v| *v = gelu_tanh_f32(*v)),
+        }
+    }
+}
+
+/// One value of [`gelu_tanh`]'s CPU form, `x / (1 + e^(−2u))`, in the same f32 steps as its tensor expression.
+fn gelu_tanh_f32(x: f32) -> f32 {
+    let inner = (x + x * x * x * 0.044715) * SQRT_2_OVER_PI as f32;
+    x / ((inner * -2.0).exp() + 1.0)
+}
+
+/// A `Linear` layer's forward pass followed by `activation`; [`cpu::linear`] on the CPU backend at inference (bias
+/// and activation fused into the GEMM's output blocks), Burn's own elsewhere.
+pub fn linear<B: Backend, const D: usize>(
+    layer: &burn::nn::Linear<B>,
+    x: Tensor<B, D>,
+    activation: Activation,
+) -> Tensor<B, D> {
+    let weight = layer.weight.val();
+    if D >= 2 && cpu::applies(&x) && cpu::applies(&weight) {
+        return cpu::linear(x, weight, layer.bias.as_ref().map(|b| b.val()), activation);
+    }
+    activation.apply(layer.forward(x))
+}
+
+/// adaLN's `modulate(layer_norm(x, eps), shift, scale)` over tokens `[N, T, C]` with per-sample `shift`, `scale`
+/// `[N, C]`; one pass ([`cpu::layer_norm_modulate`]) on the CPU backend at inference.
+pub fn layer_norm_modulate<B: Backend>(
+    x: Tensor<B, 3>,
+    shift: Tensor<B, 2>,
+    scale: Tensor<B, 2>,
+    eps: f64,
+) -> Tensor<B, 3> {
+    if cpu::applies(&x) && cpu::applies(&shift) && cpu::applies(&scale) {
+        return cpu::layer_norm_modulate(x, shift, scale, eps);
+    }
+    modulate(layer_norm(x, eps), shift, scale)
+}
+
+/// The gated residual `x + gate·y` with a per-sample `gate` `[N, C]` over tokens `[N, T, C]`; one pass
+/// ([`cpu::add_gated`]) on the CPU backend at inference.
+pub fn add_gated<B: Backend>(x: Tensor<B, 3>, gate: Tensor<B, 2>, y: Tensor<B, 3>) -> Tensor<B, 3> {
+    if cpu::applies(&x) && cpu::applies(&gate) && cpu::applies(&y) {
+        return cpu::add_gated(x, gate, y);
+    }
+    x + gate.unsqueeze_dim::<3>(1) * y
 }
 
 /// `max_pool2d(x, k, stride, padding)` (padding never wins the maximum); [`cpu::pool2d`] on the CPU backend at

@@ -163,3 +163,63 @@ fn label_dropout_replaces_labels_by_the_null_row() {
     assert!((dropped - 0.5).abs() < 0.08, "dropped {dropped:.3} of the labels with p = 0.5");
     assert!(half.iter().all(|y| (0..=10).contains(y)));
 }
+
+#[test]
+fn cpu_dit_kernels_equal_burns_ops() {
+    use burn::tensor::{Distribution, Tensor};
+    use lfm::nn::{cpu, Activation};
+    let normal = |dims: [usize; 3]| Tensor::<Cpu, 3>::random(dims, Distribution::Normal(0.0, 1.0), &cpu());
+    // Linear: one block of rows and several (64 rows per task), row-major weights and the transposed views
+    // checkpoints load, with and without bias.
+    for (batch, tokens, k, n) in [(2, 7, 16, 48), (3, 49, 64, 192), (1, 1, 5, 3)] {
+        for (transposed, with_bias) in [(false, true), (true, true), (true, false)] {
+            let x = normal([batch, tokens, k]);
+            let weight = if transposed {
+                Tensor::<Cpu, 2>::random([n, k], Distribution::Normal(0.0, 1.0), &cpu()).transpose()
+            } else {
+                Tensor::<Cpu, 2>::random([k, n], Distribution::Normal(0.0, 1.0), &cpu())
+            };
+            let bias = with_bias.then(|| Tensor::<Cpu, 1>::random([n], Distribution::Normal(0.0, 1.0), &cpu()));
+            let case = format!("{batch}×{tokens}×{k} → {n}, transposed {transposed}, bias {with_bias}");
+            let want = burn::tensor::module::linear(x.clone(), weight.clone(), bias.clone());
+            let got = cpu::linear(x.clone(), weight.clone(), bias.clone(), Activation::None);
+            assert_eq!(got.dims(), [batch, tokens, n], "{case}");
+            assert_close(&case, &values(got.clone()), &values(want), 1e-5 * (k as f64).sqrt(), 1e-5);
+            // The fused activations are exactly the tensor expressions on the same output.
+            for activation in [Activation::Relu, Activation::GeluTanh] {
+                let fused = values(cpu::linear(x.clone(), weight.clone(), bias.clone(), activation));
+                assert_eq!(fused, values(activation.apply(got.clone())), "{activation:?} {case}");
+            }
+            // A sample's rows do not depend on the rest of the batch (sampling promises the same result for any
+            // batch size).
+            let last = cpu::linear(x.clone().narrow(0, batch - 1, 1), weight, bias, Activation::None);
+            assert_eq!(values(last), values(got.narrow(0, batch - 1, 1)), "batch independence, {case}");
+        }
+    }
+    // Attention straight from a fused qkv projection: against the tensor route (split heads, Burn's attention,
+    // heads joined) on 1 to 4 heads, odd token counts included; a sample's output does not depend on the batch.
+    for (batch, tokens, heads, head_dim) in [(2, 7, 1, 8), (3, 49, 4, 32), (1, 1, 2, 3)] {
+        let c = heads * head_dim;
+        let qkv = normal([batch, tokens, 3 * c]);
+        let split = qkv.clone().reshape([batch, tokens, 3, heads, head_dim]).permute([2, 0, 3, 1, 4]);
+        let part = |i: usize| split.clone().narrow(0, i, 1).squeeze_dim::<4>(0);
+        let want = lfm_kernels::attention::attention_reference(part(0), part(1), part(2))
+            .swap_dims(1, 2)
+            .reshape([batch, tokens, c]);
+        let got = lfm::nn::attention::packed_attention(qkv.clone(), heads);
+        let case = format!("attention {batch}×{tokens}, {heads} heads of {head_dim}");
+        assert_eq!(got.dims(), [batch, tokens, c], "{case}");
+        assert_close(&case, &values(got.clone()), &values(want), 1e-5, 1e-6);
+        let last = lfm::nn::attention::packed_attention(qkv.narrow(0, batch - 1, 1), heads);
+        assert_eq!(values(last), values(got.narrow(0, batch - 1, 1)), "batch independence, {case}");
+    }
+    // adaLN and the gated residual, per-sample vectors over tokens.
+    let (x, y) = (normal([3, 10, 24]), normal([3, 10, 24]));
+    let [shift, scale, gate] =
+        [0, 1, 2].map(|_| Tensor::<Cpu, 2>::random([3, 24], Distribution::Normal(0.0, 1.0), &cpu()));
+    let want = lfm::nn::modulate(lfm::nn::layer_norm(x.clone(), 1e-6), shift.clone(), scale.clone());
+    let got = lfm::nn::layer_norm_modulate(x.clone(), shift, scale, 1e-6);
+    assert_close("layer_norm_modulate", &values(got), &values(want), 1e-6, 1e-6);
+    let want = x.clone() + gate.clone().unsqueeze_dim::<3>(1) * y.clone();
+    assert_eq!(values(lfm::nn::add_gated(x, gate, y)), values(want), "add_gated");
+}

@@ -310,7 +310,7 @@ pub fn layer_norm_modulate<B: Backend>(
     let device = x.device();
     let [n, t, c] = x.dims();
     let mut out = vec![0.0f32; n * t * c];
-    if c > 0 {
+    if t * c > 0 {
         with_values(shift, |shift| {
             with_values(scale, |scale| {
                 with_values(x, |x| {
@@ -339,7 +339,7 @@ pub fn add_gated<B: Backend>(x: Tensor<B, 3>, gate: Tensor<B, 2>, y: Tensor<B, 3
     let device = x.device();
     let [n, t, c] = x.dims();
     let mut out = vec![0.0f32; n * t * c];
-    if c > 0 {
+    if t * c > 0 {
         with_values(gate, |gate| {
             with_values(x, |x| {
                 with_values(y, |y| {

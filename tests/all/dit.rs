@@ -221,5 +221,11 @@ fn cpu_dit_kernels_equal_burns_ops() {
     let got = lfm::nn::layer_norm_modulate(x.clone(), shift, scale, 1e-6);
     assert_close("layer_norm_modulate", &values(got), &values(want), 1e-6, 1e-6);
     let want = x.clone() + gate.clone().unsqueeze_dim::<3>(1) * y.clone();
-    assert_eq!(values(lfm::nn::add_gated(x, gate, y)), values(want), "add_gated");
+    assert_eq!(values(lfm::nn::add_gated(x, gate.clone(), y)), values(want), "add_gated");
+    // No tokens: empty results of the right shape, not a panic.
+    let none = Tensor::<Cpu, 3>::zeros([3, 0, 24], &cpu());
+    let [shift, scale] = [0, 1].map(|_| Tensor::<Cpu, 2>::zeros([3, 24], &cpu()));
+    assert_eq!(lfm::nn::layer_norm_modulate(none.clone(), shift, scale, 1e-6).dims(), [3, 0, 24]);
+    assert_eq!(lfm::nn::add_gated(none.clone(), gate, none.clone()).dims(), [3, 0, 24]);
+    assert_eq!(lfm::nn::attention::packed_attention(Tensor::<Cpu, 3>::zeros([3, 0, 72], &cpu()), 4).dims(), [3, 0, 24]);
 }

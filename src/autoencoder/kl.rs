@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{HostTensor, KeyMap, TensorMap};
 use crate::nn::attention::attention;
 use crate::nn::init::{self, ConvSpec, Init};
-use crate::nn::{conv2d, silu, upsample_nearest_2x, GroupNorm};
+use crate::nn::{conv2d, upsample_nearest_2x, Activation, GroupNorm};
 
 /// diffusers' GroupNorm epsilon in the VAE.
 const EPS: f64 = 1e-6;
@@ -217,8 +217,8 @@ impl<B: Backend> Resnet<B> {
 
     /// The residual block.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = conv2d(&self.conv1, silu(self.norm1.forward(x.clone())));
-        let h = conv2d(&self.conv2, silu(self.norm2.forward(h)));
+        let h = conv2d(&self.conv1, self.norm1.forward_activated(x.clone(), Activation::Silu));
+        let h = conv2d(&self.conv2, self.norm2.forward_activated(h, Activation::Silu));
         match &self.conv_shortcut {
             Some(conv) => conv2d(conv, x) + h,
             None => x + h,
@@ -333,7 +333,7 @@ impl<B: Backend> Encoder<B> {
             }
         }
         let x = self.mid_block.forward(x);
-        conv2d(&self.conv_out, silu(self.conv_norm_out.forward(x)))
+        conv2d(&self.conv_out, self.conv_norm_out.forward_activated(x, Activation::Silu))
     }
 }
 
@@ -362,7 +362,7 @@ impl<B: Backend> Decoder<B> {
                 x = conv2d(&up.conv, upsample_nearest_2x(x));
             }
         }
-        conv2d(&self.conv_out, silu(self.conv_norm_out.forward(x)))
+        conv2d(&self.conv_out, self.conv_norm_out.forward_activated(x, Activation::Silu))
     }
 }
 

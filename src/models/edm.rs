@@ -15,7 +15,7 @@ use crate::checkpoint::KeyMap;
 use crate::nn::attention::attention;
 use crate::nn::embedding::timestep_embedding;
 use crate::nn::init::{self, ConvSpec, Init};
-use crate::nn::{avg_pool_2x, silu, upsample_nearest_2x, GroupNorm};
+use crate::nn::{avg_pool_2x, silu, upsample_nearest_2x, Activation, GroupNorm};
 
 /// Channels per attention head (`channels_per_head=64` in every DhariwalUNet block).
 pub const CHANNELS_PER_HEAD: usize = 64;
@@ -341,11 +341,11 @@ impl<B: Backend> UNetBlock<B> {
     /// The residual block, then (if configured) self-attention.
     pub fn forward(&self, x: Tensor<B, 4>, emb: Tensor<B, 2>) -> Tensor<B, 4> {
         let orig = x.clone();
-        let x = self.conv0.forward(silu(self.norm0.forward(x)));
-        let params = self.affine.forward(emb).unsqueeze_dim::<3>(2).unsqueeze_dim::<4>(3);
+        let x = self.conv0.forward(self.norm0.forward_activated(x, Activation::Silu));
+        let params = self.affine.forward(emb);
         let c = params.dims()[1] / 2;
         let (scale, shift) = (params.clone().narrow(1, 0, c), params.narrow(1, c, c));
-        let x = silu(shift + self.norm1.forward(x) * scale.add_scalar(1.0));
+        let x = self.norm1.forward_modulated(x, scale, shift, Activation::Silu);
         let x = self.conv1.forward(self.dropout.forward(x));
         let x = x + match &self.skip {
             Some(skip) => skip.forward(orig),
@@ -461,7 +461,7 @@ impl<B: Backend> EdmUNet<B> {
             }
             x = block.forward(x, emb.clone());
         }
-        self.out_conv.forward(silu(self.out_norm.forward(x)))
+        self.out_conv.forward(self.out_norm.forward_activated(x, Activation::Silu))
     }
 
     /// LFM's `forward_with_cfg` for EDM: the first half of `[x; x]` is evaluated with its labels and with no label

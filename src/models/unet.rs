@@ -14,7 +14,7 @@ use crate::checkpoint::KeyMap;
 use crate::nn::attention::attention;
 use crate::nn::embedding::timestep_embedding;
 use crate::nn::init::{self, ConvSpec, Init};
-use crate::nn::{avg_pool_2x, conv2d, silu, upsample_nearest_2x, GroupNorm};
+use crate::nn::{avg_pool_2x, conv2d, silu, upsample_nearest_2x, Activation, GroupNorm};
 
 /// Renames between Burn field paths and the reference's `nn.Sequential` indices.
 pub fn unet_keys() -> KeyMap {
@@ -270,18 +270,19 @@ impl<B: Backend> ResBlock<B> {
 
     /// `skip(x) + out_layers(in_layers(x) ⊕ emb)`.
     pub fn forward(&self, x: Tensor<B, 4>, emb: Tensor<B, 2>) -> Tensor<B, 4> {
-        let h = silu(self.in_layers_0.forward(x.clone()));
+        let h = self.in_layers_0.forward_activated(x.clone(), Activation::Silu);
         let (h, x) = (self.resize.apply(h), self.resize.apply(x));
         let h = conv2d(&self.in_layers_2, h);
-        let emb_out = self.emb_layers_1.forward(silu(emb)).unsqueeze_dim::<3>(2).unsqueeze_dim::<4>(3);
+        let emb_out = self.emb_layers_1.forward(silu(emb));
         let h = if self.use_scale_shift_norm {
             let c = emb_out.dims()[1] / 2;
             let (scale, shift) = (emb_out.clone().narrow(1, 0, c), emb_out.narrow(1, c, c));
-            self.out_layers_0.forward(h) * scale.add_scalar(1.0) + shift
+            self.out_layers_0.forward_modulated(h, scale, shift, Activation::Silu)
         } else {
-            self.out_layers_0.forward(h + emb_out)
+            let emb_out = emb_out.unsqueeze_dim::<3>(2).unsqueeze_dim::<4>(3);
+            self.out_layers_0.forward_activated(h + emb_out, Activation::Silu)
         };
-        let h = conv2d(&self.out_layers_3, self.dropout.forward(silu(h)));
+        let h = conv2d(&self.out_layers_3, self.dropout.forward(h));
         match &self.skip_connection {
             Some(conv) => conv2d(conv, x) + h,
             None => x + h,
@@ -495,7 +496,7 @@ impl<B: Backend> UNetModel<B> {
             let skip = skips.pop().expect("one skip per output block");
             h = sequential(block, Tensor::cat(vec![h, skip], 1), &emb);
         }
-        conv2d(&self.out_2, silu(self.out_0.forward(h)))
+        conv2d(&self.out_2, self.out_0.forward_activated(h, Activation::Silu))
     }
 
     /// Builds the network of `config` and fills it from a state_dict (keys without `module.`).

@@ -1,5 +1,7 @@
 //! Inference kernels for the CPU backend on raw `f32` slices: a 2-D convolution (im2col into a bounded buffer and
-//! one GEMM per block of output rows) and 2-D max / average pooling, each parallel over the cores.
+//! one GEMM per block of output rows), 2-D max / average pooling, and the DiT's and UNets' layers between the
+//! matrix products (linear with fused bias and activation, LayerNorm and GroupNorm with their modulations,
+//! attention), each parallel over the cores.
 //!
 //! Burn 0.21's ndarray `conv2d` is a direct loop (≈2 GFLOP/s here), and the im2col built from Burn tensor ops
 //! ([`super::conv2d_im2col`], kept for autodiff) copies every window twice through ndarray's strided iterators,
@@ -317,8 +319,7 @@ pub fn layer_norm_modulate<B: Backend>(
                     out.par_chunks_mut(t * c).zip(x.par_chunks(t * c)).enumerate().for_each(|(i, (out, x))| {
                         let (shift, scale) = (&shift[i * c..(i + 1) * c], &scale[i * c..(i + 1) * c]);
                         for (out, x) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                            let mean = x.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
-                            let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+                            let (mean, var) = mean_var(x);
                             let (mean, std) = (mean as f32, (var + eps).sqrt() as f32);
                             for (((o, &v), &sh), &sc) in out.iter_mut().zip(x).zip(shift).zip(scale) {
                                 // Rounded step by step as the composed expression: normalise, scale, shift.
@@ -331,6 +332,89 @@ pub fn layer_norm_modulate<B: Backend>(
         });
     }
     Tensor::from_data(TensorData::new(out, [n, t, c]), &device)
+}
+
+/// Mean and biased variance of `values` in f64, two passes with eight partial sums each (a single running f64 sum
+/// is a chain of dependent additions, several times slower than the memory it reads).
+fn mean_var(values: &[f32]) -> (f64, f64) {
+    let count = values.len().max(1) as f64;
+    let mean = lane_sum(values, |v| v as f64) / count;
+    (mean, lane_sum(values, |v| (v as f64 - mean).powi(2)) / count)
+}
+
+/// `Σ f(v)` over `values` in eight interleaved f64 partial sums.
+fn lane_sum(values: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut sums = [0.0f64; 8];
+    let chunks = values.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for chunk in chunks {
+        for (sum, &v) in sums.iter_mut().zip(chunk) {
+            *sum += f(v);
+        }
+    }
+    sums.iter().sum::<f64>() + tail
+}
+
+/// GroupNorm with its per-channel affine transform, an optional per-sample modulation and an activation, in two
+/// passes over each group: `activation(norm(x)·γ + β)`, or `activation((norm(x)·γ + β)·(1 + scale) + shift)` with
+/// `scale`, `shift` `[N, C]` (guided diffusion's and EDM's scale-shift norm). `x` is `[N, C, L]` (any spatial size
+/// flattened), statistics per sample and group in f64, biased variance; `f32` tensors on the CPU backend without
+/// autodiff (see [`applies`]). The composed Burn expression is eight to eleven passes, most of them broadcasts.
+///
+/// # Panics
+/// If `groups` does not divide `C`, or the parameters' shapes do not fit `x` (a caller bug).
+pub fn group_norm<B: Backend>(
+    x: Tensor<B, 3>,
+    [gamma, beta]: [Tensor<B, 1>; 2],
+    modulation: Option<[Tensor<B, 2>; 2]>,
+    groups: usize,
+    eps: f64,
+    activation: Activation,
+) -> Tensor<B, 3> {
+    let device = x.device();
+    let [n, c, len] = x.dims();
+    assert!(groups > 0 && c % groups == 0, "group norm: {groups} groups do not divide {c} channels");
+    assert_eq!([gamma.dims()[0], beta.dims()[0]], [c, c], "group norm: γ, β do not have {c} channels");
+    let (per_group, group_channels) = (c / groups * len, c / groups);
+    let mut out = vec![0.0f32; n * c * len];
+    if per_group > 0 {
+        // Without a modulation, scale 0 and shift 0 leave the affine output as it is: `y·(1 + 0) + 0 = y` exactly.
+        let [scale, shift] = match modulation {
+            Some(pair) => pair.map(|t| {
+                assert_eq!(t.dims(), [n, c], "group norm: the modulation is not [{n}, {c}]");
+                t
+            }),
+            None => [0, 1].map(|_| Tensor::<B, 2>::zeros([n, c], &device)),
+        };
+        with_values(gamma, |gamma| {
+            with_values(beta, |beta| {
+                with_values(scale, |scale| {
+                    with_values(shift, |shift| {
+                        with_values(x, |x| {
+                            let tasks = out.par_chunks_mut(per_group).zip(x.par_chunks(per_group)).enumerate();
+                            tasks.for_each(|(task, (out, x))| {
+                                let (mean, var) = mean_var(x);
+                                let (mean, std) = (mean as f32, (var + eps).sqrt() as f32);
+                                let first = (task / groups) * c + (task % groups) * group_channels;
+                                let channels = out.chunks_exact_mut(len).zip(x.chunks_exact(len)).enumerate();
+                                for (i, (out, x)) in channels {
+                                    let channel = (task % groups) * group_channels + i;
+                                    let (g, b) = (gamma[channel], beta[channel]);
+                                    let (sc, sh) = (scale[first + i] + 1.0, shift[first + i]);
+                                    for (o, &v) in out.iter_mut().zip(x) {
+                                        // Rounded step by step as the composed expression.
+                                        *o = ((v - mean) / std * g + b) * sc + sh;
+                                    }
+                                    activation.apply_in_place(out);
+                                }
+                            })
+                        })
+                    })
+                })
+            })
+        });
+    }
+    Tensor::from_data(TensorData::new(out, [n, c, len]), &device)
 }
 
 /// DiT's gated residual `x + gate·y` with a per-sample `gate` `[N, C]` over tokens `x`, `y` `[N, T, C]`, in one pass,

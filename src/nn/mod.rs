@@ -74,6 +74,55 @@ impl<B: Backend> GroupNorm<B> {
 
     /// Normalises each group of channels of each sample, then applies γ and β.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.forward_activated(x, Activation::None)
+    }
+
+    /// `activation(forward(x))`; one kernel ([`cpu::group_norm`]) on the CPU backend at inference.
+    pub fn forward_activated<const D: usize>(&self, x: Tensor<B, D>, activation: Activation) -> Tensor<B, D> {
+        if self.on_cpu_kernel(&x) {
+            return self.cpu_kernel(x, None, activation);
+        }
+        activation.apply(self.normalize(x))
+    }
+
+    /// The scale-shift norm `activation(forward(x)·(1 + scale) + shift)` of `x` `[N, C, H, W]` with per-sample,
+    /// per-channel `scale`, `shift` `[N, C]`, or `[1, C]` for the whole batch (guided diffusion's
+    /// `use_scale_shift_norm`, EDM's `adaptive_scale`); one kernel on the CPU backend at inference.
+    pub fn forward_modulated(
+        &self,
+        x: Tensor<B, 4>,
+        scale: Tensor<B, 2>,
+        shift: Tensor<B, 2>,
+        activation: Activation,
+    ) -> Tensor<B, 4> {
+        if self.on_cpu_kernel(&x) && cpu::applies(&scale) && cpu::applies(&shift) {
+            let [n, c, ..] = x.dims();
+            let [scale, shift] = [scale, shift].map(|t| t.expand([n, c]));
+            return self.cpu_kernel(x, Some([scale, shift]), activation);
+        }
+        let [n, c] = scale.dims();
+        let scale = scale.reshape([n, c, 1, 1]).add_scalar(1.0);
+        activation.apply(self.normalize(x) * scale + shift.reshape([n, c, 1, 1]))
+    }
+
+    fn on_cpu_kernel<const D: usize>(&self, x: &Tensor<B, D>) -> bool {
+        cpu::applies(x) && cpu::applies(&self.weight.val()) && cpu::applies(&self.bias.val())
+    }
+
+    fn cpu_kernel<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        modulation: Option<[Tensor<B, 2>; 2]>,
+        activation: Activation,
+    ) -> Tensor<B, D> {
+        let dims = x.dims();
+        let flat = x.reshape([dims[0], dims[1], dims[2..].iter().product()]);
+        let affine = [self.weight.val(), self.bias.val()];
+        cpu::group_norm(flat, affine, modulation, self.num_groups, self.eps, activation).reshape(dims)
+    }
+
+    /// The normalisation and affine transform as Burn tensor ops (GPU backends, autodiff, 16-bit tensors).
+    fn normalize<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dims = x.dims();
         let (n, c) = (dims[0], dims[1]);
         let rest: usize = dims[2..].iter().product();
@@ -218,6 +267,8 @@ pub enum Activation {
     Relu,
     /// [`gelu_tanh`].
     GeluTanh,
+    /// [`silu`].
+    Silu,
 }
 
 impl Activation {
@@ -227,16 +278,20 @@ impl Activation {
             Self::None => x,
             Self::Relu => burn::tensor::activation::relu(x),
             Self::GeluTanh => gelu_tanh(x),
+            Self::Silu => silu(x),
         }
     }
 
-    /// The activation on `f32` values in place, rounded step by step as [`Activation::apply`] on the CPU backend.
+    /// The activation on `f32` values in place: ReLU and GELU rounded step by step as [`Activation::apply`] on the
+    /// CPU backend; SiLU as `x / (1 + e^(−x))`, one exponential where Burn's `x·exp(−ln(1 + e^(−x)))` takes two and
+    /// a logarithm (the two agree to a few ulps).
     pub fn apply_in_place(self, values: &mut [f32]) {
         match self {
             Self::None => {}
             // `<`, not `max`: a NaN stays NaN, as with Burn's relu.
             Self::Relu => values.iter_mut().filter(|v| **v < 0.0).for_each(|v| *v = 0.0),
             Self::GeluTanh => values.iter_mut().for_each(|v| *v = gelu_tanh_f32(*v)),
+            Self::Silu => values.iter_mut().for_each(|v| *v /= (-*v).exp() + 1.0),
         }
     }
 }

@@ -313,22 +313,18 @@ pub fn layer_norm_modulate<B: Backend>(
     let [n, t, c] = x.dims();
     let mut out = vec![0.0f32; n * t * c];
     if t * c > 0 {
-        with_values(shift, |shift| {
-            with_values(scale, |scale| {
-                with_values(x, |x| {
-                    out.par_chunks_mut(t * c).zip(x.par_chunks(t * c)).enumerate().for_each(|(i, (out, x))| {
-                        let (shift, scale) = (&shift[i * c..(i + 1) * c], &scale[i * c..(i + 1) * c]);
-                        for (out, x) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                            let (mean, var) = mean_var(x);
-                            let (mean, std) = (mean as f32, (var + eps).sqrt() as f32);
-                            for (((o, &v), &sh), &sc) in out.iter_mut().zip(x).zip(shift).zip(scale) {
-                                // Rounded step by step as the composed expression: normalise, scale, shift.
-                                *o = (v - mean) / std * (sc + 1.0) + sh;
-                            }
-                        }
-                    })
-                })
-            })
+        let (shift, scale, x) = (Values::of(shift), Values::of(scale), Values::of(x));
+        let (shift, scale, x) = (&*shift, &*scale, &*x);
+        out.par_chunks_mut(t * c).zip(x.par_chunks(t * c)).enumerate().for_each(|(i, (out, x))| {
+            let (shift, scale) = (&shift[i * c..(i + 1) * c], &scale[i * c..(i + 1) * c]);
+            for (out, x) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                let (mean, var) = mean_var(x);
+                let (mean, std) = (mean as f32, (var + eps).sqrt() as f32);
+                for (((o, &v), &sh), &sc) in out.iter_mut().zip(x).zip(shift).zip(scale) {
+                    // Rounded step by step as the composed expression: normalise, scale, shift.
+                    *o = (v - mean) / std * (sc + 1.0) + sh;
+                }
+            }
         });
     }
     Tensor::from_data(TensorData::new(out, [n, t, c]), &device)
@@ -386,32 +382,23 @@ pub fn group_norm<B: Backend>(
             }),
             None => [0, 1].map(|_| Tensor::<B, 2>::zeros([n, c], &device)),
         };
-        with_values(gamma, |gamma| {
-            with_values(beta, |beta| {
-                with_values(scale, |scale| {
-                    with_values(shift, |shift| {
-                        with_values(x, |x| {
-                            let tasks = out.par_chunks_mut(per_group).zip(x.par_chunks(per_group)).enumerate();
-                            tasks.for_each(|(task, (out, x))| {
-                                let (mean, var) = mean_var(x);
-                                let (mean, std) = (mean as f32, (var + eps).sqrt() as f32);
-                                let first = (task / groups) * c + (task % groups) * group_channels;
-                                let channels = out.chunks_exact_mut(len).zip(x.chunks_exact(len)).enumerate();
-                                for (i, (out, x)) in channels {
-                                    let channel = (task % groups) * group_channels + i;
-                                    let (g, b) = (gamma[channel], beta[channel]);
-                                    let (sc, sh) = (scale[first + i] + 1.0, shift[first + i]);
-                                    for (o, &v) in out.iter_mut().zip(x) {
-                                        // Rounded step by step as the composed expression.
-                                        *o = ((v - mean) / std * g + b) * sc + sh;
-                                    }
-                                    activation.apply_in_place(out);
-                                }
-                            })
-                        })
-                    })
-                })
-            })
+        let (gamma, beta, x) = (Values::of(gamma), Values::of(beta), Values::of(x));
+        let (scale, shift) = (Values::of(scale), Values::of(shift));
+        let (gamma, beta, scale, shift, x) = (&*gamma, &*beta, &*scale, &*shift, &*x);
+        out.par_chunks_mut(per_group).zip(x.par_chunks(per_group)).enumerate().for_each(|(task, (out, x))| {
+            let (mean, var) = mean_var(x);
+            let (mean, std) = (mean as f32, (var + eps).sqrt() as f32);
+            let first = (task / groups) * c + (task % groups) * group_channels;
+            for (i, (out, x)) in out.chunks_exact_mut(len).zip(x.chunks_exact(len)).enumerate() {
+                let channel = (task % groups) * group_channels + i;
+                let (g, b) = (gamma[channel], beta[channel]);
+                let (sc, sh) = (scale[first + i] + 1.0, shift[first + i]);
+                for (o, &v) in out.iter_mut().zip(x) {
+                    // Rounded step by step as the composed expression.
+                    *o = ((v - mean) / std * g + b) * sc + sh;
+                }
+                activation.apply_in_place(out);
+            }
         });
     }
     Tensor::from_data(TensorData::new(out, [n, c, len]), &device)
@@ -424,21 +411,16 @@ pub fn add_gated<B: Backend>(x: Tensor<B, 3>, gate: Tensor<B, 2>, y: Tensor<B, 3
     let [n, t, c] = x.dims();
     let mut out = vec![0.0f32; n * t * c];
     if t * c > 0 {
-        with_values(gate, |gate| {
-            with_values(x, |x| {
-                with_values(y, |y| {
-                    out.par_chunks_mut(t * c).zip(x.par_chunks(t * c).zip(y.par_chunks(t * c))).enumerate().for_each(
-                        |(i, (out, (x, y)))| {
-                            let gate = &gate[i * c..(i + 1) * c];
-                            for (out, (x, y)) in out.chunks_exact_mut(c).zip(x.chunks_exact(c).zip(y.chunks_exact(c))) {
-                                for (((o, &x), &y), &g) in out.iter_mut().zip(x).zip(y).zip(gate) {
-                                    *o = x + g * y;
-                                }
-                            }
-                        },
-                    )
-                })
-            })
+        let (gate, x, y) = (Values::of(gate), Values::of(x), Values::of(y));
+        let (gate, x, y) = (&*gate, &*x, &*y);
+        let samples = out.par_chunks_mut(t * c).zip(x.par_chunks(t * c).zip(y.par_chunks(t * c))).enumerate();
+        samples.for_each(|(i, (out, (x, y)))| {
+            let gate = &gate[i * c..(i + 1) * c];
+            for (out, (x, y)) in out.chunks_exact_mut(c).zip(x.chunks_exact(c).zip(y.chunks_exact(c))) {
+                for (((o, &x), &y), &g) in out.iter_mut().zip(x).zip(y).zip(gate) {
+                    *o = x + g * y;
+                }
+            }
         });
     }
     Tensor::from_data(TensorData::new(out, [n, t, c]), &device)
@@ -518,20 +500,46 @@ fn with_matrix<B: Backend, R>(tensor: Tensor<B, 2>, f: impl FnOnce(&[f32], [usiz
     with_values(tensor, |values| f(values, [columns, 1]))
 }
 
-/// Runs `f` on an `f32` tensor's values in row-major order. On the CPU backend it borrows the tensor's buffer when
-/// that is contiguous: `into_data` copies element by element through ndarray's iterator whenever the buffer is
-/// shared (a weight the module still holds, an input another branch still reads), which cost more than the GEMM.
+/// Runs `f` on an `f32` tensor's values in row-major order (see [`Values`]).
 fn with_values<B: Backend, const D: usize, R>(tensor: Tensor<B, D>, f: impl FnOnce(&[f32]) -> R) -> R {
-    let primitive = tensor.into_primitive().tensor();
-    if let Some(burn_ndarray::NdArrayTensor::F32(storage)) = (&primitive as &dyn Any).downcast_ref() {
-        let view = storage.view();
-        if let Some(values) = view.as_slice() {
-            return f(values);
+    f(&Values::of(tensor))
+}
+
+/// An `f32` tensor's values in row-major order, dereferencing to a slice. On the CPU backend it keeps the tensor's
+/// buffer itself when that is contiguous: `into_data` copies element by element through ndarray's iterator whenever
+/// the buffer is shared (a weight the module still holds, an input another branch still reads), which cost more
+/// than the GEMM. Other layouts and backends are copied once.
+struct Values<B: Backend>(Result<B::FloatTensorPrimitive, Vec<f32>>);
+
+impl<B: Backend> Values<B> {
+    fn of<const D: usize>(tensor: Tensor<B, D>) -> Self {
+        let primitive = tensor.into_primitive().tensor();
+        if let Some(burn_ndarray::NdArrayTensor::F32(storage)) = (&primitive as &dyn Any).downcast_ref() {
+            let view = storage.view();
+            if !view.is_standard_layout() {
+                return Self(Err(view.iter().copied().collect()));
+            }
+            return Self(Ok(primitive));
         }
-        return f(view.as_standard_layout().as_slice().expect("a standard-layout copy"));
+        let data = Tensor::<B, D>::from_primitive(TensorPrimitive::Float(primitive)).into_data();
+        Self(Err(data.into_vec::<f32>().unwrap_or_else(|e| unreachable!("CPU kernels take f32 data only: {e:?}"))))
     }
-    let data = Tensor::<B, D>::from_primitive(TensorPrimitive::Float(primitive)).into_data();
-    f(&data.into_vec::<f32>().unwrap_or_else(|e| unreachable!("CPU kernels take f32 data only: {e:?}")))
+}
+
+impl<B: Backend> std::ops::Deref for Values<B> {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        match &self.0 {
+            Ok(primitive) => match (primitive as &dyn Any).downcast_ref() {
+                Some(burn_ndarray::NdArrayTensor::F32(storage)) => {
+                    storage.view().to_slice().expect("kept only in standard layout")
+                }
+                _ => unreachable!("kept only for ndarray f32 storage"),
+            },
+            Err(copy) => copy,
+        }
+    }
 }
 
 /// What a pooling window computes.

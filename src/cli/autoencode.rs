@@ -26,7 +26,7 @@ pub struct AutoencoderArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Images per forward pass (bounds memory).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = super::count)]
     pub batch_size: usize,
 }
 
@@ -57,10 +57,10 @@ pub struct EncodeArgs {
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// With --data: the first N images only (LFM trains LSUN on its first 120000).
-    #[arg(long, requires = "data")]
+    #[arg(long, requires = "data", value_parser = super::count)]
     pub max_images: Option<usize>,
     /// With --data: side of the square images (resize the short side, centre-crop).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = super::count)]
     pub image_size: usize,
     /// With --data: label images by their top-level sub-folder.
     #[arg(long)]
@@ -73,7 +73,7 @@ pub struct EncodeArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// With --data and a cache folder: dataset images per shard (memory holds one shard's images while encoding).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = super::count)]
     pub shard_size: usize,
     /// The autoencoder.
     #[command(flatten)]
@@ -316,7 +316,7 @@ pub(crate) fn decode(args: DecodeArgs, choice: BackendChoice) -> anyhow::Result<
         _ => anyhow::bail!("{}: no `latents` or `x0` tensor", args.latents.display()),
     };
     anyhow::ensure!(latents.shape.len() == 4, "the latents must be [N, C, h, w], got {:?}", latents.shape);
-    std::fs::create_dir_all(&args.out_dir)?;
+    super::create_folder(&args.out_dir)?;
     let paths: Vec<PathBuf> =
         (0..latents.shape[0]).map(|i| args.out_dir.join(format!("{i:05}.{}", args.format))).collect();
     if let Some(existing) = paths.iter().find(|p| p.exists()).filter(|_| !args.force) {

@@ -45,7 +45,7 @@ pub struct SamplingArgs {
     #[arg(long, value_delimiter = ',', default_value = "dopri5,euler")]
     pub solvers: Vec<Method>,
     /// Steps of the fixed-step solvers.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = super::count)]
     pub steps: usize,
     /// Weight precisions.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "f32")]
@@ -65,10 +65,10 @@ pub struct TrainingArgs {
     #[arg(long, value_delimiter = ',', default_value = "DiT-S/2,DiT-B/2")]
     pub models: Vec<String>,
     /// Images per step.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::count)]
     pub batch: usize,
     /// Timed steps, after one untimed warm-up step.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = super::count)]
     pub steps: usize,
     /// Mixed precision of the passes (the weights and optimiser stay f32).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
@@ -85,10 +85,10 @@ pub struct KernelsArgs {
     #[arg(long)]
     pub json: bool,
     /// Timed repetitions per case (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = super::count)]
     pub reps: usize,
     /// Attention: batch × heads per case.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = super::count)]
     pub heads: usize,
     /// Attention: token counts.
     #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
@@ -235,8 +235,6 @@ fn report<R: Serialize, T: OnBackend<Output = Result<R, String>>>(
 }
 
 fn run_kernels(args: KernelsArgs, choice: BackendChoice) -> anyhow::Result<()> {
-    anyhow::ensure!(args.reps > 0, "--reps must be at least 1");
-    anyhow::ensure!(args.heads > 0, "--heads must be at least 1");
     anyhow::ensure!(
         args.tokens.iter().all(|&t| t > 0) && args.batches.iter().all(|&b| b > 0),
         "--tokens and --batches must be positive"
@@ -283,7 +281,6 @@ fn run_kernels(args: KernelsArgs, choice: BackendChoice) -> anyhow::Result<()> {
 
 fn run_sampling(args: SamplingArgs, choice: BackendChoice) -> anyhow::Result<()> {
     anyhow::ensure!(args.batches.iter().all(|&b| b > 0), "--batches must be positive");
-    anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
     let device = selected(choice, args.json)?;
     let options = SamplingBenchOptions {
         model: args.model,
@@ -298,7 +295,6 @@ fn run_sampling(args: SamplingArgs, choice: BackendChoice) -> anyhow::Result<()>
 }
 
 fn run_training(args: TrainingArgs, choice: BackendChoice) -> anyhow::Result<()> {
-    anyhow::ensure!(args.batch > 0 && args.steps > 0, "--batch and --steps must be at least 1");
     let device = selected(choice, args.json)?;
     let options =
         TrainingBenchOptions { models: args.models, batch: args.batch, steps: args.steps, precision: args.precision };

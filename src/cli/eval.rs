@@ -68,7 +68,7 @@ pub struct EvalSemanticArgs {
     #[arg(long)]
     pub images: PathBuf,
     /// Use the first N maps.
-    #[arg(long)]
+    #[arg(long, value_parser = super::count)]
     pub max_images: Option<usize>,
     /// Everything else as `lfm eval inpaint`.
     #[command(flatten)]
@@ -88,7 +88,7 @@ pub struct CommonEvalArgs {
     #[arg(long)]
     pub force: bool,
     /// Images per ODE solve.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::count)]
     pub batch_size: usize,
     /// Seed of the noise (image i gets the same noise whatever the batch size).
     #[arg(long, default_value_t = 42)]
@@ -123,7 +123,7 @@ pub struct EvalInpaintArgs {
     #[arg(long)]
     pub mask_white_is_hole: bool,
     /// Use the first N images and masks (LFM's script scores 2,950).
-    #[arg(long)]
+    #[arg(long, value_parser = super::count)]
     pub max_images: Option<usize>,
     /// Output, solver, Inception.
     #[command(flatten)]
@@ -358,7 +358,7 @@ fn evaluate(
         "{} already holds an evaluation; pass --force to overwrite it",
         args.out.display()
     );
-    std::fs::create_dir_all(&args.out)?;
+    super::create_folder(&args.out)?;
     let (config, weights, source) = weights_and_config(checkpoint, model.choice())?;
     tracing::info!("model: {} ({source})", config.family());
     let autoencoder = args.decoder.read("the evaluation decodes its samples: pass the autoencoder's --weights")?;

@@ -21,7 +21,7 @@ pub struct InceptionSource {
     #[arg(long, env = "LFM_INCEPTION")]
     pub inception: Option<PathBuf>,
     /// Images per Inception forward pass.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = super::count)]
     pub fid_batch_size: usize,
 }
 
@@ -44,7 +44,7 @@ pub struct FidArgs {
     /// Reference images: a folder, a dataset or a statistics file, as above.
     pub reference: PathBuf,
     /// Score only the first N images of each folder or dataset.
-    #[arg(long)]
+    #[arg(long, value_parser = super::count)]
     pub max_images: Option<usize>,
     /// The Inception network (needed for folders only).
     #[command(flatten)]
@@ -61,7 +61,7 @@ pub struct FidStatsArgs {
     /// Fashion-MNIST) or an LMDB folder; each image is scored at its own size.
     pub images: PathBuf,
     /// Score only the first N images.
-    #[arg(long)]
+    #[arg(long, value_parser = super::count)]
     pub max_images: Option<usize>,
     /// Where to write the statistics (pytorch-fid's .npz: `mu`, `sigma`).
     #[arg(long)]

@@ -15,7 +15,6 @@ use crate::train::latents::{CacheIndex, CachePlan, ShardEntry, INDEX_FILE};
 /// `lfm encode --data DATASET --out DIR` (any name but `*.safetensors`): the sharded cache.
 pub(super) fn encode_cache(args: EncodeArgs, data: &std::path::Path, choice: BackendChoice) -> anyhow::Result<()> {
     use crate::train::data::{open_images, Source};
-    anyhow::ensure!(args.shard_size > 0, "--shard-size must be at least 1");
     anyhow::ensure!(!args.out.is_file(), "{} is a file; a latent cache is a folder", args.out.display());
     let source =
         open_images(data, args.image_size, args.class_folders, args.max_images).map_err(|e| anyhow::anyhow!(e))?;

@@ -35,13 +35,13 @@ pub struct SolverArgs {
     #[arg(long, default_value_t = 1e-5)]
     pub atol: f64,
     /// Fixed-step solvers: number of steps.
-    #[arg(long, conflicts_with = "step_size")]
+    #[arg(long, conflicts_with = "step_size", value_parser = count)]
     pub steps: Option<usize>,
     /// Fixed-step solvers: step size on torchdiffeq's grid (LFM's --step_size, default 0.01).
     #[arg(long)]
     pub step_size: Option<f64>,
     /// Give up after this many velocity evaluations per batch.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 100_000, value_parser = count)]
     pub max_nfe: usize,
 }
 
@@ -64,6 +64,11 @@ impl SolverArgs {
     }
 }
 
+/// Creates an output folder (and its parents), naming it in the error.
+pub(crate) fn create_folder(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create the output folder {}: {e}", dir.display()))
+}
+
 /// Refuses to overwrite an existing output unless `--force` was passed.
 pub(crate) fn refuse_existing(path: &std::path::Path, force: bool) -> anyhow::Result<()> {
     if path.exists() && !force {
@@ -74,6 +79,36 @@ pub(crate) fn refuse_existing(path: &std::path::Path, force: bool) -> anyhow::Re
 
 fn parse_method(s: &str) -> Result<Method, String> {
     s.parse().map_err(|e: crate::solver::SolverError| e.to_string())
+}
+
+/// Parses a count that must be at least 1 (samples, batch sizes, steps, images, repetitions): clap names the flag
+/// in the error, so a zero never reaches a loop that would quietly treat it as one or do nothing.
+pub(crate) fn count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>().map_err(|e| format!("{e} (expected a whole number ≥ 1)"))? {
+        0 => Err("must be at least 1".into()),
+        n => Ok(n),
+    }
+}
+
+/// Parses a finite number ≥ 0 (guidance scales, learning-rate floors, loss weights): NaN would pass every later
+/// comparison and silently switch a feature off.
+pub(crate) fn non_negative(s: &str) -> Result<f64, String> {
+    let x: f64 = s.parse().map_err(|e| format!("{e} (expected a number)"))?;
+    if x.is_finite() && x >= 0.0 {
+        Ok(x)
+    } else {
+        Err("must be a finite number ≥ 0".into())
+    }
+}
+
+/// Parses a finite number > 0 (learning rates, clipping norms).
+pub(crate) fn positive(s: &str) -> Result<f64, String> {
+    let x = non_negative(s).map_err(|_| "must be a finite number > 0".to_string())?;
+    if x > 0.0 {
+        Ok(x)
+    } else {
+        Err("must be a finite number > 0".into())
+    }
 }
 
 /// How a command learns a checkpoint's architecture.

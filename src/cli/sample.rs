@@ -38,11 +38,11 @@ pub struct SampleArgs {
     #[command(flatten)]
     pub model: ModelSource,
     /// Number of samples [default: 16; the built-in model: one grid row per class].
-    #[arg(short = 'n', long)]
+    #[arg(short = 'n', long, value_parser = super::count)]
     pub num_samples: Option<usize>,
     /// Samples per ODE solve (the adaptive error norm runs over the whole batch, as in LFM) [default: 8; the
     /// built-in model: all samples at once].
-    #[arg(long)]
+    #[arg(long, value_parser = super::count)]
     pub batch_size: Option<usize>,
     /// Seed: sample i gets the same noise and label for a seed, whatever the batch size.
     #[arg(long, default_value_t = 42)]
@@ -58,7 +58,7 @@ pub struct SampleArgs {
     #[arg(long)]
     pub class: Option<ClassChoice>,
     /// Classifier-free guidance scale (DiT, EDM UNet; applied when > 1 as in LFM). Default: the preset's.
-    #[arg(long)]
+    #[arg(long, value_parser = super::non_negative)]
     pub cfg_scale: Option<f64>,
     /// Inpainting: the image (its size must be 8× the latent's).
     #[arg(long, requires = "mask")]
@@ -80,7 +80,7 @@ pub struct SampleArgs {
     #[command(flatten)]
     pub decoder: super::AutoencoderSource,
     /// Images per decoder pass.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = super::count)]
     pub decode_batch: usize,
     /// Do not decode: only write the latents (needs --save-latents).
     #[arg(long)]
@@ -92,7 +92,7 @@ pub struct SampleArgs {
     #[arg(long)]
     pub grid: Option<PathBuf>,
     /// Images per grid row [default: ⌈√n⌉; the built-in model: its samples per class].
-    #[arg(long)]
+    #[arg(long, value_parser = super::count)]
     pub nrow: Option<usize>,
     /// Write one image per sample into this folder (00000.png, …).
     #[arg(long)]
@@ -370,7 +370,6 @@ pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result
             anyhow::bail!("{} already holds samples; pass --force to overwrite them", dir.display());
         }
     }
-    anyhow::ensure!(args.num_samples != Some(0), "-n must be at least 1");
 
     let (config, weights, builtin_autoencoder) = match builtin {
         Some(parts) => parts,
@@ -425,7 +424,7 @@ pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result
         );
     }
     if let Some(dir) = &args.out_dir {
-        std::fs::create_dir_all(dir)?;
+        super::create_folder(dir)?;
     }
 
     let device = backend::select(choice)?;

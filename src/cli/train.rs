@@ -37,7 +37,7 @@ pub struct TrainArgs {
     #[arg(long, conflicts_with = "latents", required_unless_present = "latents")]
     pub data: Option<PathBuf>,
     /// Train on the first N images of --data only (LFM trains LSUN on its first 120000).
-    #[arg(long, requires = "data")]
+    #[arg(long, requires = "data", value_parser = super::count)]
     pub max_images: Option<usize>,
     /// Pre-encoded latents from `lfm encode`: a `.safetensors` file (loaded into memory) or a sharded cache folder
     /// (read a batch at a time); `mean` + `std` re-sample the posterior every step, as LFM encodes on the fly.
@@ -47,7 +47,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub class_folders: bool,
     /// Side of the square training images (resize the short side, centre-crop).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = super::count)]
     pub image_size: usize,
     /// The network: --config FILE or --preset NAME (required unless resuming).
     #[command(flatten)]
@@ -65,22 +65,22 @@ pub struct TrainArgs {
     #[command(flatten)]
     pub encoder: super::AutoencoderSource,
     /// Samples per step.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = super::count)]
     pub batch_size: usize,
     /// Epochs (LFM trains num_epoch + 1; give the number of epochs you want).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = super::count)]
     pub epochs: usize,
     /// Stop after this many steps instead of --epochs.
     #[arg(long)]
     pub max_steps: Option<usize>,
     /// Learning rate.
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1e-4, value_parser = super::positive)]
     pub lr: f64,
     /// LFM's per-epoch cosine decay to --min-lr (default: constant, LFM's --no_lr_decay).
     #[arg(long)]
     pub cosine: bool,
     /// Floor of the cosine schedule.
-    #[arg(long, default_value_t = 1e-5)]
+    #[arg(long, default_value_t = 1e-5, value_parser = super::non_negative)]
     pub min_lr: f64,
     /// Ramp the learning rate up linearly over this many first steps (0: none, as LFM).
     #[arg(long, default_value_t = 0)]
@@ -91,14 +91,14 @@ pub struct TrainArgs {
     pub ema_decay: Option<f64>,
     /// Split each step's batch into this many micro-batches (one backward pass each, gradients summed): the same
     /// update as one pass with a fraction of the activation memory.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = super::count)]
     pub grad_accum: usize,
     /// Data parallelism on one node: each step's batch is split over N devices — CUDA devices 0..N-1, or N wgpu
     /// GPUs of one kind — that each run forward and backward on a copy of the network; the gradients are summed on
     /// the first, which takes the optimiser step (the same update as one device, up to summation order). With
     /// --backend cpu, N copies share the CPU (to check a run's result, not for speed). Images are encoded on the
     /// first device: for speed, train from `lfm encode` latents.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = super::count)]
     pub data_parallel: usize,
     /// Mixed precision: forward and backward passes in f16 (with dynamic loss scaling) or bf16, on devices that
     /// support the format (CUDA: both; wgpu: f16 with shader-f16); weights, optimiser and moving average stay f32.
@@ -108,7 +108,7 @@ pub struct TrainArgs {
     /// node, or per GPU with --local-rank). Each node trains on its share of every batch; the gradients are summed
     /// over the nodes every step (a ring all-reduce over TCP), so every node holds the same weights. Node 0 writes
     /// --out; --resume reads it on every node (a shared file system, or a copy).
-    #[arg(long, env = "WORLD_SIZE", default_value_t = 1)]
+    #[arg(long, env = "WORLD_SIZE", default_value_t = 1, value_parser = super::count)]
     pub nodes: usize,
     /// This node's rank among --nodes, from 0.
     #[arg(long, env = "RANK", default_value_t = 0)]
@@ -127,10 +127,10 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 600)]
     pub node_timeout: u64,
     /// Clip the global gradient norm (over all parameters, as torch's clip_grad_norm_) to this value.
-    #[arg(long)]
+    #[arg(long, value_parser = super::positive)]
     pub max_grad_norm: Option<f64>,
     /// Checkpoint every this many steps (and at the end).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, value_parser = super::count)]
     pub save_every: usize,
     /// Write a 4×4 grid of samples to OUT/previews/step-N.png every this many steps and at the end (the moving
     /// average if kept, 20 Euler steps from the same noise every time, one row per class); needs the autoencoder.
@@ -315,10 +315,7 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
         settings.grad_accum,
         settings.batch_size
     );
-    if let Some(max) = settings.max_grad_norm {
-        anyhow::ensure!(max > 0.0 && max.is_finite(), "--max-grad-norm {max} must be a positive number");
-    }
-    std::fs::create_dir_all(&args.out)?;
+    super::create_folder(&args.out)?;
     let first = args.local_rank * settings.data_parallel;
     let device = backend::data_parallel_device(backend::select(choice)?, first, settings.data_parallel)?;
     let n = source.len();

@@ -24,10 +24,10 @@ pub struct TrainAutoencoderArgs {
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
     /// Images evaluated at each checkpoint.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, value_parser = super::count)]
     pub eval_images: usize,
     /// Side of the square images (resize the short side, centre-crop).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = super::count)]
     pub image_size: usize,
     /// The architecture: a diffusers AutoencoderKL config.json (block_out_channels, layers_per_block,
     /// latent_channels, norm_num_groups, …). Not needed with --resume or --init.
@@ -49,25 +49,25 @@ pub struct TrainAutoencoderArgs {
     #[arg(long)]
     pub resume: bool,
     /// Images per step.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = super::count)]
     pub batch_size: usize,
     /// Steps.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 5000, value_parser = super::count)]
     pub max_steps: usize,
     /// Peak learning rate (AdamW, no weight decay).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, value_parser = super::positive)]
     pub lr: f64,
     /// The learning rate a per-step cosine decays to (default: --lr, i.e. constant).
-    #[arg(long)]
+    #[arg(long, value_parser = super::non_negative)]
     pub min_lr: Option<f64>,
     /// Linear warm-up steps.
     #[arg(long, default_value_t = 100)]
     pub warmup_steps: usize,
     /// Weight of the mean KL divergence per latent element against the mean squared error.
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1e-4, value_parser = super::non_negative)]
     pub kl_weight: f64,
     /// Checkpoint (and evaluate) every this many steps, and at the end.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, value_parser = super::count)]
     pub save_every: usize,
     /// Seed of every random choice (data order, flips, posterior samples, initialisation).
     #[arg(long, default_value_t = 1024)]
@@ -133,8 +133,6 @@ pub(crate) fn run(args: TrainAutoencoderArgs, choice: BackendChoice) -> anyhow::
              autoencoder to start from with --init DIR"
         ),
     };
-    anyhow::ensure!(args.batch_size > 0 && args.max_steps > 0, "--batch-size and --max-steps must be positive");
-    anyhow::ensure!(args.kl_weight >= 0.0 && args.kl_weight.is_finite(), "--kl-weight must be ≥ 0");
     let train = images(&args.data, args.image_size)?;
     let eval = args.eval_data.as_ref().map(|p| images(p, args.image_size)).transpose()?;
     let settings = AutoencoderRun {
@@ -149,7 +147,7 @@ pub(crate) fn run(args: TrainAutoencoderArgs, choice: BackendChoice) -> anyhow::
         save_every: args.save_every,
         decoder_only: args.decoder_only,
     };
-    std::fs::create_dir_all(&args.out)?;
+    super::create_folder(&args.out)?;
     let device = backend::select(choice)?;
     let n = train.len();
     let job = Job {

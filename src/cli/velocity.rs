@@ -26,7 +26,7 @@ pub struct VelocityArgs {
     #[arg(long)]
     pub output: PathBuf,
     /// Classifier-free guidance: the input is LFM's doubled batch `[x; x]` with `[y; y_null]`.
-    #[arg(long)]
+    #[arg(long, value_parser = super::non_negative)]
     pub cfg_scale: Option<f64>,
     /// Overwrite an existing output file.
     #[arg(long)]

@@ -104,3 +104,37 @@ fn bench_sampling_and_training_report_their_cases_as_json() {
     assert_eq!(cases.len(), 1, "{stdout}");
     assert!(cases[0]["images_per_s"].as_f64().unwrap() > 0.0 && cases[0]["step_over_forward"].as_f64().unwrap() > 1.0);
 }
+
+/// Zero counts and non-finite numbers are refused while parsing, naming the flag (a zero batch once ran as
+/// batches of one, a NaN guidance scale as no guidance); an output folder that cannot be made is named.
+#[test]
+fn bad_numbers_and_folders_are_one_clear_line() {
+    let refused = |args: &[&str], words: &[&str]| {
+        let (ok, _, stderr) = lfm(args);
+        assert!(!ok, "{args:?} was accepted");
+        assert!(words.iter().all(|w| stderr.contains(w)), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    };
+    refused(&["sample", "--batch-size", "0"], &["--batch-size", "must be at least 1"]);
+    refused(&["sample", "-n", "0"], &["--num-samples", "must be at least 1"]);
+    refused(&["sample", "--decode-batch", "0"], &["--decode-batch", "must be at least 1"]);
+    refused(&["sample", "--nrow", "0"], &["--nrow", "must be at least 1"]);
+    refused(&["sample", "--cfg-scale", "nan"], &["--cfg-scale", "must be a finite number ≥ 0"]);
+    refused(&["sample", "--cfg-scale=-2"], &["--cfg-scale", "must be a finite number ≥ 0"]);
+    refused(&["sample", "--solver", "euler", "--steps", "0"], &["--steps", "must be at least 1"]);
+    refused(&["fid-stats", "images", "--out", "s.npz", "--fid-batch-size", "0"], &["--fid-batch-size"]);
+    refused(&["train", "--latents", "l", "--out", "o", "--lr", "0"], &["--lr", "must be a finite number > 0"]);
+    refused(&["train", "--latents", "l", "--out", "o", "--lr", "inf"], &["--lr", "must be a finite number > 0"]);
+    refused(&["train", "--latents", "l", "--out", "o", "--save-every", "0"], &["--save-every"]);
+    refused(&["train-autoencoder", "--data", "d", "--out", "o", "--kl-weight", "nan"], &["--kl-weight"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let inside = file.join("samples");
+    let inside = inside.to_str().unwrap();
+    refused(
+        &["--backend", "cpu", "sample", "-n", "1", "--out-dir", inside],
+        &["cannot create the output folder", inside],
+    );
+}

@@ -469,3 +469,22 @@ fn gpu_runs_keep_kernel_caches_in_the_user_cache_folder() {
     let cache = run("configured", "wgpu", Some("[autotune]\nlevel = \"minimal\"\n"));
     assert!(!cache.join("lfm").exists(), "a cubecl.toml should leave the configuration to CubeCL");
 }
+
+/// The library refuses a NaN or negative guidance scale rather than sampling without guidance.
+#[test]
+fn sample_batch_refuses_a_non_finite_cfg_scale() {
+    let config = ModelConfig::Dit(crate::dit::config("dit_tiny_cond_cfg"));
+    let model = lfm::models::VelocityModel::<Cpu>::init(&config, &cpu());
+    let (c, side) = (config.channels().1, config.latent_size());
+    let input = lfm::sample::BatchInput {
+        noise: Tensor::zeros([2, c, side, side], &cpu()),
+        labels: Some(vec![0, 1]),
+        condition: None,
+    };
+    let options = lfm::solver::SolveOptions { method: lfm::solver::Method::Euler, ..Default::default() };
+    for scale in [f64::NAN, -1.0, f64::INFINITY] {
+        let guidance = lfm::sample::Guidance { cfg_scale: Some(scale), null_label: 10 };
+        let err = lfm::sample::sample_batch(&model, input.clone(), &guidance, &options, &mut |_, _| {}).unwrap_err();
+        assert!(err.to_string().contains("CFG scale"), "{err}");
+    }
+}

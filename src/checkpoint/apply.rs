@@ -100,12 +100,34 @@ impl fmt::Display for LoadReport {
                 writeln!(f, "    {k}: file {file:?}, model {model:?}")?;
             }
         }
-        write!(
-            f,
-            "  The architecture flags (or config) do not describe this checkpoint: check model_type, nf, ch_mult, \
-             attn_resolutions, num_res_blocks, num_classes and the channel counts, or let lfm infer them"
-        )
+        match (self.applied, recognise(&self.unexpected)) {
+            (0, Some(kind)) => write!(
+                f,
+                "  The file holds {kind}, not the network being loaded: check which file went to which flag \
+                 (--checkpoint: the velocity network; --weights: the autoencoder; --inception: the FID network)"
+            ),
+            _ => write!(
+                f,
+                "  The architecture does not describe this checkpoint: for a velocity network check model_type, nf, \
+                 ch_mult, attn_resolutions, num_res_blocks, num_classes and the channel counts (or let lfm infer \
+                 them); for an autoencoder, its config.json (--vae-config)"
+            ),
+        }
     }
+}
+
+/// What kind of network a file's keys belong to, from their tell-tale prefixes, for files passed to the wrong flag.
+pub(crate) fn recognise(keys: &[String]) -> Option<&'static str> {
+    const KINDS: [(&[&str], &str); 6] = [
+        (&["x_embedder.", "t_embedder."], "a DiT velocity network"),
+        (&["input_blocks.", "time_embed."], "a guided-diffusion UNet velocity network"),
+        (&["map_layer0.", "enc."], "an EDM UNet velocity network"),
+        (&["encoder.down_blocks.", "decoder.up_blocks.", "quant_conv."], "a KL autoencoder (diffusers AutoencoderKL)"),
+        (&["encoder.layers.", "decoder.layers."], "a TAESD autoencoder"),
+        (&["Conv2d_1a_3x3.", "Mixed_5b."], "the FID Inception network"),
+    ];
+    let has = |prefix: &str| keys.iter().any(|k| k.strip_prefix("module.").unwrap_or(k).starts_with(prefix));
+    KINDS.iter().find(|(prefixes, _)| prefixes.iter().any(|p| has(p))).map(|&(_, kind)| kind)
 }
 
 /// Shape of a parameter as PyTorch stores it.

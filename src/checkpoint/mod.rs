@@ -11,6 +11,7 @@ mod tensor_map;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+pub(crate) use apply::recognise;
 pub use apply::{apply_weights, collect_grads, collect_weights, KeyMap, LoadReport};
 pub use pth::{dict_get, PthArchive};
 pub use pth_write::write_pth;

@@ -59,6 +59,15 @@ impl ModelConfig {
             // LFM's own config.yaml holds every training flag; a hand-written file should only hold model flags.
             let unknown: Vec<&str> =
                 map.keys().map(String::as_str).filter(|k| !LfmFlags::KEYS.contains(k) && *k != "preset").collect();
+            if !unknown.is_empty() && unknown.len() == map.len() {
+                // Not one model flag: another kind of file (an autoencoder's config.json, a training log), which
+                // would otherwise build LFM's default network.
+                return Err(format!(
+                    "none of its keys is a model flag ({}): a model config holds LFM's flags (model_type, \
+                     image_size, nf, ch_mult, …), a `preset`, or lfm's own form with `network`",
+                    unknown.join(", ")
+                ));
+            }
             if !unknown.is_empty() {
                 tracing::warn!("config keys not used by the model (typos?): {}", unknown.join(", "));
             }
@@ -150,6 +159,10 @@ impl ModelConfig {
         }
         if weights.contains_key("map_layer0.weight") && weights.keys().any(|k| k.starts_with("enc.")) {
             return infer_edm(weights).map(Self::EdmUnet);
+        }
+        let keys: Vec<String> = weights.keys().cloned().collect();
+        if let Some(kind) = crate::checkpoint::recognise(&keys).filter(|kind| !kind.contains("velocity")) {
+            return Err(format!("the file holds {kind}, not a velocity network (which --checkpoint takes)"));
         }
         Err("cannot tell the architecture from the tensor names: expected DiT (`x_embedder.*`), guided-diffusion UNet \
              (`time_embed.*`, `input_blocks.*`) or EDM DhariwalUNet (`map_layer0.*`, `enc.*`) weights; pass --config"

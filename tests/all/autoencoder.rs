@@ -156,6 +156,19 @@ fn taesd_reconstructs_a_photograph_on_wgpu() {
     assert!(db >= 22.0, "TAESD round trip PSNR {db:.2} dB < 22 dB");
 }
 
+/// A velocity network's checkpoint passed as the autoencoder is named for what it is.
+#[test]
+fn a_velocity_checkpoint_given_as_the_autoencoder_is_recognised() {
+    let dit = read_weights(&fixture("dit_tiny/model.pth")).unwrap().tensors;
+    let err = AutoencoderKL::<Cpu>::load(&vae_config(), &dit, &cpu()).unwrap_err().to_string();
+    assert!(err.contains("The file holds a DiT velocity network, not the network being loaded"), "{err}");
+    // A real mismatch of the same family keeps the advice about the architecture.
+    let vae = read_weights(&fixture("vae_tiny/model.safetensors")).unwrap().tensors;
+    let wider = AutoencoderKLConfig { latent_channels: 8, ..vae_config() };
+    let err = AutoencoderKL::<Cpu>::load(&wider, &vae, &cpu()).unwrap_err().to_string();
+    assert!(err.contains("shape mismatches") && err.contains("--vae-config"), "{err}");
+}
+
 #[test]
 fn weights_of_the_wrong_model_are_refused_by_name_and_shape() {
     let Some(dir) = shared("assets/taesd") else { return };
@@ -178,6 +191,7 @@ fn weights_of_the_wrong_model_are_refused_by_name_and_shape() {
     let err =
         AutoencoderWeights::read(AutoencoderKind::Taesd, tmp.path(), None).unwrap().load::<Cpu>(&cpu()).unwrap_err();
     assert!(err.to_string().contains("missing from the file"), "{err}");
+    assert!(err.to_string().contains("The file holds a KL autoencoder"), "{err}");
     // A folder with no weights.
     let err = AutoencoderWeights::read(AutoencoderKind::Taesd, &fixture("dit_tiny"), None).unwrap_err();
     assert!(err.to_string().contains("no taesd_encoder.safetensors or taesd_encoder.pth"), "{err}");

@@ -116,6 +116,8 @@ fn unsupported_or_incomplete_flags_are_explained() {
         (r#"{"model_type": "adm", "image_size": 60}"#, "not divisible"),
         (r#"{"preset": "celeb1024_adm"}"#, "unknown preset"),
         (r#"{"nf": "wide"}"#, "bad LFM flag"),
+        // Another kind of file (here a diffusers autoencoder config) would otherwise build LFM's default network.
+        (r#"{"_class_name": "AutoencoderKL", "latent_channels": 4}"#, "none of its keys is a model flag"),
     ];
     for (text, expected) in cases {
         let err = ModelConfig::from_json(text).and_then(|c| c.validate().map(|_| c)).unwrap_err();
@@ -160,6 +162,10 @@ fn architectures_are_inferred_from_the_weights() {
     assert_eq!(inferred, lfm::models::UNetConfig { image_size: 32, attention_resolutions: vec![2], ..golden });
     let weights = read_weights(&fixture("adm_edm_tiny/model.pth")).unwrap().tensors;
     assert_eq!(ModelConfig::infer(&weights).unwrap(), ModelConfig::EdmUnet(crate::edm::golden_config()));
+    // An autoencoder passed as the velocity network is named for what it is.
+    let weights = read_weights(&fixture("vae_tiny/model.safetensors")).unwrap().tensors;
+    let err = ModelConfig::infer(&weights).unwrap_err();
+    assert!(err.contains("holds a KL autoencoder (diffusers AutoencoderKL), not a velocity network"), "{err}");
 }
 
 #[test]

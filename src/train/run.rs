@@ -288,6 +288,13 @@ pub fn train<B: Backend>(
         let stages = ae.factor().trailing_zeros() as usize;
         trainer = trainer.with_rescaler(SpatialRescaler::new(*classes, c_out, stages, device), *train_rescaler);
     }
+    // The command line refuses these while parsing; a library caller gets the same words.
+    if !(settings.lr > 0.0 && settings.lr.is_finite()) {
+        return Err(TrainError::Invalid(format!("--lr {} must be a finite number > 0", settings.lr)));
+    }
+    if let Some(max) = settings.max_grad_norm.filter(|m| !(*m > 0.0 && m.is_finite())) {
+        return Err(TrainError::Invalid(format!("--max-grad-norm {max} must be a finite number > 0")));
+    }
     if let Some(decay) = settings.ema_decay {
         if !(0.0..1.0).contains(&decay) {
             return Err(TrainError::Invalid(format!("--ema-decay {decay} must be in [0, 1), e.g. 0.9999")));

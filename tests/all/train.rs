@@ -303,7 +303,9 @@ fn training_on_an_image_folder_lowers_the_loss_and_skips_corrupt_images() {
     assert!(!ok && stderr.contains("pass --resume"), "{stderr}");
     // Impossible accumulation or clipping settings are refused before any work.
     let other = s.root.join("other");
-    for (flag, value, complaint) in [("--grad-accum", "5", "between 1 and"), ("--max-grad-norm", "0", "positive")] {
+    for (flag, value, complaint) in
+        [("--grad-accum", "5", "between 1 and"), ("--max-grad-norm", "0", "must be a finite number > 0")]
+    {
         let mut bad = train_args(other.to_str().unwrap(), &s.data, &s.vae, &s.vae_config, &s.config);
         bad.extend_from_slice(&[flag, value]);
         let (ok, _, stderr) = lfm(&bad);

@@ -95,14 +95,14 @@ pub fn sample_batch<B: Backend>(
     options: &SolveOptions,
     progress: &mut dyn FnMut(f64, usize),
 ) -> Result<BatchOutput<B>, SolverError> {
-    let device = input.noise.device();
-    let n = input.noise.dims()[0];
-    let labels =
-        input.labels.as_ref().map(|y| Tensor::<B, 1, Int>::from_data(TensorData::new(y.clone(), [n]), &device));
     if let Some(scale) = guidance.cfg_scale.filter(|s| !(s.is_finite() && *s >= 0.0)) {
         // NaN fails `> 1` below and would quietly switch guidance off.
         return Err(SolverError::InvalidOptions(format!("the CFG scale {scale} must be a finite number ≥ 0")));
     }
+    let device = input.noise.device();
+    let n = input.noise.dims()[0];
+    let labels =
+        input.labels.as_ref().map(|y| Tensor::<B, 1, Int>::from_data(TensorData::new(y.clone(), [n]), &device));
     let cfg = guidance.cfg_scale.filter(|&s| s > 1.0);
     // The network on samples `range` of the batch (CFG doubles them with the null label); the network couples no
     // samples, so parts of the batch can be evaluated apart.

@@ -100,13 +100,14 @@ impl fmt::Display for LoadReport {
                 writeln!(f, "    {k}: file {file:?}, model {model:?}")?;
             }
         }
-        match (self.applied, recognise(&self.unexpected)) {
-            (0, Some(kind)) => write!(
+        match recognise(&self.unexpected).filter(|_| self.applied == 0) {
+            Some(kind) => write!(
                 f,
-                "  The file holds {kind}, not the network being loaded: check which file went to which flag \
-                 (--checkpoint: the velocity network; --weights: the autoencoder; --inception: the FID network)"
+                "  The file holds {}, not the network being loaded: check which file went to which flag \
+                 (--checkpoint: the velocity network; --weights: the autoencoder; --inception: the FID network)",
+                kind.name
             ),
-            _ => write!(
+            None => write!(
                 f,
                 "  The architecture does not describe this checkpoint: for a velocity network check model_type, nf, \
                  ch_mult, attn_resolutions, num_res_blocks, num_classes and the channel counts (or let lfm infer \
@@ -116,18 +117,40 @@ impl fmt::Display for LoadReport {
     }
 }
 
-/// What kind of network a file's keys belong to, from their tell-tale prefixes, for files passed to the wrong flag.
-pub(crate) fn recognise(keys: &[String]) -> Option<&'static str> {
-    const KINDS: [(&[&str], &str); 6] = [
-        (&["x_embedder.", "t_embedder."], "a DiT velocity network"),
-        (&["input_blocks.", "time_embed."], "a guided-diffusion UNet velocity network"),
-        (&["map_layer0.", "enc."], "an EDM UNet velocity network"),
-        (&["encoder.down_blocks.", "decoder.up_blocks.", "quant_conv."], "a KL autoencoder (diffusers AutoencoderKL)"),
-        (&["encoder.layers.", "decoder.layers."], "a TAESD autoencoder"),
-        (&["Conv2d_1a_3x3.", "Mixed_5b."], "the FID Inception network"),
+/// A kind of network recognised from a file's keys.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NetworkKind {
+    /// What the file holds, as a phrase ("a DiT velocity network").
+    pub name: &'static str,
+    /// Whether it is a velocity network (what `--checkpoint` takes).
+    pub velocity: bool,
+}
+
+/// What kind of network a file's keys belong to, from their tell-tale prefixes, for files passed to the wrong flag;
+/// the first kind in this table's order any key fits.
+pub(crate) fn recognise<'a, I>(keys: I) -> Option<NetworkKind>
+where
+    I: IntoIterator<Item = &'a String>,
+    I::IntoIter: Clone,
+{
+    const KINDS: [(&[&str], &str, bool); 6] = [
+        (&["x_embedder.", "t_embedder."], "a DiT velocity network", true),
+        (&["input_blocks.", "time_embed."], "a guided-diffusion UNet velocity network", true),
+        (&["map_layer0.", "enc."], "an EDM UNet velocity network", true),
+        (
+            &["encoder.down_blocks.", "decoder.up_blocks.", "quant_conv."],
+            "a KL autoencoder (diffusers AutoencoderKL)",
+            false,
+        ),
+        (&["encoder.layers.", "decoder.layers."], "a TAESD autoencoder", false),
+        (&["Conv2d_1a_3x3.", "Mixed_5b."], "the FID Inception network", false),
     ];
-    let has = |prefix: &str| keys.iter().any(|k| k.strip_prefix("module.").unwrap_or(k).starts_with(prefix));
-    KINDS.iter().find(|(prefixes, _)| prefixes.iter().any(|p| has(p))).map(|&(_, kind)| kind)
+    let keys = keys.into_iter();
+    let has = |prefix: &str| keys.clone().any(|k| k.strip_prefix("module.").unwrap_or(k).starts_with(prefix));
+    KINDS
+        .iter()
+        .find(|(prefixes, ..)| prefixes.iter().any(|p| has(p)))
+        .map(|&(_, name, velocity)| NetworkKind { name, velocity })
 }
 
 /// Shape of a parameter as PyTorch stores it.

@@ -135,7 +135,7 @@ impl OnBackend for EncodeCache {
         if index.complete {
             return Ok((index, false));
         }
-        std::fs::create_dir_all(&self.dir).map_err(|e| anyhow::anyhow!("{}: {e}", self.dir.display()))?;
+        super::create_folder(&self.dir)?;
         index.write(&self.dir).map_err(|e| anyhow::anyhow!(e))?;
         let (n, shard_size) = (self.plan.examples_in_source, self.plan.shard_size);
         let bar = progress(n, "encoding");

@@ -160,9 +160,8 @@ impl ModelConfig {
         if weights.contains_key("map_layer0.weight") && weights.keys().any(|k| k.starts_with("enc.")) {
             return infer_edm(weights).map(Self::EdmUnet);
         }
-        let keys: Vec<String> = weights.keys().cloned().collect();
-        if let Some(kind) = crate::checkpoint::recognise(&keys).filter(|kind| !kind.contains("velocity")) {
-            return Err(format!("the file holds {kind}, not a velocity network (which --checkpoint takes)"));
+        if let Some(kind) = crate::checkpoint::recognise(weights.keys()).filter(|kind| !kind.velocity) {
+            return Err(format!("the file holds {}, not a velocity network (which --checkpoint takes)", kind.name));
         }
         Err("cannot tell the architecture from the tensor names: expected DiT (`x_embedder.*`), guided-diffusion UNet \
              (`time_embed.*`, `input_blocks.*`) or EDM DhariwalUNet (`map_layer0.*`, `enc.*`) weights; pass --config"

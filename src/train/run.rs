@@ -251,6 +251,13 @@ pub fn train<B: Backend>(
     if source.is_empty() {
         return Err(TrainError::Invalid("the training data is empty".into()));
     }
+    // The command line refuses these while parsing; a library caller gets the same words, before any work.
+    if !(settings.lr > 0.0 && settings.lr.is_finite()) {
+        return Err(TrainError::Invalid(format!("--lr {} must be a finite number > 0", settings.lr)));
+    }
+    if let Some(max) = settings.max_grad_norm.filter(|m| !(*m > 0.0 && m.is_finite())) {
+        return Err(TrainError::Invalid(format!("--max-grad-norm {max} must be a finite number > 0")));
+    }
     if settings.preview_every > 0 && (settings.task != Task::Generate || autoencoder.is_none()) {
         return Err(TrainError::Invalid(
             "--preview-every samples unconditional or class-conditional models and decodes them: it needs --task \
@@ -287,13 +294,6 @@ pub fn train<B: Backend>(
     if let (Task::Semantic { classes, train_rescaler, .. }, Some(ae)) = (&settings.task, autoencoder) {
         let stages = ae.factor().trailing_zeros() as usize;
         trainer = trainer.with_rescaler(SpatialRescaler::new(*classes, c_out, stages, device), *train_rescaler);
-    }
-    // The command line refuses these while parsing; a library caller gets the same words.
-    if !(settings.lr > 0.0 && settings.lr.is_finite()) {
-        return Err(TrainError::Invalid(format!("--lr {} must be a finite number > 0", settings.lr)));
-    }
-    if let Some(max) = settings.max_grad_norm.filter(|m| !(*m > 0.0 && m.is_finite())) {
-        return Err(TrainError::Invalid(format!("--max-grad-norm {max} must be a finite number > 0")));
     }
     if let Some(decay) = settings.ema_decay {
         if !(0.0..1.0).contains(&decay) {

@@ -10,7 +10,9 @@
 //! [`crate::attention_backward`]).
 
 use burn::tensor::Shape;
-use burn_cubecl::{kernel::into_contiguous, ops::numeric::empty_device_dtype, tensor::CubeTensor, CubeRuntime};
+use burn_cubecl::{
+    kernel::into_contiguous, ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor, CubeRuntime,
+};
 use cubecl::prelude::*;
 
 /// Query rows (= units) per cube.
@@ -152,7 +154,9 @@ pub fn flash_attention<R: CubeRuntime>(q: CubeTensor<R>, k: CubeTensor<R>, v: Cu
     let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
     let [batch, heads, n_q, head_dim] = q.meta.shape().dims::<4>();
     let (client, device, dtype) = (q.client.clone(), q.device.clone(), q.dtype);
-    let out = empty_device_dtype::<R>(client.clone(), device, q.meta.shape().clone(), dtype);
+    // Explicitly contiguous, as the kernel indexes `out` linearly: CUDA's default allocation pads rows to an aligned
+    // pitch (head_dim 72 would take 128 slots per row).
+    let out = empty_device_contiguous_dtype::<R>(client.clone(), device, q.meta.shape().clone(), dtype);
     let scale = (head_dim as f64).powf(-0.5) as f32;
     flash_attention_kernel::launch::<R>(
         &client,

@@ -6,7 +6,9 @@
 //! writes one tensor (or, for the error ratio, nothing tensor-sized: per-cube partial sums, then one scalar).
 
 use burn::tensor::{DType, Shape};
-use burn_cubecl::{kernel::into_contiguous, ops::numeric::empty_device_dtype, tensor::CubeTensor, CubeRuntime};
+use burn_cubecl::{
+    kernel::into_contiguous, ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor, CubeRuntime,
+};
 use cubecl::prelude::*;
 
 /// Most tensors one fused combination reads (dopri5's interpolation: y0, y1 and seven stages).
@@ -202,7 +204,9 @@ pub fn linear_combination<R: CubeRuntime>(terms: Vec<(CubeTensor<R>, f64)>) -> C
     let tensors: Vec<CubeTensor<R>> = terms.into_iter().map(|(t, _)| into_contiguous(t)).collect();
     let first = tensors[0].clone();
     let (client, device, dtype) = (first.client.clone(), first.device.clone(), first.dtype);
-    let out = empty_device_dtype::<R>(client.clone(), device, shape.clone(), dtype);
+    // Explicitly contiguous: the kernel writes element i at offset i, and Burn's default allocation on CUDA pads
+    // each row to an aligned pitch (a 259-wide f32 row takes 384 slots), which scrambled every such output.
+    let out = empty_device_contiguous_dtype::<R>(client.clone(), device, shape.clone(), dtype);
     let vector = vector_size(&client, dtype, shape.num_elements());
     let units = shape.num_elements() / vector;
     let arg = |j: usize| tensors.get(j).unwrap_or(&first).clone().into_tensor_arg();
@@ -259,8 +263,8 @@ pub fn error_ratio_sum_sq<R: CubeRuntime>(
     let vector = vector_size(&client, dtype, shape.num_elements());
     let units = shape.num_elements() / vector;
     let cubes = units.div_ceil(CUBE_SIZE as usize * 4).clamp(1, MAX_REDUCE_CUBES);
-    let partials = empty_device_dtype::<R>(client.clone(), device.clone(), Shape::new([cubes]), DType::F32);
-    let out = empty_device_dtype::<R>(client.clone(), device, Shape::new([1]), DType::F32);
+    let partials = empty_device_contiguous_dtype::<R>(client.clone(), device.clone(), Shape::new([cubes]), DType::F32);
+    let out = empty_device_contiguous_dtype::<R>(client.clone(), device, Shape::new([1]), DType::F32);
     let arg = |j: usize| stages.get(j).unwrap_or(&stages[0]).clone().into_tensor_arg();
     // SAFETY: every tensor is contiguous with y0's shape (asserted above), the grid-strided loop stops at y0's
     // length, `partials` has one slot per cube launched, and placeholder stages are never read.

@@ -79,6 +79,10 @@ pub struct TrainArgs {
     /// LFM's per-epoch cosine decay to --min-lr (default: constant, LFM's --no_lr_decay).
     #[arg(long)]
     pub cosine: bool,
+    /// Cosine decay to --min-lr updated at every step over the run's steps (--max-steps, or --epochs' worth), so
+    /// that a run of a few epochs anneals to the floor; LFM's --cosine changes the rate only between epochs.
+    #[arg(long, conflicts_with = "cosine")]
+    pub cosine_per_step: bool,
     /// Floor of the cosine schedule.
     #[arg(long, default_value_t = 1e-5, value_parser = super::non_negative)]
     pub min_lr: f64,
@@ -280,12 +284,15 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
     };
     let init = args.init.as_ref().map(|p| crate::checkpoint::read_weights(p).map(|w| w.tensors)).transpose()?;
     let per_epoch = (source.len() / args.batch_size.max(1)).max(1);
+    let max_steps = args.max_steps.unwrap_or(per_epoch * args.epochs);
     let settings = RunSettings {
         batch_size: args.batch_size.max(1),
-        max_steps: args.max_steps.unwrap_or(per_epoch * args.epochs),
+        max_steps,
         lr: args.lr,
         schedule: if args.cosine {
             Schedule::Cosine { min_lr: args.min_lr, epochs: args.epochs }
+        } else if args.cosine_per_step {
+            Schedule::CosinePerStep { min_lr: args.min_lr, steps: max_steps }
         } else {
             Schedule::Constant
         },

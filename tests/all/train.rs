@@ -511,10 +511,18 @@ fn idx_datasets_load_and_train() {
 
     let out = s.root.join("idx-run");
     let mut args = train_args(out.to_str().unwrap(), images.to_str().unwrap(), &s.vae, &s.vae_config, &s.config);
-    args.extend_from_slice(&["--max-steps", "3"]);
+    args.extend_from_slice(&["--max-steps", "3", "--cosine-per-step", "--min-lr", "0"]);
     let (ok, stdout, stderr) = lfm(&args);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("trained 3 steps on 6 examples"), "{stdout}");
+    // The per-step cosine over 3 steps: (1 + cos(π·k/3)) / 2 = 1, 3/4, 1/4 of --lr 1e-3 (LFM's --cosine would hold
+    // 1e-3 for the whole epoch).
+    let lrs: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["lr"].as_f64().unwrap())
+        .collect();
+    assert_close_f64("per-step cosine learning rates", &lrs, &[1e-3, 7.5e-4, 2.5e-4], 1e-12);
 
     let cut = s.root.join("cut-images-idx3-ubyte");
     let bytes = std::fs::read(&images).unwrap();

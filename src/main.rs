@@ -3,6 +3,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    keep_freed_memory_for_reuse();
     // Mesa's Vulkan drivers complain on stderr when no session runtime folder exists (headless machines, CI).
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
         let dir = std::env::temp_dir().join("lfm-xdg-runtime");
@@ -45,3 +46,30 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
+
+/// Keeps the CPU backend's tensor buffers in the heap once freed, instead of glibc's default of returning each buffer
+/// over 128 KiB (its threshold grows only slowly) to the OS and faulting fresh zeroed pages in for the next one: the
+/// ndarray backend allocates and frees every intermediate of every step. Measured on the built-in model's factor-2
+/// DiT training on 2 cores: 46 against 42 samples/s; mimalloc and jemalloc (preloaded) were slower still than the
+/// default. `MALLOC_*_` environment variables, when set, are left to glibc.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory_for_reuse() {
+    let user_set = ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some());
+    if user_set {
+        return;
+    }
+    // SAFETY: mallopt only changes the allocator's tuning parameters; it is called before any thread starts.
+    unsafe {
+        // 32 MiB, glibc's largest allowed threshold: buffers below it come from the heap.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        // Give memory back to the OS only when 1 GiB lies free at the top of the heap; grow it 64 MiB at a time.
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
+/// Other platforms keep their allocator's defaults.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory_for_reuse() {}

@@ -256,12 +256,17 @@ pub(crate) fn setup() -> Setup {
     }
 }
 
-pub(crate) fn losses(out: &std::path::Path) -> Vec<f64> {
+/// One column of a run's `metrics.jsonl`, a value per logged step.
+pub(crate) fn metric(out: &std::path::Path, key: &str) -> Vec<f64> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()[key].as_f64().unwrap())
         .collect()
+}
+
+pub(crate) fn losses(out: &std::path::Path) -> Vec<f64> {
+    metric(out, "loss")
 }
 
 #[test]
@@ -275,19 +280,11 @@ fn training_on_an_image_folder_lowers_the_loss_and_skips_corrupt_images() {
     assert!(ok, "{stderr}");
     assert!(stdout.contains("trained 30 steps on 13 examples"), "{stdout}");
     // The warm-up ramps the learning rate over the first 4 steps.
-    let lrs: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["lr"].as_f64().unwrap())
-        .collect();
+    let lrs = metric(&out, "lr");
     assert_close_f64("warm-up learning rates", &lrs[..6], &[2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3], 1e-12);
     assert!(stderr.contains("skipping an unreadable image") && stderr.contains("corrupt.png"), "{stderr}");
     // Every step logs its global gradient norm.
-    let norms: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["grad_norm"].as_f64().unwrap())
-        .collect();
+    let norms = metric(&out, "grad_norm");
     assert!(norms.iter().all(|g| g.is_finite() && *g > 0.0), "{norms:?}");
     let loss = losses(&out);
     assert_eq!(loss.len(), 30);
@@ -517,11 +514,7 @@ fn idx_datasets_load_and_train() {
     assert!(stdout.contains("trained 3 steps on 6 examples"), "{stdout}");
     // The per-step cosine over 3 steps: (1 + cos(π·k/3)) / 2 = 1, 3/4, 1/4 of --lr 1e-3 (LFM's --cosine would hold
     // 1e-3 for the whole epoch).
-    let lrs: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["lr"].as_f64().unwrap())
-        .collect();
+    let lrs = metric(&out, "lr");
     assert_close_f64("per-step cosine learning rates", &lrs, &[1e-3, 7.5e-4, 2.5e-4], 1e-12);
 
     let cut = s.root.join("cut-images-idx3-ubyte");

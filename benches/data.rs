@@ -20,7 +20,8 @@ use lfm::train::data::{open_images, Source};
 use lfm::train::latents::{CacheIndex, CachePlan, LatentStore, ShardEntry};
 use lfm::train::loader::{prepare, EpochOrder};
 use lfm::train::nodes::{NodeGroup, NodeSpec};
-use lfm::train::run::{RunSettings, Schedule};
+use lfm::train::run::RunSettings;
+use lfm::train::schedule::Schedule;
 use lfm::train::task::{Task, TaskFiles};
 
 fn settings(batch_size: usize) -> RunSettings {

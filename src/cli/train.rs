@@ -13,7 +13,8 @@ use crate::models::{read_config, ModelConfig, Precision, Preset};
 use crate::train::data::{open_images, Source};
 use crate::train::latents::LatentStore;
 use crate::train::nodes::{fingerprint, NodeGroup, NodeSpec};
-use crate::train::run::{read_state, train, RunOutcome, RunSettings, Schedule};
+use crate::train::run::{read_state, train, RunOutcome, RunSettings};
+use crate::train::schedule::Schedule;
 use crate::train::task::{Task, TaskFiles};
 
 /// The task names of `--task`.

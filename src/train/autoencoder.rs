@@ -66,7 +66,7 @@ impl AutoencoderRun {
         }
         let span = self.max_steps.saturating_sub(self.warmup_steps).max(1) as f64;
         let progress = (step.saturating_sub(self.warmup_steps) as f64 / span).min(1.0);
-        self.min_lr + (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos()) / 2.0
+        super::schedule::cosine_between(self.lr, self.min_lr, progress)
     }
 }
 
@@ -440,4 +440,41 @@ fn save<B: AutodiffBackend, O: Optimizer<AutoencoderKL<B>, B>>(
         let _ = std::fs::remove_file(dir.join(old.optimizer_file));
     }
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AutoencoderRun;
+
+    /// Warm-up, then the cosine over the steps after it, against values worked by hand.
+    #[test]
+    fn warm_up_then_cosine_to_the_floor() {
+        let run = AutoencoderRun {
+            batch_size: 1,
+            max_steps: 6,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 2,
+            kl_weight: 0.0,
+            flip: false,
+            seed: 0,
+            save_every: 1,
+            decoder_only: false,
+        };
+        // Steps 2..6 span the cosine over 4 steps: (1 + cos(π·k/4)) / 2 = 1, 0.853553…, 0.5, 0.146446… of 9e-4.
+        let expected = [
+            0.5e-3,
+            1e-3,
+            1e-3,
+            1e-4 + 0.853_553_390_593_273_7 * 9e-4,
+            0.55e-3,
+            1e-4 + 0.146_446_609_406_726_24 * 9e-4,
+            1e-4,
+        ];
+        for (step, want) in expected.iter().enumerate() {
+            let got = run.lr_at(step);
+            assert!((got - want).abs() < 1e-15, "step {step}: {got} vs {want}");
+        }
+        assert!((run.lr_at(50) - 1e-4).abs() < 1e-18, "past the end: the floor");
+    }
 }

@@ -13,6 +13,7 @@ pub mod metrics_log;
 pub mod mixed;
 pub mod nodes;
 pub mod run;
+pub mod schedule;
 pub mod task;
 
 use burn::module::{AutodiffModule, Module};

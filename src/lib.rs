@@ -7,6 +7,8 @@
 //! Data flows one way: files → tensors → velocity field → solver → autoencoder → images. Each stage is a module
 //! that knows nothing of its neighbours except their types.
 
+#![warn(missing_docs)]
+
 pub mod autoencoder;
 pub mod backend;
 pub mod bench;

@@ -7,6 +7,8 @@
 //! - [`rk`]: fused Runge–Kutta linear combinations and torchdiffeq's error ratio;
 //! - [`tableau`]: the Dormand–Prince tableau, the one copy the generic solver and the kernels read.
 
+#![warn(missing_docs)]
+
 pub mod attention;
 mod dispatch;
 pub mod rk;

@@ -42,8 +42,10 @@ pub struct EvalArgs {
 #[derive(Debug, Subcommand)]
 pub enum EvalTask {
     /// Inpaint every test image under its mask; report FID, P-IDS and U-IDS against the originals.
+    #[command(allow_negative_numbers = true)]
     Inpaint(Box<EvalInpaintArgs>),
     /// Generate one image per segmentation map; report FID against the real images.
+    #[command(allow_negative_numbers = true)]
     Semantic(Box<EvalSemanticArgs>),
 }
 

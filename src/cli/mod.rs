@@ -177,7 +177,8 @@ impl AutoencoderSource {
     }
 }
 
-/// `lfm` subcommands.
+/// `lfm` subcommands. Those taking numbers accept a negative one as a value (`--cfg-scale -1`), so that its range
+/// check, not "unexpected argument", names the problem.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// List the GPUs and CPU lfm can use, and which one `--backend auto` picks.
@@ -189,12 +190,16 @@ pub enum Command {
     /// Write weights in LFM's layout (a `torch.save`d state_dict with DDP's `module.` prefix) for LFM's scripts.
     Export(inspect::ExportArgs),
     /// Evaluate v = model(t, x, y) on tensors from a safetensors file (parity checks against PyTorch).
+    #[command(allow_negative_numbers = true)]
     Velocity(velocity::VelocityArgs),
     /// Sample images (or latents) from a checkpoint: noise → ODE (dopri5/euler/midpoint/heun/rk4) → autoencoder.
+    #[command(allow_negative_numbers = true)]
     Sample(Box<sample::SampleArgs>),
     /// Train a velocity network with LFM's flow-matching loss (resumable).
+    #[command(allow_negative_numbers = true)]
     Train(Box<train::TrainArgs>),
     /// Train a KL autoencoder (reconstruction + KL) and write it as a diffusers folder (resumable).
+    #[command(allow_negative_numbers = true)]
     TrainAutoencoder(Box<train_autoencoder::TrainAutoencoderArgs>),
     /// Encode images into LFM latents (scaled) with the KL VAE or TAESD.
     Encode(autoencode::EncodeArgs),
@@ -205,6 +210,7 @@ pub enum Command {
     /// Write the FID statistics (mu, sigma) of an image folder as pytorch-fid's .npz.
     FidStats(fid::FidStatsArgs),
     /// Evaluate a downstream model: `lfm eval inpaint` inpaints a test set and reports FID, P-IDS and U-IDS.
+    #[command(allow_negative_numbers = true)]
     Eval(eval::EvalArgs),
     /// Benchmarks: `lfm bench kernels` times lfm's fused GPU kernels against the unfused expressions.
     Bench(bench::BenchArgs),

@@ -121,6 +121,9 @@ fn bad_numbers_and_folders_are_one_clear_line() {
     refused(&["sample", "--nrow", "0"], &["--nrow", "must be at least 1"]);
     refused(&["sample", "--cfg-scale", "nan"], &["--cfg-scale", "must be a finite number ≥ 0"]);
     refused(&["sample", "--cfg-scale=-2"], &["--cfg-scale", "must be a finite number ≥ 0"]);
+    // A negative number after a space is the flag's value, not an unknown flag.
+    refused(&["sample", "--cfg-scale", "-2"], &["--cfg-scale", "must be a finite number ≥ 0"]);
+    refused(&["train", "--latents", "l", "--out", "o", "--lr", "-0.0001"], &["--lr", "must be a finite number > 0"]);
     refused(&["sample", "--solver", "euler", "--steps", "0"], &["--steps", "must be at least 1"]);
     refused(&["fid-stats", "images", "--out", "s.npz", "--fid-batch-size", "0"], &["--fid-batch-size"]);
     refused(&["train", "--latents", "l", "--out", "o", "--lr", "0"], &["--lr", "must be a finite number > 0"]);

@@ -220,7 +220,7 @@ impl OnBackend for Job {
             }
             Inputs::Inpaint { .. } => None,
         };
-        let options = args.solve.options(true);
+        let options = args.solve.options(true)?;
         let guidance = Guidance { cfg_scale: None, null_label: 0 };
         let n = self.inputs.len();
         let progress = ProgressBar::new(n as u64);

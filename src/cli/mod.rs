@@ -28,12 +28,12 @@ pub struct SolverArgs {
     /// ODE solver: dopri5, euler, midpoint, heun or rk4 [default: dopri5].
     #[arg(long, value_parser = parse_method)]
     pub solver: Option<Method>,
-    /// Relative tolerance of dopri5.
-    #[arg(long, default_value_t = 1e-5)]
-    pub rtol: f64,
-    /// Absolute tolerance of dopri5.
-    #[arg(long, default_value_t = 1e-5)]
-    pub atol: f64,
+    /// Relative tolerance of dopri5 [default: 1e-5].
+    #[arg(long)]
+    pub rtol: Option<f64>,
+    /// Absolute tolerance of dopri5 [default: 1e-5].
+    #[arg(long)]
+    pub atol: Option<f64>,
     /// Fixed-step solvers: number of steps.
     #[arg(long, conflicts_with = "step_size", value_parser = count)]
     pub steps: Option<usize>,
@@ -46,12 +46,31 @@ pub struct SolverArgs {
 }
 
 impl SolverArgs {
-    /// The solver's options (dopri5 unless --solver says otherwise).
-    pub fn options(&self, fused_kernels: bool) -> SolveOptions {
-        SolveOptions {
-            method: self.solver.unwrap_or(Method::Dopri5),
-            rtol: self.rtol,
-            atol: self.atol,
+    /// The solver's options (dopri5 unless --solver says otherwise). Refuses flags the chosen solver would ignore:
+    /// a grid for the adaptive solver, tolerances for a fixed-step one.
+    pub fn options(&self, fused_kernels: bool) -> anyhow::Result<SolveOptions> {
+        let method = self.solver.unwrap_or(Method::Dopri5);
+        let grid_flag = if self.steps.is_some() { Some("--steps") } else { self.step_size.map(|_| "--step-size") };
+        let tolerance_flag = if self.rtol.is_some() { Some("--rtol") } else { self.atol.map(|_| "--atol") };
+        if method == Method::Dopri5 {
+            if let Some(flag) = grid_flag {
+                anyhow::bail!(
+                    "{flag} sets the grid of the fixed-step solvers (euler, midpoint, heun, rk4), but the solver is \
+                     dopri5, which picks its own steps from --rtol/--atol: pass --solver euler (or another) to use it"
+                );
+            }
+        } else if let Some(flag) = tolerance_flag {
+            anyhow::bail!(
+                "{flag} is a tolerance of the adaptive solver, but the solver is {method}, which takes --steps or \
+                 --step-size: pass --solver dopri5 to use it"
+            );
+        }
+        // LFM's tolerances (1e-5) unless given.
+        let defaults = SolveOptions::default();
+        Ok(SolveOptions {
+            method,
+            rtol: self.rtol.unwrap_or(defaults.rtol),
+            atol: self.atol.unwrap_or(defaults.atol),
             grid: match (self.steps, self.step_size) {
                 (Some(steps), _) => Grid::Steps(steps),
                 (None, Some(h)) => Grid::StepSize(h),
@@ -59,8 +78,8 @@ impl SolverArgs {
             },
             max_nfe: Some(self.max_nfe),
             fused_kernels,
-            ..SolveOptions::default()
-        }
+            ..defaults
+        })
     }
 }
 

@@ -190,7 +190,7 @@ impl OnBackend for Job {
         let n = self.noise.as_ref().map_or(args.num_samples.unwrap_or(DEFAULT_SAMPLES), |(x1, _)| x1.shape[0]);
         let classes = model.classes();
         let guidance = Guidance { cfg_scale: self.cfg_scale, null_label: model.null_label().unwrap_or(0) };
-        let options = args.solve.options(!args.no_fused_kernels);
+        let options = args.solve.options(!args.no_fused_kernels)?;
         let condition = self.condition.tensor::<B>(autoencoder.as_ref(), &self.config, args.seed, &device)?;
         // FID: the reference statistics first (a folder is scored here), then features of every decoded batch.
         let mut fid = match &self.fid {
@@ -327,6 +327,8 @@ pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result
         args.class = Some(ClassChoice::Rows(args.nrow.unwrap_or_else(|| (n as f64).sqrt().ceil() as usize)));
     }
     crate::nn::attention::set_fused(!args.no_fused_kernels);
+    // Solver flags the solver would ignore are refused before any weights are read.
+    args.solve.options(!args.no_fused_kernels)?;
     if args.latents_only {
         anyhow::ensure!(args.save_latents.is_some(), "--latents-only writes nothing without --save-latents FILE");
         anyhow::ensure!(

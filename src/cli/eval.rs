@@ -28,6 +28,7 @@ use crate::metrics::inception::FEATURE_DIM;
 use crate::models::conditioning::{class_shares, SpatialRescaler};
 use crate::models::{weights_and_config, ModelConfig, VelocityModel};
 use crate::sample::{noise, sample_batch, BatchInput, Guidance, Summary};
+use crate::solver::SolveOptions;
 use crate::train::task::read_segmentation;
 
 /// Arguments of `lfm eval`.
@@ -177,6 +178,7 @@ struct Job {
     inputs: Inputs,
     inception: PathBuf,
     args: CommonEvalArgs,
+    solve: SolveOptions,
 }
 
 /// Inception features of the real images and of the outputs (inpainting: in pair order).
@@ -220,7 +222,6 @@ impl OnBackend for Job {
             }
             Inputs::Inpaint { .. } => None,
         };
-        let options = args.solve.options(true)?;
         let guidance = Guidance { cfg_scale: None, null_label: 0 };
         let n = self.inputs.len();
         let progress = ProgressBar::new(n as u64);
@@ -271,7 +272,7 @@ impl OnBackend for Job {
             let x1 = noise::<B>(args.seed, first, count, [c_out, side, side], &device);
             let input = BatchInput { noise: x1, labels: None, condition: Some(condition) };
             let mut on_eval = |t: f64, nfe: usize| progress.set_message(format!("t={t:.4} nfe={nfe}"));
-            let out = sample_batch(&model, input, &guidance, &options, &mut on_eval)?;
+            let out = sample_batch(&model, input, &guidance, &self.solve, &mut on_eval)?;
             summary.add(count, &out.stats, out.seconds);
             let mut images = crate::image::from_tensor(ae.decode_sliced(out.latents, 4));
             if let Some(inputs) = &originals {
@@ -352,6 +353,8 @@ fn evaluate(
     choice: BackendChoice,
 ) -> anyhow::Result<()> {
     let inception = args.inception.weights()?;
+    // Solver flags the solver would ignore are refused before any weights are read.
+    let solve = args.solve.options(true)?;
     let n = inputs.len();
     anyhow::ensure!(n >= 2, "FID needs at least 2 images");
     let metrics_path = args.out.join("metrics.json");
@@ -370,7 +373,7 @@ fn evaluate(
         Inputs::Semantic { .. } => "semantic",
     };
     let (json, out) = (args.json, args.out.clone());
-    let job = Job { config, weights, autoencoder, inputs, inception, args };
+    let job = Job { config, weights, autoencoder, inputs, inception, args, solve };
     let measured = backend::dispatch(&device, job)?;
     let stats = |features: &[f32]| -> anyhow::Result<_> {
         let mut acc = Accumulator::new(FEATURE_DIM);

@@ -20,6 +20,7 @@ use crate::metrics::inception::FEATURE_DIM;
 use crate::metrics::stats_file::read_statistics;
 use crate::models::{weights_and_config, ConfigChoice, ModelConfig, Precision, Preset, VelocityModel};
 use crate::sample::{labels, noise, sample_batch, BatchInput, ClassChoice, Guidance, Summary};
+use crate::solver::SolveOptions;
 use crate::train::data::ImageItem;
 
 /// Samples drawn when `-n` is not given (for a checkpoint).
@@ -149,6 +150,7 @@ struct Job {
     noise: Option<(HostTensor, Option<Vec<i64>>)>,
     args: SampleArgs,
     cfg_scale: Option<f64>,
+    solve: SolveOptions,
 }
 
 /// What a run produced.
@@ -190,7 +192,6 @@ impl OnBackend for Job {
         let n = self.noise.as_ref().map_or(args.num_samples.unwrap_or(DEFAULT_SAMPLES), |(x1, _)| x1.shape[0]);
         let classes = model.classes();
         let guidance = Guidance { cfg_scale: self.cfg_scale, null_label: model.null_label().unwrap_or(0) };
-        let options = args.solve.options(!args.no_fused_kernels)?;
         let condition = self.condition.tensor::<B>(autoencoder.as_ref(), &self.config, args.seed, &device)?;
         // FID: the reference statistics first (a folder is scored here), then features of every decoded batch.
         let mut fid = match &self.fid {
@@ -237,7 +238,7 @@ impl OnBackend for Job {
             let condition = condition.clone().map(|c| c.repeat_dim(0, count));
             let input = BatchInput { noise: x1, labels: batch_labels, condition };
             let mut on_eval = |t: f64, nfe: usize| progress.set_message(format!("t={t:.4} nfe={nfe}"));
-            let out = sample_batch(&model, input, &guidance, &options, &mut on_eval)?;
+            let out = sample_batch(&model, input, &guidance, &self.solve, &mut on_eval)?;
             summary.add(count, &out.stats, out.seconds);
             if let Some(ae) = &autoencoder {
                 let decoded = ae.decode_sliced(out.latents.clone(), args.decode_batch);
@@ -327,8 +328,8 @@ pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result
         args.class = Some(ClassChoice::Rows(args.nrow.unwrap_or_else(|| (n as f64).sqrt().ceil() as usize)));
     }
     crate::nn::attention::set_fused(!args.no_fused_kernels);
-    // Solver flags the solver would ignore are refused before any weights are read.
-    args.solve.options(!args.no_fused_kernels)?;
+    // Solver flags the solver would ignore are refused here, before any weights are read.
+    let solve = args.solve.options(!args.no_fused_kernels)?;
     if args.latents_only {
         anyhow::ensure!(args.save_latents.is_some(), "--latents-only writes nothing without --save-latents FILE");
         anyhow::ensure!(
@@ -430,7 +431,7 @@ pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result
     }
 
     let device = backend::select(choice)?;
-    let job = Job { fid, condition, config, weights, autoencoder, noise, args, cfg_scale };
+    let job = Job { fid, condition, config, weights, autoencoder, noise, args, cfg_scale, solve };
     // The job owns the arguments; keep what the summary needs.
     let (grid_path, nrow, save_latents, json, out_dir, precision) = (
         job.args.grid.clone(),

@@ -188,19 +188,21 @@ use burn::backend::Autodiff;
 use burn::tensor::{activation::softmax, backend::Backend, ops::FloatTensor, Tensor as BurnTensor, TensorPrimitive};
 
 use crate::dispatch::{from_cube, to_cube, with_runtime};
+use crate::matmul::matmul as mm;
 
 /// Most score-matrix elements one chunk of the recomputing backward pass materialises (64 MiB in f32).
 const BACKWARD_CHUNK_ELEMENTS: usize = 1 << 24;
 
-/// `softmax(q·kᵀ/√d)·v` as plain Burn tensor operations (the whole score matrix at once). The oracle of
-/// [`attention_on`], and what backends without the kernel run.
+/// `softmax(q·kᵀ/√d)·v` as plain Burn tensor operations (the whole score matrix at once; products through
+/// [`crate::matmul::matmul`], which keeps f32 on CUDA). The oracle of [`attention_on`], and what backends without
+/// the kernel run.
 pub fn attention_reference<B: Backend>(
     q: BurnTensor<B, 4>,
     k: BurnTensor<B, 4>,
     v: BurnTensor<B, 4>,
 ) -> BurnTensor<B, 4> {
     let scale = (q.dims()[3] as f64).powf(-0.5);
-    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+    let scores = mm(q, k.swap_dims(2, 3)).mul_scalar(scale);
     // 16-bit scores take their softmax sums in f32, as the fused kernel does; f32 and f64 run as they are.
     let dtype = scores.dtype();
     let probabilities = match dtype {
@@ -209,7 +211,7 @@ pub fn attention_reference<B: Backend>(
         }
         _ => softmax(scores, 3),
     };
-    probabilities.matmul(v)
+    mm(probabilities, v)
 }
 
 /// Scaled dot-product attention over `[batch, heads, tokens, head_dim]`: the fused kernel when `fused` is set and
@@ -332,14 +334,14 @@ pub fn attention_backward<B: Backend>(
         let end = (start + chunk).min(n_q);
         let q_c = q.clone().slice([0..batch, 0..heads, start..end, 0..head_dim]);
         let do_c = grad_out.clone().slice([0..batch, 0..heads, start..end, 0..head_dim]);
-        let p = softmax(q_c.clone().matmul(k_t.clone()).mul_scalar(scale), 3);
-        let o_c = p.clone().matmul(v.clone());
-        dv = dv + p.clone().swap_dims(2, 3).matmul(do_c.clone());
-        let dp = do_c.clone().matmul(v_t.clone());
+        let p = softmax(mm(q_c.clone(), k_t.clone()).mul_scalar(scale), 3);
+        let o_c = mm(p.clone(), v.clone());
+        dv = dv + mm(p.clone().swap_dims(2, 3), do_c.clone());
+        let dp = mm(do_c.clone(), v_t.clone());
         let row_dot = (do_c * o_c).sum_dim(3);
         let ds = (p * (dp - row_dot)).mul_scalar(scale);
-        dq.push(ds.clone().matmul(k.clone()));
-        dk = dk + ds.swap_dims(2, 3).matmul(q_c);
+        dq.push(mm(ds.clone(), k.clone()));
+        dk = dk + mm(ds.swap_dims(2, 3), q_c);
     }
     (BurnTensor::cat(dq, 2), dk, dv)
 }

@@ -4,6 +4,7 @@
 //! point takes any Burn backend: backends whose tensors are CubeCL tensors run the kernel, the others (ndarray,
 //! autodiff without a custom backward) run a plain-Burn fallback that is also the kernel's test oracle.
 //! - [`attention`]: flash attention (online softmax, O(tokens) memory) with a recomputing backward pass;
+//! - [`matmul`]: matrix products that stay in f32 on CUDA (no TF32 tensor cores) unless TF32 is allowed;
 //! - [`rk`]: fused Runge–Kutta linear combinations and torchdiffeq's error ratio;
 //! - [`tableau`]: the Dormand–Prince tableau, the one copy the generic solver and the kernels read.
 
@@ -11,6 +12,7 @@
 
 pub mod attention;
 mod dispatch;
+pub mod matmul;
 pub mod rk;
 pub mod tableau;
 

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{HostTensor, KeyMap, TensorMap};
 use crate::nn::attention::attention;
 use crate::nn::init::{self, ConvSpec, Init};
-use crate::nn::{conv2d, upsample_nearest_2x, Activation, GroupNorm};
+use crate::nn::{conv2d, linear, upsample_nearest_2x, Activation, GroupNorm};
 
 /// diffusers' GroupNorm epsilon in the VAE.
 const EPS: f64 = 1e-6;
@@ -257,9 +257,9 @@ impl<B: Backend> SelfAttention<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [n, c, h, w] = x.dims();
         let tokens = self.group_norm.forward(x.clone()).reshape([n, c, h * w]).swap_dims(1, 2);
-        let head = |layer: &Linear<B>| layer.forward(tokens.clone()).unsqueeze_dim::<4>(1);
+        let head = |layer: &Linear<B>| linear(layer, tokens.clone(), Activation::None).unsqueeze_dim::<4>(1);
         let a = attention(head(&self.to_q), head(&self.to_k), head(&self.to_v)).squeeze_dim::<3>(1);
-        let out = self.to_out[0].forward(a).swap_dims(1, 2).reshape([n, c, h, w]);
+        let out = linear(&self.to_out[0], a, Activation::None).swap_dims(1, 2).reshape([n, c, h, w]);
         x + out
     }
 }

@@ -161,6 +161,10 @@ pub struct Cli {
     /// Compute backend: auto (CUDA, else a hardware GPU through wgpu, else the CPU), cpu, wgpu or cuda.
     #[arg(long, global = true, default_value = "auto", value_parser = parse_backend)]
     pub backend: BackendChoice,
+    /// On CUDA, let f32 matrix products and convolutions use TF32 tensor cores: faster, about 1e-3 relative error
+    /// (enough to change dopri5's steps). Default: full f32, as on the CPU and wgpu. `LFM_TF32=1` does the same.
+    #[arg(long, global = true)]
+    pub tf32: bool,
     /// More log output (-v: debug, -vv: trace). RUST_LOG overrides it.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -237,6 +241,9 @@ pub enum Command {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if cli.tf32 {
+        lfm_kernels::matmul::set_tf32(true);
+    }
     match cli.command {
         Command::Devices(args) => devices::run(args, cli.backend),
         Command::Inspect(args) => inspect::inspect(args),

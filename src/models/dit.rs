@@ -14,7 +14,7 @@ use crate::checkpoint::KeyMap;
 use crate::nn::attention::packed_attention;
 use crate::nn::embedding::{sincos_2d_table, timestep_embedding};
 use crate::nn::init::{self, ConvSpec, Init};
-use crate::nn::{add_gated, layer_norm_modulate, linear, silu, Activation};
+use crate::nn::{add_gated, conv2d, layer_norm_modulate, linear, silu, Activation};
 
 /// Renames between Burn field paths and LFM's DiT state_dict keys.
 pub fn dit_keys() -> KeyMap {
@@ -190,7 +190,7 @@ pub struct PatchEmbed<B: Backend> {
 impl<B: Backend> PatchEmbed<B> {
     /// `[N, C, H, W] → [N, T, D]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 3> {
-        self.proj.forward(x).flatten::<3>(2, 3).swap_dims(1, 2)
+        conv2d(&self.proj, x).flatten::<3>(2, 3).swap_dims(1, 2)
     }
 }
 

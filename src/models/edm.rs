@@ -7,7 +7,6 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear};
-use burn::tensor::ops::ConvOptions;
 use burn::tensor::{backend::Backend, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -15,7 +14,7 @@ use crate::checkpoint::KeyMap;
 use crate::nn::attention::attention;
 use crate::nn::embedding::timestep_embedding;
 use crate::nn::init::{self, ConvSpec, Init};
-use crate::nn::{avg_pool_2x, silu, upsample_nearest_2x, Activation, GroupNorm};
+use crate::nn::{avg_pool_2x, conv2d_padded, linear, silu, upsample_nearest_2x, Activation, GroupNorm};
 
 /// Channels per attention head (`channels_per_head=64` in every DhariwalUNet block).
 pub const CHANNELS_PER_HEAD: usize = 64;
@@ -277,8 +276,7 @@ impl<B: Backend> EdmConv<B> {
         match &self.weight {
             Some(w) => {
                 let pad = w.dims()[3] / 2;
-                let options = ConvOptions::new([1, 1], [pad, pad], [1, 1], 1);
-                burn::tensor::module::conv2d(x, w.val(), self.bias.as_ref().map(|b| b.val()), options)
+                conv2d_padded(x, w.val(), self.bias.as_ref().map(|b| b.val()), 1, [pad, pad], Activation::None)
             }
             None => x,
         }
@@ -342,7 +340,7 @@ impl<B: Backend> UNetBlock<B> {
     pub fn forward(&self, x: Tensor<B, 4>, emb: Tensor<B, 2>) -> Tensor<B, 4> {
         let orig = x.clone();
         let x = self.conv0.forward(self.norm0.forward_activated(x, Activation::Silu));
-        let params = self.affine.forward(emb);
+        let params = linear(&self.affine, emb, Activation::None);
         let c = params.dims()[1] / 2;
         let (scale, shift) = (params.clone().narrow(1, 0, c), params.narrow(1, c, c));
         let x = self.norm1.forward_modulated(x, scale, shift, Activation::Silu);
@@ -411,7 +409,7 @@ impl<B: Backend> EdmUNet<B> {
             timestep_embedding(t, self.config.model_channels, 10000.0),
             self.map_layer0.weight.val().dtype(),
         );
-        let emb = self.map_layer1.forward(silu(self.map_layer0.forward(noise)));
+        let emb = linear(&self.map_layer1, linear(&self.map_layer0, noise, Activation::Silu), Activation::None);
         let emb = match (&self.map_label, y) {
             (Some(map_label), Some(y)) => {
                 let n = y.dims()[0];

@@ -14,7 +14,7 @@ use crate::checkpoint::KeyMap;
 use crate::nn::attention::attention;
 use crate::nn::embedding::timestep_embedding;
 use crate::nn::init::{self, ConvSpec, Init};
-use crate::nn::{avg_pool_2x, conv2d, silu, upsample_nearest_2x, Activation, GroupNorm};
+use crate::nn::{avg_pool_2x, conv2d, linear, silu, upsample_nearest_2x, Activation, GroupNorm};
 
 /// Renames between Burn field paths and the reference's `nn.Sequential` indices.
 pub fn unet_keys() -> KeyMap {
@@ -273,7 +273,7 @@ impl<B: Backend> ResBlock<B> {
         let h = self.in_layers_0.forward_activated(x.clone(), Activation::Silu);
         let (h, x) = (self.resize.apply(h), self.resize.apply(x));
         let h = conv2d(&self.in_layers_2, h);
-        let emb_out = self.emb_layers_1.forward(silu(emb));
+        let emb_out = linear(&self.emb_layers_1, silu(emb), Activation::None);
         let h = if self.use_scale_shift_norm {
             let c = emb_out.dims()[1] / 2;
             let (scale, shift) = (emb_out.clone().narrow(1, 0, c), emb_out.narrow(1, c, c));
@@ -313,7 +313,7 @@ impl<B: Backend> Conv1x1<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [c_out, c_in, _] = self.weight.dims();
         let w = self.weight.val().reshape([1, c_out, c_in]);
-        w.matmul(x) + self.bias.val().reshape([1, c_out, 1])
+        lfm_kernels::matmul::matmul(w, x) + self.bias.val().reshape([1, c_out, 1])
     }
 }
 
@@ -474,7 +474,7 @@ impl<B: Backend> UNetModel<B> {
             timestep_embedding(t, self.config.model_channels, 10000.0),
             self.time_embed_0.weight.val().dtype(),
         );
-        let emb = self.time_embed_2.forward(silu(self.time_embed_0.forward(freq)));
+        let emb = linear(&self.time_embed_2, linear(&self.time_embed_0, freq, Activation::Silu), Activation::None);
         match (&self.label_emb, y) {
             (Some(table), Some(y)) => emb + table.weight.val().select(0, y),
             _ => emb,

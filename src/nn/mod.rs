@@ -226,7 +226,7 @@ pub fn conv2d_im2col<B: Backend>(
             .collect();
         Tensor::cat(shifts, 2).reshape([n, c * kh * kw, ho * wo])
     };
-    let y = weight.reshape([1, out, c * kh * kw]).matmul(columns);
+    let y = lfm_kernels::matmul::matmul(weight.reshape([1, out, c * kh * kw]), columns);
     let y = match bias {
         Some(b) => y + b.reshape([1, out, 1]),
         None => y,
@@ -248,7 +248,9 @@ pub fn conv2d_padded<B: Backend>(
     if cpu::applies(&x) && cpu::applies(&weight) {
         return cpu::conv2d(x, weight, bias, stride, padding, activation);
     }
-    let y = if is_ndarray::<B>() {
+    // im2col on ndarray (its backward is two matmuls) and on CUDA in full f32 (its matmul keeps f32, where Burn's
+    // convolution kernels would run TF32 on tensor cores).
+    let y = if is_ndarray::<B>() || lfm_kernels::matmul::full_f32_applies::<B>() {
         conv2d_im2col(x, weight, bias, stride, padding)
     } else {
         let options = burn::tensor::ops::ConvOptions::new([stride, stride], padding, [1, 1], 1);
@@ -303,15 +305,26 @@ fn gelu_tanh_f32(x: f32) -> f32 {
 }
 
 /// A `Linear` layer's forward pass followed by `activation`; [`cpu::linear`] on the CPU backend at inference (bias
-/// and activation fused into the GEMM's output blocks), Burn's own elsewhere.
+/// and activation fused into the GEMM's output blocks), lfm's full-f32 matmul on CUDA
+/// ([`lfm_kernels::matmul`]), Burn's own elsewhere.
 pub fn linear<B: Backend, const D: usize>(
     layer: &burn::nn::Linear<B>,
     x: Tensor<B, D>,
     activation: Activation,
 ) -> Tensor<B, D> {
     let weight = layer.weight.val();
+    let bias = || layer.bias.as_ref().map(|b| b.val());
     if D >= 2 && cpu::applies(&x) && cpu::applies(&weight) {
-        return cpu::linear(x, weight, layer.bias.as_ref().map(|b| b.val()), activation);
+        return cpu::linear(x, weight, bias(), activation);
+    }
+    if D >= 2 && lfm_kernels::matmul::full_f32_applies::<B>() {
+        // Burn's `linear`: x·W with W `[in, out]` broadcast over the batch dimensions, then the bias.
+        let y = lfm_kernels::matmul::matmul(x, weight.unsqueeze());
+        let y = match bias() {
+            Some(b) => y + b.unsqueeze(),
+            None => y,
+        };
+        return activation.apply(y);
     }
     activation.apply(layer.forward(x))
 }
@@ -374,8 +387,9 @@ pub fn conv2d<B: Backend>(layer: &burn::nn::conv::Conv2d<B>, x: Tensor<B, 4>) ->
         _ => None,
     };
     let [sy, sx] = layer.stride;
+    let own_route = is_ndarray::<B>() || lfm_kernels::matmul::full_f32_applies::<B>();
     match padding {
-        Some(p) if is_ndarray::<B>() && sy == sx && layer.dilation == [1, 1] && layer.groups == 1 => {
+        Some(p) if own_route && sy == sx && layer.dilation == [1, 1] && layer.groups == 1 => {
             conv2d_padded(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()), sy, [p, p], Activation::None)
         }
         _ => layer.forward(x),

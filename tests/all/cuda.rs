@@ -45,6 +45,20 @@ fn lfm_kernels_are_off_on_cuda_unless_asked_for() {
     assert!(lfm_kernels::has_kernels::<lfm::backend::Wgpu>() && has_fused_attention::<Autodiff<lfm::backend::Wgpu>>());
 }
 
+/// f32 products stay f32 on CUDA by default (no TF32), values and gradients; prints how far Burn's own matmul,
+/// which cubek runs in TF32 on tensor cores, lands from the same f64 reference.
+#[test]
+fn full_f32_matmul_matches_f64_on_cuda() {
+    let Some(device) = cuda() else { return };
+    assert!(
+        lfm_kernels::matmul::full_f32_applies::<Cuda>() && lfm_kernels::matmul::full_f32_applies::<Autodiff<Cuda>>(),
+        "run without LFM_TF32=1: this test checks the default"
+    );
+    crate::kernels::full_f32_matmul_matches::<Cuda>(&device);
+    let burn_error = crate::kernels::burn_matmul_error::<Cuda>(&device);
+    eprintln!("Burn's own matmul (TF32 where cubek picks tensor cores): largest relative error {burn_error:.2e}");
+}
+
 #[test]
 fn fused_kernels_match_burn_on_cuda() {
     let Some(device) = cuda() else { return };

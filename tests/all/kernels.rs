@@ -226,3 +226,81 @@ fn fused_kernels_accumulate_f16_in_f32_on_wgpu() {
     let Some(device) = wgpu_with_f16() else { return };
     fused_kernels_accumulate_in_f32::<Wgpu>(&device, DType::F16, 5e-4);
 }
+
+/// The kinds of product the networks make, as `[lhs, rhs]` shapes: per-head batches with odd sizes (DiT-XL's head_dim
+/// 72), a weight broadcast over the batch, one row (vector·matrix; its gradients are a matrix·vector product and an
+/// outer product).
+const PRODUCTS: [([usize; 4], [usize; 4]); 3] =
+    [([2, 3, 33, 72], [2, 3, 72, 17]), ([2, 1, 16, 64], [1, 1, 64, 48]), ([1, 2, 1, 40], [1, 2, 40, 9])];
+
+/// `(lhs·rhs, d/dlhs, d/drhs)` of `Σ w ⊙ (lhs·rhs)` under `B`, through lfm's matmul with the full-f32 route as asked.
+fn matmul_and_gradients<B: burn::tensor::backend::AutodiffBackend>(
+    [lhs, rhs, w]: [Tensor<B::InnerBackend, 4>; 3],
+    full_f32: bool,
+) -> [Vec<f32>; 3] {
+    let (lhs, rhs) = (Tensor::<B, 4>::from_inner(lhs).require_grad(), Tensor::<B, 4>::from_inner(rhs).require_grad());
+    let out = lfm_kernels::matmul::matmul_on(lhs.clone(), rhs.clone(), full_f32);
+    let grads = (out.clone() * Tensor::from_inner(w)).sum().backward();
+    [values(out.inner()), values(lhs.grad(&grads).expect("d lhs")), values(rhs.grad(&grads).expect("d rhs"))]
+}
+
+/// Inputs of each product of [`PRODUCTS`]: `[lhs, rhs, output weights]` from the test thread's generator.
+fn product_inputs<B: Backend>(device: &B::Device) -> Vec<[Tensor<B, 4>; 3]> {
+    PRODUCTS
+        .iter()
+        .map(|&(l, r)| {
+            let out = [l[0].max(r[0]), l[1].max(r[1]), l[2], r[3]];
+            [random::<B>(l, device), random::<B>(r, device), random::<B>(out, device)]
+        })
+        .collect()
+}
+
+/// [`matmul_and_gradients`] in f64 on the CPU: the reference, free of f32 rounding.
+fn exact_product<B: Backend>(inputs: &[Tensor<B, 4>; 3]) -> [Vec<f32>; 3] {
+    let to_f64 = |t: &Tensor<B, 4>| Tensor::<Cpu, 4>::from_data(t.to_data(), &cpu()).cast(DType::F64);
+    matmul_and_gradients::<Autodiff<Cpu>>(inputs.each_ref().map(to_f64), false)
+}
+
+/// lfm's full-f32 matmul on `B` against the same products and gradients in f64 on the CPU, to 1e-5 of the largest
+/// value: f32 arithmetic meets it by two orders of magnitude, TF32 (10-bit mantissas) misses it by one.
+pub(crate) fn full_f32_matmul_matches<B: Backend>(device: &B::Device) {
+    for inputs in product_inputs::<B>(device) {
+        let shapes = format!("{:?}·{:?}", inputs[0].dims(), inputs[1].dims());
+        let exact = exact_product(&inputs);
+        let full = matmul_and_gradients::<Autodiff<B>>(inputs, true);
+        for (name, (got, want)) in ["lhs·rhs", "d lhs", "d rhs"].iter().zip(full.iter().zip(&exact)) {
+            assert_close(&format!("{name} {shapes}"), got, want, 1e-5, 1e-6);
+        }
+    }
+}
+
+/// The largest error of Burn's own matmul on `B` over [`PRODUCTS`], relative to each product's largest value (TF32
+/// where cubek picks tensor cores).
+pub(crate) fn burn_matmul_error<B: Backend>(device: &B::Device) -> f64 {
+    let mut worst = 0f64;
+    for inputs in product_inputs::<B>(device) {
+        let exact = exact_product(&inputs);
+        let burn = values(inputs[0].clone().matmul(inputs[1].clone()));
+        let max = exact[0].iter().fold(0f64, |m, &x| m.max(f64::from(x).abs()));
+        let error = burn.iter().zip(&exact[0]).fold(0f64, |m, (&g, &w)| m.max((f64::from(g) - f64::from(w)).abs()));
+        worst = worst.max(error / max);
+    }
+    worst
+}
+
+#[test]
+fn full_f32_matmul_matches_f64_on_wgpu() {
+    if let Some(device) = wgpu() {
+        full_f32_matmul_matches::<Wgpu>(&device);
+    }
+}
+
+/// On the CPU, and on wgpu unless asked, lfm's matmul is Burn's.
+#[test]
+fn full_f32_route_is_cuda_only() {
+    assert!(!lfm_kernels::matmul::full_f32_applies::<Cpu>() && !lfm_kernels::matmul::full_f32_applies::<Wgpu>());
+    assert!(!lfm_kernels::matmul::full_f32_applies::<Autodiff<Wgpu>>());
+    let device = cpu();
+    let [a, b] = [random::<Cpu>([1, 2, 5, 3], &device), random::<Cpu>([1, 2, 3, 4], &device)];
+    assert_eq!(values(lfm_kernels::matmul::matmul(a.clone(), b.clone())), values(a.matmul(b)));
+}

@@ -1,7 +1,10 @@
 //! `lfm bench`: lfm's fused CubeCL kernels against the plain Burn expressions they replace, timed and measured in
-//! the same run, with the device's roofline from hand-written WGSL probes ([`roofline`]); end-to-end sampling
-//! ([`sampling`]) and training throughput ([`training`]).
+//! the same run, with the device's roofline from hand-written WGSL probes ([`roofline`]); the DiT forward pass
+//! ([`forward`]), end-to-end sampling ([`sampling`]) and training throughput ([`training`]), each able to
+//! [`export`] its cases for the same run in PyTorch (`benches/torch/compare.py`).
 
+pub mod export;
+pub mod forward;
 pub mod roofline;
 pub mod sampling;
 pub mod training;
@@ -15,6 +18,7 @@ use lfm_kernels::{
     tableau::{BETA, C_ERROR},
 };
 
+pub use forward::{bench_forward, ForwardBenchOptions, ForwardCase};
 pub use roofline::Roofline;
 pub use sampling::{bench_sampling, SamplingBenchOptions, SamplingCase};
 pub use training::{bench_training, TrainingBenchOptions, TrainingCase};

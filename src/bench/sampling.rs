@@ -5,11 +5,15 @@ use std::time::Instant;
 
 use burn::tensor::{backend::Backend, ElementConversion};
 
-use crate::checkpoint::{collect_weights, HostTensor};
+use super::export::{host, named, Export};
+use crate::checkpoint::{collect_weights, HostTensor, TensorMap};
 use crate::models::dit::dit_keys;
 use crate::models::{DiT, DiTConfig, ModelConfig, Precision, VelocityModel};
 use crate::sample::{noise, sample_batch, BatchInput, Guidance};
 use crate::solver::{Grid, Method, SolveOptions};
+
+/// The seed of the weights and the noise of every case.
+const SEED: u64 = 0;
 
 /// What to benchmark.
 #[derive(Debug, Clone)]
@@ -26,6 +30,8 @@ pub struct SamplingBenchOptions {
     pub precisions: Vec<Precision>,
     /// One untimed solve per case first: GPU backends compile and autotune kernels on first use.
     pub warmup: bool,
+    /// Write the weights, the noise and the result of each case here for PyTorch ([`super::export`]).
+    pub export: Option<std::path::PathBuf>,
 }
 
 impl Default for SamplingBenchOptions {
@@ -38,6 +44,7 @@ impl Default for SamplingBenchOptions {
             steps: 100,
             precisions: vec![Precision::F32],
             warmup: false,
+            export: None,
         }
     }
 }
@@ -61,10 +68,10 @@ pub struct SamplingCase {
     pub gflops: f64,
 }
 
-/// A DiT of `config` with every parameter drawn as the golden fixtures draw theirs (N(0,1)·clamp(1/√fan_in, 0.02,
-/// 0.2) for matrices, 0.05·N(0,1) for vectors): DiT's own initialisation zeroes the output layer, and a zero
-/// velocity field would make every adaptive solve trivially short.
-pub fn random_dit<B: Backend>(config: &DiTConfig, seed: u64, device: &B::Device) -> VelocityModel<B> {
+/// The weights of a DiT of `config` (by LFM's parameter names), every parameter drawn as the golden fixtures draw
+/// theirs (N(0,1)·clamp(1/√fan_in, 0.02, 0.2) for matrices, 0.05·N(0,1) for vectors): DiT's own initialisation
+/// zeroes the output layer, and a zero velocity field would make every adaptive solve trivially short.
+pub fn random_dit_weights(config: &DiTConfig, seed: u64) -> TensorMap {
     // The shapes come from an initialised network on the CPU; the values from lfm's own seeded generator (one
     // stream per tensor), so the model depends on `seed` alone and the backends' shared generators are untouched.
     let mut weights = collect_weights(&config.init::<crate::backend::Cpu>(&Default::default()), &dit_keys());
@@ -81,7 +88,7 @@ pub fn random_dit<B: Backend>(config: &DiTConfig, seed: u64, device: &B::Device)
         let values = crate::noise::standard_normal(seed, index as u64, tensor.numel());
         *tensor = HostTensor::f32(tensor.shape.clone(), values.into_iter().map(|v| v * scale).collect());
     }
-    VelocityModel::Dit(DiT::load(config, &weights, device).expect("the weights were collected from this config"))
+    weights
 }
 
 /// Runs every case of `options` on `device`, calling `on_case` as each finishes (or `on_skip` with the reason for a
@@ -95,7 +102,13 @@ pub fn bench_sampling<B: Backend>(
     let config = DiTConfig::named(&options.model, 32, 4, 1, 0.0)
         .ok_or_else(|| format!("unknown DiT size '{}': use DiT-S/2 … DiT-XL/8", options.model))?;
     let flops = ModelConfig::Dit(config.clone()).flops();
-    let full = random_dit::<B>(&config, 0, device);
+    let weights = random_dit_weights(&config, SEED);
+    let full = VelocityModel::Dit(DiT::load(&config, &weights, device).map_err(|e| e.to_string())?);
+    let export = options.export.as_deref().map(Export::new).transpose()?;
+    let weights_file = match &export {
+        Some(export) => Some(export.weights(&options.model, SEED, || weights)?),
+        None => None,
+    };
     let mut cases = Vec::new();
     for &precision in &options.precisions {
         if let Err(why) = precision.check_supported::<B>(device) {
@@ -110,10 +123,10 @@ pub fn bench_sampling<B: Backend>(
                 } else {
                     SolveOptions { method, grid: Grid::Steps(options.steps), ..Default::default() }
                 };
-                let solve = || -> Result<(usize, f64), String> {
+                let solve = || -> Result<(usize, f64, _), String> {
                     let start = Instant::now();
                     let input = BatchInput {
-                        noise: noise::<B>(0, 0, batch, [4, 32, 32], device),
+                        noise: noise::<B>(SEED, 0, batch, [4, 32, 32], device),
                         labels: None,
                         condition: None,
                     };
@@ -121,13 +134,13 @@ pub fn bench_sampling<B: Backend>(
                     let out = sample_batch(&model, input, &guidance, &solve_options, &mut |_, _| {})
                         .map_err(|e| e.to_string())?;
                     // GPU backends queue work asynchronously: the clock stops at the read-back.
-                    let _: f32 = out.latents.sum().into_scalar().elem();
-                    Ok((out.stats.nfe, start.elapsed().as_secs_f64()))
+                    let _: f32 = out.latents.clone().sum().into_scalar().elem();
+                    Ok((out.stats.nfe, start.elapsed().as_secs_f64(), out.latents))
                 };
                 if options.warmup {
                     solve()?;
                 }
-                let (nfe, seconds) = solve()?;
+                let (nfe, seconds, x0) = solve()?;
                 let case = SamplingCase {
                     model: options.model.clone(),
                     precision: precision.name().into(),
@@ -137,6 +150,15 @@ pub fn bench_sampling<B: Backend>(
                     seconds_per_image: seconds / batch as f64,
                     gflops: flops * (nfe * batch) as f64 / seconds / 1e9,
                 };
+                if let Some(export) = &export {
+                    let x1 = host(noise::<B>(SEED, 0, batch, [4, 32, 32], device));
+                    let name = Export::case_file::<B>(
+                        device,
+                        &["sampling", &options.model, method.name(), &format!("b{batch}"), precision.name()],
+                    );
+                    let file = export.tensors(name, &named([("x1", x1), ("x0", host(x0))]))?;
+                    export.record::<B, _>("sampling", device, weights_file.as_deref(), Some(&file), &case)?;
+                }
                 on_case(&case);
                 cases.push(case);
             }

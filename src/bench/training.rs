@@ -22,12 +22,20 @@ pub struct TrainingBenchOptions {
     pub steps: usize,
     /// Mixed precision of the training step (see [`crate::train::mixed`]); the forward baseline runs in it too.
     pub precision: Precision,
+    /// Record each case in this folder's manifest for PyTorch ([`super::export`]; the step needs no files).
+    pub export: Option<std::path::PathBuf>,
 }
 
 impl Default for TrainingBenchOptions {
     /// The training issue's cases: DiT-S/2 and DiT-B/2 at batch 8, 3 timed steps.
     fn default() -> Self {
-        Self { models: vec!["DiT-S/2".into(), "DiT-B/2".into()], batch: 8, steps: 3, precision: Precision::F32 }
+        Self {
+            models: vec!["DiT-S/2".into(), "DiT-B/2".into()],
+            batch: 8,
+            steps: 3,
+            precision: Precision::F32,
+            export: None,
+        }
     }
 }
 
@@ -112,9 +120,13 @@ pub fn bench_training<B: Backend>(
     mut on_case: impl FnMut(&TrainingCase),
 ) -> Result<Vec<TrainingCase>, String> {
     options.precision.check_supported::<B>(device)?;
+    let export = options.export.as_deref().map(super::export::Export::new).transpose()?;
     let mut cases = Vec::new();
     for name in &options.models {
         let case = bench_model::<B>(name, options, device)?;
+        if let Some(export) = &export {
+            export.record::<B, _>("training", device, None, None, &case)?;
+        }
         on_case(&case);
         cases.push(case);
     }

@@ -5,8 +5,9 @@ use serde::Serialize;
 
 use crate::backend::{self, BackendChoice, Device, OnBackend};
 use crate::bench::{
-    bench_kernels, bench_sampling, bench_training, roofline, KernelBenchOptions, KernelCase, KernelReport,
-    SamplingBenchOptions, SamplingCase, TrainingBenchOptions, TrainingCase,
+    bench_forward, bench_kernels, bench_sampling, bench_training, roofline, ForwardBenchOptions, ForwardCase,
+    KernelBenchOptions, KernelCase, KernelReport, SamplingBenchOptions, SamplingCase, TrainingBenchOptions,
+    TrainingCase,
 };
 use crate::models::Precision;
 use crate::solver::Method;
@@ -25,6 +26,8 @@ pub enum BenchWhat {
     /// lfm's fused CubeCL kernels (attention, dopri5 step) against the plain Burn expressions, with the device's
     /// roofline from WGSL bandwidth/FMA probes.
     Kernels(KernelsArgs),
+    /// Seconds per forward pass of DiT sizes (random weights) per batch size and precision.
+    Forward(ForwardArgs),
     /// Seconds per image and NFE of a DiT (random weights) solved from noise to data, per solver, batch size and
     /// precision.
     Sampling(SamplingArgs),
@@ -56,6 +59,34 @@ pub struct SamplingArgs {
     /// Print the cases as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Write each case's weights, noise and result, and a line in DIR/cases.jsonl, for
+    /// benches/torch/compare.py to run the same solve in PyTorch.
+    #[arg(long, value_name = "DIR")]
+    pub export: Option<std::path::PathBuf>,
+}
+
+/// Arguments of `lfm bench forward`.
+#[derive(Debug, Args)]
+pub struct ForwardArgs {
+    /// DiT sizes (on 4×32×32 latents).
+    #[arg(long, value_delimiter = ',', default_value = "DiT-B/2,DiT-XL/2")]
+    pub models: Vec<String>,
+    /// Batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,16", value_parser = super::count)]
+    pub batches: Vec<usize>,
+    /// Precisions.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "f32")]
+    pub precisions: Vec<Precision>,
+    /// Timed passes per case after one untimed pass (the median is reported).
+    #[arg(long, default_value_t = 10, value_parser = super::count)]
+    pub reps: usize,
+    /// Print the cases as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Write each case's weights, inputs and output, and a line in DIR/cases.jsonl, for
+    /// benches/torch/compare.py to run the same pass in PyTorch.
+    #[arg(long, value_name = "DIR")]
+    pub export: Option<std::path::PathBuf>,
 }
 
 /// Arguments of `lfm bench training`.
@@ -76,6 +107,9 @@ pub struct TrainingArgs {
     /// Print the cases as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Add a line per case to DIR/cases.jsonl, for benches/torch/compare.py to time the same step in PyTorch.
+    #[arg(long, value_name = "DIR")]
+    pub export: Option<std::path::PathBuf>,
 }
 
 /// Arguments of `lfm bench kernels`.
@@ -176,6 +210,34 @@ impl OnBackend for Sampling {
     }
 }
 
+struct Forward {
+    options: ForwardBenchOptions,
+    json: bool,
+}
+
+impl OnBackend for Forward {
+    type Output = Result<Vec<ForwardCase>, String>;
+
+    fn run<B: burn::tensor::backend::Backend>(self, device: B::Device) -> Self::Output {
+        let json = self.json;
+        let on_case = |c: &ForwardCase| {
+            if !json {
+                println!(
+                    "{} {:4} batch {:3}: {:9.3} ms per pass  {:9.1} images/s  {:9.1} GFLOP/s",
+                    c.model,
+                    c.precision,
+                    c.batch,
+                    c.seconds * 1e3,
+                    c.images_per_s,
+                    c.gflops
+                );
+            }
+        };
+        let on_skip = |p: Precision, why: String| eprintln!("{}: skipped ({why})", p.name());
+        bench_forward::<B>(&device, &self.options, on_case, on_skip)
+    }
+}
+
 struct Training {
     options: TrainingBenchOptions,
     json: bool,
@@ -207,6 +269,7 @@ impl OnBackend for Training {
 pub(crate) fn run(args: BenchArgs, choice: BackendChoice) -> anyhow::Result<()> {
     match args.what {
         BenchWhat::Kernels(args) => run_kernels(args, choice),
+        BenchWhat::Forward(args) => run_forward(args, choice),
         BenchWhat::Sampling(args) => run_sampling(args, choice),
         BenchWhat::Training(args) => run_training(args, choice),
     }
@@ -289,15 +352,34 @@ fn run_sampling(args: SamplingArgs, choice: BackendChoice) -> anyhow::Result<()>
         steps: args.steps,
         precisions: args.precisions,
         warmup: args.warmup,
+        export: args.export,
     };
     report(&device, Sampling { options, json: args.json }, args.json)?;
     Ok(())
 }
 
+fn run_forward(args: ForwardArgs, choice: BackendChoice) -> anyhow::Result<()> {
+    let device = selected(choice, args.json)?;
+    let options = ForwardBenchOptions {
+        models: args.models,
+        batches: args.batches,
+        precisions: args.precisions,
+        reps: args.reps,
+        export: args.export,
+    };
+    report(&device, Forward { options, json: args.json }, args.json)?;
+    Ok(())
+}
+
 fn run_training(args: TrainingArgs, choice: BackendChoice) -> anyhow::Result<()> {
     let device = selected(choice, args.json)?;
-    let options =
-        TrainingBenchOptions { models: args.models, batch: args.batch, steps: args.steps, precision: args.precision };
+    let options = TrainingBenchOptions {
+        models: args.models,
+        batch: args.batch,
+        steps: args.steps,
+        precision: args.precision,
+        export: args.export,
+    };
     report(&device, Training { options, json: args.json }, args.json)?;
     Ok(())
 }

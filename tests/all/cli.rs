@@ -1,6 +1,8 @@
 //! The `lfm` binary end to end: help, devices, and one-line errors for bad backends.
 
-use crate::common::lfm;
+use lfm::checkpoint::read_safetensors;
+
+use crate::common::{cpu, lfm};
 
 #[test]
 fn help_lists_the_commands() {
@@ -103,6 +105,50 @@ fn bench_sampling_and_training_report_their_cases_as_json() {
     let cases: Vec<serde_json::Value> = serde_json::from_str(&stdout).expect("JSON cases");
     assert_eq!(cases.len(), 1, "{stdout}");
     assert!(cases[0]["images_per_s"].as_f64().unwrap() > 0.0 && cases[0]["step_over_forward"].as_f64().unwrap() > 1.0);
+}
+
+/// `lfm bench forward|sampling|training --export DIR` writes what benches/torch/compare.py needs to run the same
+/// cases in PyTorch: the random weights once per model (LFM's names), each case's inputs and lfm's outputs, and a
+/// manifest line per case with lfm's measurement.
+#[test]
+fn bench_export_writes_weights_inputs_outputs_and_a_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("cases");
+    let export = export.to_str().unwrap();
+    let base = ["--backend", "cpu", "bench"];
+    let forward =
+        [&base[..], &["forward", "--json", "--models", "DiT-S/8", "--batches", "1,3", "--reps", "1"]].concat();
+    let (ok, stdout, stderr) = lfm(&[&forward[..], &["--export", export]].concat());
+    assert!(ok, "{stderr}");
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&stdout).expect("JSON cases");
+    assert_eq!(cases.len(), 2, "{stdout}");
+    assert!(cases.iter().all(|c| c["seconds"].as_f64().unwrap() > 0.0 && c["precision"] == "f32"), "{stdout}");
+    let sampling = ["sampling", "--model", "DiT-S/8", "--batches", "2", "--solvers", "euler", "--steps", "2"];
+    let (ok, _, stderr) = lfm(&[&base[..], &sampling[..], &["--export", export]].concat());
+    assert!(ok, "{stderr}");
+    let training = ["training", "--models", "DiT-S/8", "--batch", "2", "--steps", "1", "--export", export];
+    let (ok, _, stderr) = lfm(&[&base[..], &training[..]].concat());
+    assert!(ok, "{stderr}");
+
+    let manifest = std::fs::read_to_string(std::path::Path::new(export).join("cases.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = manifest.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let kinds: Vec<&str> = records.iter().map(|r| r["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["forward", "forward", "sampling", "training"], "{manifest}");
+    assert!(records.iter().all(|r| r["backend"].is_string() && r["tf32"] == false), "{manifest}");
+    let file = |r: &serde_json::Value, key: &str| std::path::Path::new(export).join(r[key].as_str().unwrap());
+    // One weights file for the model, shared by its cases, loadable as the DiT it was drawn for.
+    assert_eq!(records[0]["weights"], records[2]["weights"]);
+    let weights = lfm::checkpoint::read_weights(&file(&records[0], "weights")).unwrap().tensors;
+    let config = lfm::models::ModelConfig::Dit(lfm::models::DiTConfig::named("DiT-S/8", 32, 4, 1, 0.0).unwrap());
+    lfm::models::VelocityModel::<lfm::backend::Cpu>::load(&config, &weights, &cpu()).unwrap();
+    let tensors = |r: &serde_json::Value| read_safetensors(&file(r, "tensors")).unwrap().0;
+    let io = tensors(&records[1]);
+    assert_eq!((io["x"].shape.clone(), io["t"].shape.clone()), (vec![3, 4, 32, 32], vec![3]));
+    assert_eq!(io["v"].shape, vec![3, 4, 32, 32]);
+    let io = tensors(&records[2]);
+    assert_eq!((io["x1"].shape.clone(), io["x0"].shape.clone()), (vec![2, 4, 32, 32], vec![2, 4, 32, 32]));
+    assert_eq!(records[2]["case"]["nfe"], 2);
+    assert!(records[3]["weights"].is_null() && records[3]["case"]["images_per_s"].as_f64().unwrap() > 0.0);
 }
 
 /// Zero counts and non-finite numbers are refused while parsing, naming the flag (a zero batch once ran as

@@ -8,9 +8,21 @@ use lfm::checkpoint::{read_safetensors, HostTensor, TensorMap};
 use lfm::image::RgbImage;
 use lfm::models::{Precision, VelocityModel};
 
+/// The repository root: `CARGO_MANIFEST_DIR` at run time (cargo sets it; `scripts/gpu-report` does for the
+/// prebuilt test binary it runs on another machine), else where this binary was built.
+pub fn repo() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+}
+
+/// The `lfm` binary: `LFM_BIN` when set (a prebuilt binary run from another folder), else the one cargo built
+/// beside this test binary.
+pub fn lfm_bin() -> PathBuf {
+    std::env::var_os("LFM_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_lfm")), PathBuf::from)
+}
+
 /// Path of a file under `tests/fixtures`.
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    repo().join("tests/fixtures").join(rel)
 }
 
 /// The tensors of a fixture's `io.safetensors`.
@@ -35,13 +47,13 @@ pub fn int_tensor<B: Backend, const D: usize>(host: &HostTensor, device: &B::Dev
 
 /// Runs the `lfm` binary: (success, stdout, stderr).
 pub fn lfm(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lfm")).args(args).output().expect("run lfm");
+    let out = std::process::Command::new(lfm_bin()).args(args).output().expect("run lfm");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
 /// Runs the `lfm` binary without the given environment variables: (success, stdout, stderr).
 pub fn lfm_without_env(args: &[&str], removed: &[&str]) -> (bool, String, String) {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_lfm"));
+    let mut command = std::process::Command::new(lfm_bin());
     for var in removed {
         command.env_remove(var);
     }
@@ -148,7 +160,7 @@ pub fn wgpu_with_f16() -> Option<WgpuDevice> {
 /// A file from the shared read-only reference folder (`../shared/…`: golden tensors, real weights that may not be
 /// committed). `None` (with a message) when absent; under `CI=true` absence is a failure.
 pub fn shared(rel: &str) -> Option<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared").join(rel);
+    let path = repo().join("../shared").join(rel);
     if path.exists() {
         return Some(path);
     }
@@ -229,6 +241,9 @@ pub fn assert_unconditional_half_precision<B: Backend>(
 /// GPU is meant to be present, so that these tests cannot pass by skipping).
 #[cfg(feature = "cuda")]
 pub fn cuda() -> Option<burn::backend::cuda::CudaDevice> {
+    // Compiled kernels and autotune results kept between runs, as the `lfm` binary keeps them: the CUDA suite runs
+    // twice in `scripts/gpu-report` (lfm's kernels off, then on), and the second run reuses the first's.
+    lfm::backend::keep_kernel_caches_when_a_gpu_is_selected();
     match lfm::backend::select(lfm::backend::BackendChoice::Cuda) {
         Ok(lfm::backend::Device::Cuda(index)) => Some(burn::backend::cuda::CudaDevice { index }),
         other => {

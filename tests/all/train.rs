@@ -348,7 +348,7 @@ fn data_parallel_and_multi_node_training_equal_one_device_with_the_same_micro_ba
             let mut args = train_args(out.to_str().unwrap(), &s.data, &s.vae, &s.vae_config, &s.config);
             args.extend_from_slice(&["--max-steps", "3", "--max-grad-norm", "0.5", "--nodes", "2"]);
             args.extend_from_slice(&["--node-rank", rank, "--master-port", &port, "--node-timeout", "120"]);
-            std::process::Command::new(env!("CARGO_BIN_EXE_lfm"))
+            std::process::Command::new(crate::common::lfm_bin())
                 .args(&args)
                 .env_remove("WORLD_SIZE")
                 .env_remove("RANK")
@@ -412,7 +412,7 @@ fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
     let killed = s.root.join("killed");
     let mut args = train_args(killed.to_str().unwrap(), &s.data, &s.vae, &s.vae_config, &s.config);
     args.extend_from_slice(&steps);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lfm"))
+    let mut child = std::process::Command::new(crate::common::lfm_bin())
         .args(&args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -16,6 +16,9 @@ use crate::checkpoint::{apply_weights, read_weights, CheckpointError, HostTensor
 
 /// Side of the square images the network sees.
 pub const INPUT_SIZE: usize = 299;
+
+/// The smallest input the network's strided layers take.
+pub const MIN_INPUT_SIZE: usize = 75;
 /// Dimension of the pool3 features.
 pub const FEATURE_DIM: usize = 2048;
 /// TensorFlow's batch-norm epsilon.
@@ -385,13 +388,25 @@ impl<B: Backend> FidInception<B> {
         keys.rename("mixed_6a", "Mixed_6a").rename("mixed_7a", "Mixed_7a")
     }
 
-    /// pool3 features `[N, 2048]` of images `[N, 3, H, W]` with values in [0, 1] (any size; resized to 299).
+    /// pool3 features `[N, 2048]` of images `[N, 3, H, W]` with values in [0, 1] (any size; resized to 299), as
+    /// pytorch-fid computes them.
     pub fn features(&self, images: Tensor<B, 4>) -> Result<Tensor<B, 2>, InceptionError> {
         let [n, c, h, w] = images.dims();
         if c != 3 || h == 0 || w == 0 {
             return Err(InceptionError::Input(format!("expected RGB images [N, 3, H, W], got [{n}, {c}, {h}, {w}]")));
         }
-        let x = resize_bilinear(images, INPUT_SIZE, INPUT_SIZE) * 2.0 - 1.0;
+        self.forward(resize_bilinear(images, INPUT_SIZE, INPUT_SIZE) * 2.0 - 1.0)
+    }
+
+    /// The network alone: pool3 features `[N, 2048]` of inputs `[N, 3, H, W]` already scaled to [−1, 1], at any
+    /// size from 75×75 (the smallest the strided layers take); [`features`](Self::features) feeds it 299×299.
+    pub fn forward(&self, x: Tensor<B, 4>) -> Result<Tensor<B, 2>, InceptionError> {
+        let [n, c, h, w] = x.dims();
+        if c != 3 || h < MIN_INPUT_SIZE || w < MIN_INPUT_SIZE {
+            return Err(InceptionError::Input(format!(
+                "expected inputs [N, 3, H, W] of at least {MIN_INPUT_SIZE}×{MIN_INPUT_SIZE}, got [{n}, {c}, {h}, {w}]"
+            )));
+        }
         let x = self.stem[..3].iter().fold(x, |h, c| c.forward(h));
         let x = max_pool_3x3_s2(x);
         let x = self.stem[3..].iter().fold(x, |h, c| c.forward(h));

@@ -135,7 +135,13 @@ pub fn cpu() -> burn::backend::ndarray::NdArrayDevice {
 /// adapter is a failure: CI installs lavapipe precisely so these tests run.
 pub fn wgpu() -> Option<WgpuDevice> {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let available = *AVAILABLE.get_or_init(|| !lfm::backend::wgpu_adapters().is_empty());
+    let available = *AVAILABLE.get_or_init(|| {
+        // Autotune results (and CUDA's compiled kernels) kept where the `lfm` binary keeps them, so that the lfm
+        // commands the tests run on wgpu reuse what the tests in this process tuned: on lavapipe each autotuned
+        // shape costs seconds of compiling and timing candidates.
+        lfm::backend::keep_kernel_caches_when_a_gpu_is_selected();
+        lfm::backend::select(lfm::backend::BackendChoice::Wgpu).is_ok()
+    });
     if available {
         return Some(WgpuDevice::DefaultDevice);
     }

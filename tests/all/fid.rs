@@ -117,11 +117,27 @@ fn inception_features_split_over_cpu_threads_keep_each_image() {
     }
 }
 
+/// The photograph scaled to the network's input range at `side`×`side` (PyTorch's bilinear resize).
+fn inception_input<B: Backend>(side: usize, device: &B::Device) -> Tensor<B, 4> {
+    let photo = lfm::image::to_tensor::<B>(&[read_rgb(&fixture(INCEPTION_IMAGES[0])).unwrap()], device).unwrap();
+    // to_tensor gives [−1, 1]; the resize works on [0, 1] as in `features`.
+    lfm::metrics::inception::resize_bilinear((photo + 1.0) / 2.0, side, side) * 2.0 - 1.0
+}
+
+/// The network computes on wgpu what it computes on the CPU, layer for layer, at its smallest input (75×75: every
+/// layer at a sixteenth of 299×299's arithmetic, which lavapipe would take minutes over); the CPU test above checks
+/// the whole pipeline against pytorch-fid. The resize to 299 is checked on wgpu too.
 #[test]
-fn inception_features_match_pytorch_fid_on_wgpu() {
+fn inception_matches_the_cpu_on_wgpu() {
     let Some(device) = wgpu() else { return };
-    // One image: lavapipe runs the network at a few GFLOP/s.
-    inception_parity::<Wgpu>(&device, 1, 1e-4);
+    let Some(weights) = inception_weights() else { return };
+    let side = lfm::metrics::inception::MIN_INPUT_SIZE;
+    let on_cpu = FidInception::<Cpu>::load(&weights, &cpu()).unwrap().forward(inception_input::<Cpu>(side, &cpu()));
+    let on_gpu = FidInception::<Wgpu>::load(&weights, &device).unwrap().forward(inception_input::<Wgpu>(side, &device));
+    assert_close("pool3 features at 75×75, wgpu vs cpu", &values(on_gpu.unwrap()), &values(on_cpu.unwrap()), 1e-4, 0.0);
+    let size = lfm::metrics::inception::INPUT_SIZE;
+    let (resized_cpu, resized_gpu) = (inception_input::<Cpu>(size, &cpu()), inception_input::<Wgpu>(size, &device));
+    assert_close("the resize to 299, wgpu vs cpu", &values(resized_gpu), &values(resized_cpu), 1e-5, 1e-6);
 }
 
 #[test]
@@ -159,6 +175,10 @@ fn inception_refuses_wrong_weights_and_inputs() {
     let gray = Tensor::<Cpu, 4>::zeros([1, 1, 8, 8], &cpu());
     let err = model.features(gray).unwrap_err().to_string();
     assert!(err.contains("RGB"), "{err}");
+    // The network alone needs 75×75 or more.
+    let small = Tensor::<Cpu, 4>::zeros([1, 3, 74, 80], &cpu());
+    let err = model.forward(small).unwrap_err().to_string();
+    assert!(err.contains("at least 75×75") && err.contains("[1, 3, 74, 80]"), "{err}");
 }
 
 #[test]

@@ -10,7 +10,7 @@ use lfm::train::mixed::{LossScaler, INITIAL_LOSS_SCALE};
 use lfm::train::{lfm_adamw, Batch, Trainer};
 
 use crate::common::*;
-use crate::train::{float64_gradients, max_diff, setup, train_args};
+use crate::train::{float64_gradients, max_diff, setup};
 
 /// The golden batch of `fm_loss` on `device`.
 fn golden_batch<B: AutodiffBackend>(device: &B::Device) -> Batch<B> {
@@ -119,27 +119,35 @@ fn f16_overflow_skips_the_step_and_the_loss_scale_resumes_exactly() {
 
 /// `lfm train --precision f16`: refused on the cpu backend with the fix; on wgpu (with shader-f16) it trains, logs
 /// the loss scale, records the precision and the scale in the checkpoint, and refuses a resume in another precision.
+/// It trains from latents encoded beforehand (on the CPU): the autoencoder on wgpu has tests of its own.
 #[test]
 fn f16_training_from_the_command_line() {
     let s = setup();
-    let out = s.root.join("run");
-    let args = train_args(out.to_str().unwrap(), &s.data, &s.vae, &s.vae_config, &s.config);
-    let (ok, _, stderr) = lfm(&[&args[..], &["--max-steps", "2", "--precision", "f16"]].concat());
+    let (out, latents) = (s.root.join("run"), s.root.join("latents.safetensors"));
+    let mut encode = vec!["--backend", "cpu", "encode", "--data", &s.data, "--image-size", "16", "--weights", &s.vae];
+    encode.extend_from_slice(&["--config", &s.vae_config, "--out", latents.to_str().unwrap()]);
+    let (ok, _, stderr) = lfm(&encode);
+    assert!(ok, "{stderr}");
+    let train = |backend: &str, extra: &[&str]| {
+        let mut args = vec!["--backend", backend, "train", "--latents", latents.to_str().unwrap(), "--config"];
+        args.extend_from_slice(&[&s.config, "--out", out.to_str().unwrap(), "--batch-size", "4", "--seed", "3"]);
+        args.extend_from_slice(extra);
+        lfm(&args)
+    };
+    let (ok, _, stderr) = train("cpu", &["--max-steps", "2", "--precision", "f16"]);
     assert!(!ok && stderr.contains("--precision f16 is not supported") && stderr.contains("use --precision f32"));
     assert!(!out.join("metrics.jsonl").exists(), "nothing was trained");
     if wgpu_with_f16().is_none() {
         return;
     }
-    let mut on_wgpu = args.clone();
-    on_wgpu[1] = "wgpu";
-    let (ok, _, stderr) = lfm(&[&on_wgpu[..], &["--max-steps", "4", "--precision", "f16"]].concat());
+    let (ok, _, stderr) = train("wgpu", &["--max-steps", "2", "--precision", "f16"]);
     assert!(ok, "{stderr}");
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 4);
+    assert_eq!(lines.len(), 2);
     for line in &lines {
         assert!(line["loss"].as_f64().unwrap().is_finite(), "{line}");
         assert_eq!((&line["loss_scale"], &line["skipped"]), (&serde_json::json!(INITIAL_LOSS_SCALE), &false.into()));
@@ -147,7 +155,7 @@ fn f16_training_from_the_command_line() {
     let state = std::fs::read_to_string(lfm::train::run::state_dir(&out).join("state.json")).unwrap();
     let state: serde_json::Value = serde_json::from_str(&state).unwrap();
     assert_eq!(state["settings"]["precision"], "f16", "{state}");
-    assert_eq!(state["loss_scaler"], serde_json::json!({"scale": INITIAL_LOSS_SCALE, "good_steps": 4}), "{state}");
-    let (ok, _, stderr) = lfm(&[&on_wgpu[..], &["--max-steps", "6", "--resume"]].concat());
+    assert_eq!(state["loss_scaler"], serde_json::json!({"scale": INITIAL_LOSS_SCALE, "good_steps": 2}), "{state}");
+    let (ok, _, stderr) = train("wgpu", &["--max-steps", "4", "--resume"]);
     assert!(!ok && stderr.contains("precision differ"), "{stderr}");
 }

@@ -525,9 +525,12 @@ fn host<B: burn::tensor::backend::Backend>(values: Vec<f32>, shape: [usize; 4], 
 
 /// A 9-channel UNet, one step on two 16-px images: LFM's masks, the masked image, one encoder pass for the image and
 /// the masked image with posterior samples, the mask on the latent grid — as `lfm train --task inpaint` builds them.
+/// The encoder pass runs on the CPU whatever `B` (the autoencoder has its own wgpu test; on lavapipe its layers
+/// would be compiled and autotuned again here).
 fn inpainting_step<B: AutodiffBackend>(device: &B::Device) -> TaskStep {
     let (n, size, f) = (2, 16, 2);
-    let ae = crate::autoencoder::vae::<B::InnerBackend>(device);
+    let ae = crate::autoencoder::vae::<Cpu>(&cpu());
+    let to_cpu = |t: Tensor<B::InnerBackend, 4>| Tensor::<Cpu, 4>::from_data(t.into_data(), &cpu());
     let images = host::<B::InnerBackend>(wave(n * 3 * size * size, 0.0), [n, 3, size, size], device);
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     let holes: Vec<f32> = (0..n).flat_map(|_| generate(&mut rng, &MaskParams::default(), size, size).hole).collect();
@@ -536,7 +539,8 @@ fn inpainting_step<B: AutodiffBackend>(device: &B::Device) -> TaskStep {
     let latent = [2 * n, 4, size / f, size / f];
     let eps = host::<B::InnerBackend>(wave(latent.iter().product(), 1.0), latent, device);
     let masked = lfm::inpaint::masked_images(images.clone(), hole.clone());
-    let z = ae.encode(Tensor::cat(vec![images, masked], 0), Some(eps));
+    let z = ae.encode(to_cpu(Tensor::cat(vec![images, masked], 0)), Some(to_cpu(eps)));
+    let z = Tensor::<B::InnerBackend, 4>::from_data(z.into_data(), device);
     let condition = lfm::inpaint::condition(z.clone().narrow(0, n, n), hole, f);
     let z1 = host::<B::InnerBackend>(wave(n * 4 * 8 * 8, 2.0), [n, 4, 8, 8], device);
     let batch = Batch {

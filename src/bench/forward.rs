@@ -6,12 +6,9 @@ use std::time::Instant;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use super::export::{host, named, Export};
-use super::sampling::random_dit_weights;
-use crate::models::{DiT, DiTConfig, ModelConfig, Precision, VelocityModel};
+use super::SEED;
+use crate::models::{ModelConfig, Precision, VelocityModel};
 use crate::sample::noise;
-
-/// The seed of the weights and inputs of every case.
-const SEED: u64 = 0;
 
 /// What to benchmark.
 #[derive(Debug, Clone)]
@@ -91,15 +88,8 @@ pub fn bench_forward<B: Backend>(
     let export = options.export.as_deref().map(Export::new).transpose()?;
     let mut cases = Vec::new();
     for name in &options.models {
-        let config = DiTConfig::named(name, 32, 4, 1, 0.0)
-            .ok_or_else(|| format!("unknown DiT size '{name}': use DiT-S/2 … DiT-XL/8"))?;
-        let flops = ModelConfig::Dit(config.clone()).flops();
-        let weights = random_dit_weights(&config, SEED);
-        let full = VelocityModel::Dit(DiT::load(&config, &weights, device).map_err(|e| e.to_string())?);
-        let weights_file = match &export {
-            Some(export) => Some(export.weights(name, SEED, || weights)?),
-            None => None,
-        };
+        let (config, full, weights_file) = super::random_dit::<B>(name, export.as_ref(), device)?;
+        let flops = ModelConfig::Dit(config).flops();
         for &precision in &options.precisions {
             if let Err(why) = precision.check_supported::<B>(device) {
                 on_skip(precision, why);

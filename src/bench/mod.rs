@@ -19,6 +19,32 @@ use lfm_kernels::{
 };
 
 pub use forward::{bench_forward, ForwardBenchOptions, ForwardCase};
+
+use crate::models::{DiT, DiTConfig, VelocityModel};
+use export::Export;
+use sampling::random_dit_weights;
+
+/// The seed of the benchmarks' random weights and noise.
+const SEED: u64 = 0;
+
+/// A DiT size by name (`DiT-B/2`) on 4×32×32 latents (256² images through SD's VAE), unconditional.
+fn named_dit(name: &str) -> Result<DiTConfig, String> {
+    DiTConfig::named(name, 32, 4, 1, 0.0).ok_or_else(|| format!("unknown DiT size '{name}': use DiT-S/2 … DiT-XL/8"))
+}
+
+/// The DiT `name` with the random weights of [`random_dit_weights`] on `device`, and the file `export` holds them
+/// in when given.
+fn random_dit<B: Backend>(
+    name: &str,
+    export: Option<&Export>,
+    device: &B::Device,
+) -> Result<(DiTConfig, VelocityModel<B>, Option<String>), String> {
+    let config = named_dit(name)?;
+    let weights = random_dit_weights(&config, SEED);
+    let model = VelocityModel::Dit(DiT::load(&config, &weights, device).map_err(|e| e.to_string())?);
+    let file = export.map(|export| export.weights(name, SEED, || weights)).transpose()?;
+    Ok((config, model, file))
+}
 pub use roofline::Roofline;
 pub use sampling::{bench_sampling, SamplingBenchOptions, SamplingCase};
 pub use training::{bench_training, TrainingBenchOptions, TrainingCase};

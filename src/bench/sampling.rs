@@ -6,14 +6,12 @@ use std::time::Instant;
 use burn::tensor::{backend::Backend, ElementConversion};
 
 use super::export::{host, named, Export};
+use super::SEED;
 use crate::checkpoint::{collect_weights, HostTensor, TensorMap};
 use crate::models::dit::dit_keys;
-use crate::models::{DiT, DiTConfig, ModelConfig, Precision, VelocityModel};
+use crate::models::{DiTConfig, ModelConfig, Precision};
 use crate::sample::{noise, sample_batch, BatchInput, Guidance};
 use crate::solver::{Grid, Method, SolveOptions};
-
-/// The seed of the weights and the noise of every case.
-const SEED: u64 = 0;
 
 /// What to benchmark.
 #[derive(Debug, Clone)]
@@ -99,16 +97,9 @@ pub fn bench_sampling<B: Backend>(
     mut on_case: impl FnMut(&SamplingCase),
     mut on_skip: impl FnMut(Precision, String),
 ) -> Result<Vec<SamplingCase>, String> {
-    let config = DiTConfig::named(&options.model, 32, 4, 1, 0.0)
-        .ok_or_else(|| format!("unknown DiT size '{}': use DiT-S/2 … DiT-XL/8", options.model))?;
-    let flops = ModelConfig::Dit(config.clone()).flops();
-    let weights = random_dit_weights(&config, SEED);
-    let full = VelocityModel::Dit(DiT::load(&config, &weights, device).map_err(|e| e.to_string())?);
     let export = options.export.as_deref().map(Export::new).transpose()?;
-    let weights_file = match &export {
-        Some(export) => Some(export.weights(&options.model, SEED, || weights)?),
-        None => None,
-    };
+    let (config, full, weights_file) = super::random_dit::<B>(&options.model, export.as_ref(), device)?;
+    let flops = ModelConfig::Dit(config).flops();
     let mut cases = Vec::new();
     for &precision in &options.precisions {
         if let Err(why) = precision.check_supported::<B>(device) {

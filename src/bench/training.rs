@@ -8,7 +8,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, ElementConversion, Tensor};
 
-use crate::models::{DiTConfig, ModelConfig, Precision, VelocityModel};
+use crate::models::{ModelConfig, Precision, VelocityModel};
 use crate::train::{lfm_adamw, Batch, Trainer};
 
 /// What to benchmark.
@@ -70,9 +70,7 @@ fn bench_model<B: Backend>(
     device: &B::Device,
 ) -> Result<TrainingCase, String> {
     let (n, steps, precision) = (options.batch, options.steps, options.precision);
-    let config = DiTConfig::named(name, 32, 4, 1, 0.0)
-        .ok_or_else(|| format!("unknown DiT size '{name}': use DiT-S/2 … DiT-XL/8"))?;
-    let config = ModelConfig::Dit(config);
+    let config = ModelConfig::Dit(super::named_dit(name)?);
     B::seed(device, 0);
 
     // Baseline: the forward pass alone, without autodiff, read back (GPU work is asynchronous).

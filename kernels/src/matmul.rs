@@ -72,7 +72,7 @@ pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) 
 }
 
 /// [`matmul`] with the route chosen by the caller: `full_f32` runs [`full_f32_matmul`] on any CubeCL backend (also
-/// wgpu, with one fixed kernel per kind of product: how the tests check the route's plumbing and gradients without an
+/// wgpu, with cubek's naive kernel: how the tests check the route's plumbing and gradients without an
 /// NVIDIA GPU) when both inputs are f32; otherwise, or on other backends, Burn's matmul.
 pub fn matmul_on<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>, full_f32: bool) -> Tensor<B, D> {
     if !full_f32 || lhs.dtype() != DType::F32 || rhs.dtype() != DType::F32 {
@@ -101,25 +101,13 @@ fn cube_matmul<B: Backend, R: CubeRuntime, const D: usize>(lhs: Tensor<B, D>, rh
 
 /// The product on CubeCL tensors with Burn's output allocation and broadcasting rules and cubek's launch: on CUDA
 /// autotuned over the kernels that keep f32; on other runtimes, which take this route only in tests (they have no
-/// TF32 to avoid), one fixed kernel per kind of product, because autotuning compiles and times every candidate,
-/// minutes on a software Vulkan driver.
+/// TF32 to avoid), cubek's naive kernel: one small kernel for every kind of product, where autotuning (or a tiled
+/// kernel per operand layout) compiles thousands of lines per layout, which a software Vulkan driver takes seconds
+/// over.
 pub fn full_f32_matmul<R: CubeRuntime>(lhs: CubeTensor<R>, rhs: CubeTensor<R>) -> CubeTensor<R> {
     let out = init_matmul_output(&lhs, &rhs, lhs.dtype);
     if !is_cuda::<R>() {
-        let vector = matches!(
-            key(&(lhs.clone(), rhs.clone(), out.clone())).analysis.kind,
-            MatmulKind::MatVec | MatmulKind::VecMat
-        );
-        let strategy = if vector {
-            Strategy::SimpleVecMat(BlueprintStrategy::Inferred(().into()))
-        } else {
-            Strategy::SimpleUnit(BlueprintStrategy::Inferred(SimpleUnitSelectionArgs {
-                tile_size: TileSizeSelection::MinTileSize,
-            }))
-        };
-        if launch::<R>(&strategy, lhs.clone(), rhs.clone(), out.clone()).is_err() {
-            launch::<R>(&Strategy::Naive, lhs, rhs, out.clone()).expect("the naive matmul launches for any shape");
-        }
+        launch::<R>(&Strategy::Naive, lhs, rhs, out.clone()).expect("the naive matmul launches for any shape");
         return out;
     }
     static TUNER: LocalTuner<MatmulAutotuneKey, CubeTuneId> = local_tuner!("full-f32-matmul");

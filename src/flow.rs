@@ -5,7 +5,7 @@
 //! with `σ_min = 1e-5`. The loss is the plain mean of the squared error over every element of the batch.
 //! This module is the one place these conventions live; solvers and models know nothing of them.
 
-use burn::tensor::{backend::Backend, Distribution, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
 
 /// σ_min of the reference (hard-coded there as `1e-5`).
 pub const SIGMA_MIN: f64 = 1e-5;
@@ -44,11 +44,6 @@ pub fn target_velocity<B: Backend, const D: usize>(z0: Tensor<B, D>, z1: Tensor<
 /// `F.mse_loss(v, u)`: the mean over every element and the batch, as a one-element tensor.
 pub fn loss<B: Backend, const D: usize>(v: Tensor<B, D>, u: Tensor<B, D>) -> Tensor<B, 1> {
     (v - u).powi_scalar(2).mean()
-}
-
-/// One training time per sample, `t ~ U[0, 1)` (no logit-normal sampling, no weighting).
-pub fn sample_time<B: Backend>(batch: usize, device: &B::Device) -> Tensor<B, 1> {
-    Tensor::random([batch], Distribution::Uniform(0.0, 1.0), device)
 }
 
 /// Everything one training step needs from the path: the model input `x_t` and the regression target `u`.

@@ -93,8 +93,7 @@ fn network_loss<B: AutodiffBackend>(
     batch: Batch<B>,
     train_rescaler: bool,
 ) -> Tensor<B, 1> {
-    let x_t = flow::interpolate(batch.z0.clone(), batch.z1.clone(), batch.t.clone());
-    let u = flow::target_velocity(batch.z0, batch.z1);
+    let flow::PathSample { x_t, u } = flow::path_sample(batch.z0, batch.z1, batch.t.clone());
     let mut input = vec![x_t];
     input.extend(batch.condition);
     if let Some(shares) = batch.segmentation {

@@ -130,8 +130,9 @@ fn psnr(a: &[u8], b: &[u8]) -> f64 {
     10.0 * (255.0f64.powi(2) / mse).log10()
 }
 
-fn taesd_round_trip<B: Backend>(device: &B::Device) -> f64 {
-    let Some(weights) = taesd_weights() else { return f64::INFINITY };
+/// The PSNR of TAESD's round trip of the 256-px photograph; `None` (skipped, see [`shared`]) without the weights.
+fn taesd_round_trip<B: Backend>(device: &B::Device) -> Option<f64> {
+    let weights = taesd_weights()?;
     let model = weights.load::<B>(device).unwrap();
     let photo = lfm::image::read_rgb(&fixture("astronaut_256.png")).unwrap();
     let x = lfm::image::to_tensor::<B>(std::slice::from_ref(&photo), device).unwrap();
@@ -140,12 +141,12 @@ fn taesd_round_trip<B: Backend>(device: &B::Device) -> f64 {
     let back = lfm::image::from_tensor(model.decode(z));
     let db = psnr(&back[0].pixels, &photo.pixels);
     eprintln!("TAESD round trip of the 256-px astronaut: {db:.2} dB PSNR");
-    db
+    Some(db)
 }
 
 #[test]
 fn taesd_reconstructs_a_photograph_on_cpu() {
-    let db = taesd_round_trip::<Cpu>(&cpu());
+    let Some(db) = taesd_round_trip::<Cpu>(&cpu()) else { return };
     assert!(db >= 22.0, "TAESD round trip PSNR {db:.2} dB < 22 dB");
 }
 

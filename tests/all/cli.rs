@@ -32,9 +32,11 @@ fn an_unknown_backend_is_one_clear_line() {
 
 #[test]
 fn cuda_without_a_driver_or_build_is_one_clear_error() {
-    let (ok, _, stderr) = lfm(&["--backend", "cuda", "devices"]);
+    let (ok, stdout, stderr) = lfm(&["--backend", "cuda", "devices"]);
     if ok {
-        return; // a machine with a working NVIDIA driver
+        // A build with CUDA on a machine with a working NVIDIA driver: the devices are listed and one is selected.
+        assert!(stdout.contains("CUDA devices:\n  [0] ") && stdout.contains("--backend cuda uses: "), "{stdout}");
+        return;
     }
     assert!(stderr.starts_with("error: "), "{stderr}");
     assert!(stderr.contains("CUDA"), "{stderr}");

@@ -152,12 +152,16 @@ pub fn wgpu() -> Option<WgpuDevice> {
     None
 }
 
-/// The wgpu device if it computes in f16 (shader-f16), else `None` with a message (see [`wgpu`]).
+/// The wgpu device if it computes in f16 (shader-f16), else `None` with a message; a failure under `CI=true`,
+/// whose lavapipe has shader-f16 (see [`wgpu`]).
 pub fn wgpu_with_f16() -> Option<WgpuDevice> {
     use burn::tensor::backend::Backend;
     let device = wgpu()?;
     if lfm::backend::Wgpu::supports_dtype(&device, burn::tensor::DType::F16) {
         return Some(device);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("the wgpu adapter has no shader-f16 under CI=true: lavapipe (mesa-vulkan-drivers) has it");
     }
     eprintln!("skipping: this wgpu adapter has no f16 shader support");
     None

@@ -176,7 +176,7 @@ pub fn flash_attention<R: CubeRuntime>(q: CubeTensor<R>, k: CubeTensor<R>, v: Cu
 
 // ---- Backend-generic entry points. ----
 
-use std::any::{Any, TypeId};
+use std::any::TypeId;
 
 use burn::backend::autodiff::{
     checkpoint::{base::Checkpointer, strategy::NoCheckpointing},
@@ -187,7 +187,7 @@ use burn::backend::autodiff::{
 use burn::backend::Autodiff;
 use burn::tensor::{activation::softmax, backend::Backend, ops::FloatTensor, Tensor as BurnTensor, TensorPrimitive};
 
-use crate::dispatch::{from_cube, to_cube, with_runtime};
+use crate::dispatch::{downcast, from_cube, to_cube, with_runtime};
 use crate::matmul::matmul as mm;
 
 /// Most score-matrix elements one chunk of the recomputing backward pass materialises (64 MiB in f32).
@@ -249,11 +249,6 @@ pub fn attention_on<B: Backend>(
 /// [`attention_on`] with the fused path enabled.
 pub fn attention<B: Backend>(q: BurnTensor<B, 4>, k: BurnTensor<B, 4>, v: BurnTensor<B, 4>) -> BurnTensor<B, 4> {
     attention_on(q, k, v, true)
-}
-
-fn downcast<T: 'static, U: 'static>(value: T) -> U {
-    let boxed: Box<dyn Any> = Box::new(value);
-    *boxed.downcast::<U>().expect("types checked by TypeId")
 }
 
 /// The fused forward pass with a recomputing backward, when `B` is exactly `Autodiff<IB>` (Burn's default

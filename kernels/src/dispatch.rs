@@ -56,6 +56,13 @@ pub fn has_kernels<B: Backend>() -> bool {
     is_runtime::<B, WgpuRuntime>()
 }
 
+/// `value` as type `U`, which the caller has checked by `TypeId` to be `T` (a backend's primitive seen through a
+/// generic parameter).
+pub(crate) fn downcast<T: 'static, U: 'static>(value: T) -> U {
+    let boxed: Box<dyn Any> = Box::new(value);
+    *boxed.downcast::<U>().expect("types checked by TypeId")
+}
+
 /// The CubeCL tensor behind a Burn tensor. The caller has checked [`is_runtime`].
 pub(crate) fn to_cube<B: Backend, R: CubeRuntime, const D: usize>(tensor: Tensor<B, D>) -> CubeTensor<R> {
     let primitive: Box<dyn Any> = Box::new(tensor.into_primitive().tensor());

@@ -9,7 +9,7 @@
 //! allowed ([`set_tf32`], `lfm --tf32`, or `LFM_TF32=1`), in which case Burn's own matmul runs. Under `Autodiff`
 //! both gradients are computed the same way. Other backends and dtypes always take Burn's matmul.
 
-use std::any::{Any, TypeId};
+use std::any::TypeId;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
@@ -33,7 +33,7 @@ use cubek::matmul::{
 };
 use cubek::std::InputBinding;
 
-use crate::dispatch::{from_cube, is_runtime, to_cube};
+use crate::dispatch::{downcast, from_cube, is_runtime, to_cube};
 
 /// The variable that allows TF32 from the start of a process (`1`), as `--tf32` does.
 pub const TF32_VAR: &str = "LFM_TF32";
@@ -202,11 +202,6 @@ fn launch<R: CubeRuntime>(
         (InputBinding::new(lhs.binding(), lhs_dtype.into()), InputBinding::new(rhs.binding(), rhs_dtype.into()));
     cubek::matmul::launch::launch_ref(strategy, &client, lhs, rhs, out.binding(), &mut dtypes)
         .map_err(|e| format!("{e:?}"))
-}
-
-fn downcast<T: 'static, U: 'static>(value: T) -> U {
-    let boxed: Box<dyn Any> = Box::new(value);
-    *boxed.downcast::<U>().expect("types checked by TypeId")
 }
 
 /// The full-f32 product with full-f32 gradients, when `B` is exactly `Autodiff<IB>` (Burn's default checkpointing)

@@ -159,6 +159,13 @@ pub(crate) fn is_ndarray<B: Backend>() -> bool {
     std::any::type_name::<B>().contains("NdArray")
 }
 
+/// Whether lfm convolves by [`conv2d_im2col`] on `B` rather than with Burn's kernels: on ndarray (its backward is
+/// two matmuls, where Burn's is a direct loop) and on CUDA in full f32 (its product keeps f32, where Burn's
+/// convolution kernels would run TF32 on tensor cores).
+fn convolves_by_im2col<B: Backend>() -> bool {
+    is_ndarray::<B>() || lfm_kernels::matmul::full_f32_applies::<B>()
+}
+
 /// The `kh·kw` windows of a (padded) `[N, C, H, W]` input that a `kh×kw` kernel with `stride` reads for an
 /// `ho×wo` output, each `[N, C, ho, wo]`, in `(ky, kx)` order. A stride `s > 1` is taken by splitting each axis
 /// into `(H/s, s)` and picking one phase, so every window is a plain slice (no strided indexing).
@@ -248,9 +255,7 @@ pub fn conv2d_padded<B: Backend>(
     if cpu::applies(&x) && cpu::applies(&weight) {
         return cpu::conv2d(x, weight, bias, stride, padding, activation);
     }
-    // im2col on ndarray (its backward is two matmuls) and on CUDA in full f32 (its matmul keeps f32, where Burn's
-    // convolution kernels would run TF32 on tensor cores).
-    let y = if is_ndarray::<B>() || lfm_kernels::matmul::full_f32_applies::<B>() {
+    let y = if convolves_by_im2col::<B>() {
         conv2d_im2col(x, weight, bias, stride, padding)
     } else {
         let options = burn::tensor::ops::ConvOptions::new([stride, stride], padding, [1, 1], 1);
@@ -387,9 +392,8 @@ pub fn conv2d<B: Backend>(layer: &burn::nn::conv::Conv2d<B>, x: Tensor<B, 4>) ->
         _ => None,
     };
     let [sy, sx] = layer.stride;
-    let own_route = is_ndarray::<B>() || lfm_kernels::matmul::full_f32_applies::<B>();
     match padding {
-        Some(p) if own_route && sy == sx && layer.dilation == [1, 1] && layer.groups == 1 => {
+        Some(p) if convolves_by_im2col::<B>() && sy == sx && layer.dilation == [1, 1] && layer.groups == 1 => {
             conv2d_padded(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()), sy, [p, p], Activation::None)
         }
         _ => layer.forward(x),

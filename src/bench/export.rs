@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{backend::Backend, DType, Tensor};
+use burn::tensor::backend::Backend;
 
 use crate::checkpoint::{write_safetensors, HostTensor, TensorMap};
 
@@ -105,13 +105,6 @@ impl Export {
             .and_then(|mut f| writeln!(f, "{line}"))
             .map_err(|e| format!("cannot append to {}: {e}", path.display()))
     }
-}
-
-/// A tensor's values on the host in f32, for export.
-pub fn host<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> HostTensor {
-    let shape = tensor.dims().to_vec();
-    let values = tensor.cast(DType::F32).into_data().convert::<f32>().to_vec::<f32>().expect("f32 data");
-    HostTensor::f32(shape, values)
 }
 
 /// A named set of host tensors.

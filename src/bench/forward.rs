@@ -5,8 +5,9 @@ use std::time::Instant;
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
-use super::export::{host, named, Export};
+use super::export::{named, Export};
 use super::SEED;
+use crate::checkpoint::HostTensor;
 use crate::models::{ModelConfig, Precision, VelocityModel};
 use crate::sample::noise;
 
@@ -113,7 +114,14 @@ pub fn bench_forward<B: Backend>(
                 if let Some(export) = &export {
                     let file =
                         Export::case_file::<B>(device, &["forward", name, &format!("b{batch}"), precision.name()]);
-                    let file = export.tensors(file, &named([("x", host(x)), ("t", host(t)), ("v", host(v))]))?;
+                    let file = export.tensors(
+                        file,
+                        &named([
+                            ("x", HostTensor::from_tensor(x)),
+                            ("t", HostTensor::from_tensor(t)),
+                            ("v", HostTensor::from_tensor(v)),
+                        ]),
+                    )?;
                     export.record::<B, _>("forward", device, weights_file.as_deref(), Some(&file), &case)?;
                 }
                 on_case(&case);

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use burn::tensor::{backend::Backend, ElementConversion};
 
-use super::export::{host, named, Export};
+use super::export::{named, Export};
 use super::SEED;
 use crate::checkpoint::{collect_weights, HostTensor, TensorMap};
 use crate::models::dit::dit_keys;
@@ -142,12 +142,12 @@ pub fn bench_sampling<B: Backend>(
                     gflops: flops * (nfe * batch) as f64 / seconds / 1e9,
                 };
                 if let Some(export) = &export {
-                    let x1 = host(noise::<B>(SEED, 0, batch, [4, 32, 32], device));
+                    let x1 = HostTensor::from_tensor(noise::<B>(SEED, 0, batch, [4, 32, 32], device));
                     let name = Export::case_file::<B>(
                         device,
                         &["sampling", &options.model, method.name(), &format!("b{batch}"), precision.name()],
                     );
-                    let file = export.tensors(name, &named([("x1", x1), ("x0", host(x0))]))?;
+                    let file = export.tensors(name, &named([("x1", x1), ("x0", HostTensor::from_tensor(x0))]))?;
                     export.record::<B, _>("sampling", device, weights_file.as_deref(), Some(&file), &case)?;
                 }
                 on_case(&case);

@@ -32,6 +32,12 @@ impl HostTensor {
         Self { shape, data: HostData::F32(values), stored_dtype: "F32".into() }
     }
 
+    /// A float tensor read back from the device as `f32` (16-bit values widen exactly).
+    pub fn from_tensor<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Self {
+        let shape = tensor.dims().to_vec();
+        Self::f32(shape, tensor.into_data().convert::<f32>().into_vec::<f32>().expect("f32 after the conversion"))
+    }
+
     /// An `i64` tensor (labels).
     pub fn i64(shape: Vec<usize>, values: Vec<i64>) -> Self {
         Self { shape, data: HostData::I64(values), stored_dtype: "I64".into() }

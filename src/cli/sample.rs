@@ -171,11 +171,6 @@ fn bar(n: usize) -> ProgressBar {
     bar
 }
 
-fn host_f32<B: Backend>(t: Tensor<B, 4>) -> anyhow::Result<HostTensor> {
-    let shape = t.dims().to_vec();
-    Ok(HostTensor::f32(shape, t.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?))
-}
-
 impl OnBackend for Job {
     type Output = anyhow::Result<Output>;
 
@@ -262,7 +257,7 @@ impl OnBackend for Job {
             }
             // 50,000 FID samples need not keep their latents.
             if keep_latents {
-                latents.extend(host_f32(out.latents)?.to_f32());
+                latents.extend(HostTensor::from_tensor(out.latents).to_f32());
             }
             progress.inc(count as u64);
         }

@@ -78,11 +78,7 @@ impl OnBackend for Evaluate {
             }
             None => model.forward(tt, xt, y),
         };
-        let shape = v.dims().to_vec();
-        Ok(HostTensor::f32(
-            shape,
-            v.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?,
-        ))
+        Ok(HostTensor::from_tensor(v))
     }
 }
 

@@ -254,9 +254,14 @@ pub fn select(choice: BackendChoice) -> Result<Device, BackendError> {
     let device = match choice {
         BackendChoice::Cpu => Device::Cpu,
         BackendChoice::Wgpu => {
-            if wgpu_adapters().is_empty() {
+            let adapters = wgpu_adapters();
+            if adapters.is_empty() {
                 return Err(BackendError::NoWgpuAdapter);
             }
+            // wgpu's default adapter is a hardware one whenever there is one; with only a software rasteriser
+            // (lavapipe), lfm's products skip autotuning and its largest kernels (see lfm_kernels::matmul).
+            let software = !adapters.iter().any(|a| a.hardware);
+            lfm_kernels::matmul::set_software_adapter(software);
             Device::Wgpu(WgpuDevice::DefaultDevice)
         }
         BackendChoice::Cuda => cuda_device()?,

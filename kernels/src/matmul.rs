@@ -1,4 +1,4 @@
-//! Matrix products in full f32 on CUDA, with TF32 as an explicit opt-in.
+//! Matrix products in full f32 on CUDA (TF32 as an explicit opt-in), and with one small kernel on software adapters.
 //!
 //! Burn 0.21 autotunes every CubeCL matmul over a set that includes tensor-core kernels, and cubek-matmul runs
 //! those in TF32 whenever both inputs are f32 (`adjust_dtypes`: 10-bit mantissas, about 1e-3 relative error), with
@@ -7,7 +7,13 @@
 //! layers call: on CUDA with f32 inputs it autotunes over cubek's kernels that compute in f32 — the unit-tiled,
 //! vector-matrix and naive kernels, the same candidates as Burn's set minus the tensor-core ones — unless TF32 is
 //! allowed ([`set_tf32`], `lfm --tf32`, or `LFM_TF32=1`), in which case Burn's own matmul runs. Under `Autodiff`
-//! both gradients are computed the same way. Other backends and dtypes always take Burn's matmul.
+//! both gradients are computed the same way.
+//!
+//! On a software wgpu adapter (lavapipe, SwiftShader, WARP: see [`set_software_adapter`]) every product, in any float
+//! dtype, runs cubek's naive kernel (~270 lines of WGSL), without autotuning. There Burn's autotune times noise, and
+//! for every layout and dtype it compiles cubek's unit-tiled candidates (1,500 lines at the smallest tile size, 9,000
+//! at the largest), which cost lavapipe about 4 s each in every process even with Mesa's shader cache warm.
+//! Everywhere else lfm's products are Burn's matmul.
 
 use std::any::TypeId;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,28 +60,52 @@ pub fn tf32_allowed() -> bool {
     tf32_flag().load(Ordering::Relaxed)
 }
 
+fn software_flag() -> &'static AtomicBool {
+    static FLAG: AtomicBool = AtomicBool::new(false);
+    &FLAG
+}
+
+/// Tells lfm's products that the process's wgpu device is a software adapter (`true`): from then on [`matmul`] on
+/// wgpu runs one small fixed kernel instead of Burn's autotuned matmul (see the module documentation). lfm's backend
+/// selection calls it when wgpu has no hardware adapter; it changes which kernel computes a product, not its value
+/// beyond rounding.
+pub fn set_software_adapter(software: bool) {
+    software_flag().store(software, Ordering::Relaxed);
+}
+
+/// Whether [`set_software_adapter`] declared the wgpu device a software adapter.
+pub fn software_adapter() -> bool {
+    software_flag().load(Ordering::Relaxed)
+}
+
 /// Whether [`matmul`] takes the full-f32 route for backend `B` (CUDA, directly or under `Autodiff`, with TF32 not
 /// allowed).
 pub fn full_f32_applies<B: Backend>() -> bool {
-    #[cfg(feature = "cuda")]
-    if is_runtime::<B, crate::CudaRuntime>() || TypeId::of::<B>() == TypeId::of::<Autodiff<crate::CudaCube>>() {
-        return !tf32_allowed();
-    }
-    false
+    is_cuda_backend::<B>() && !tf32_allowed()
+}
+
+/// Whether [`matmul`] runs lfm's own CubeCL route for backend `B`: CUDA in full f32 ([`full_f32_applies`]), or wgpu
+/// (directly or under `Autodiff`) on a software adapter ([`set_software_adapter`]).
+pub fn own_route_applies<B: Backend>() -> bool {
+    full_f32_applies::<B>()
+        || (software_adapter()
+            && (is_runtime::<B, crate::WgpuRuntime>()
+                || TypeId::of::<B>() == TypeId::of::<Autodiff<crate::WgpuCube>>()))
 }
 
 /// `lhs · rhs` over the last two dimensions (batch dimensions broadcast as in Burn): in full f32 on CUDA unless TF32
-/// is allowed, Burn's matmul elsewhere.
+/// is allowed, with one small kernel on a software wgpu adapter, Burn's matmul elsewhere.
 pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
-    let full = full_f32_applies::<B>();
-    matmul_on(lhs, rhs, full)
+    let own = own_route_applies::<B>();
+    matmul_on(lhs, rhs, own)
 }
 
-/// [`matmul`] with the route chosen by the caller: `full_f32` runs [`full_f32_matmul`] on any CubeCL backend (also
-/// wgpu, with cubek's naive kernel: how the tests check the route's plumbing and gradients without an
-/// NVIDIA GPU) when both inputs are f32; otherwise, or on other backends, Burn's matmul.
-pub fn matmul_on<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>, full_f32: bool) -> Tensor<B, D> {
-    if !full_f32 || lhs.dtype() != DType::F32 || rhs.dtype() != DType::F32 {
+/// [`matmul`] with the route chosen by the caller: `own` runs [`own_matmul`] on any CubeCL backend (on CUDA only for
+/// f32 inputs, the ones TF32 would touch; elsewhere for every float dtype: how the tests check the CUDA route's
+/// plumbing and gradients without an NVIDIA GPU); otherwise, or on other backends, Burn's matmul.
+pub fn matmul_on<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>, own: bool) -> Tensor<B, D> {
+    let f32_only = is_cuda_backend::<B>();
+    if !own || (f32_only && (lhs.dtype() != DType::F32 || rhs.dtype() != DType::F32)) || lhs.dtype() != rhs.dtype() {
         return lhs.matmul(rhs);
     }
     #[cfg(feature = "cuda")]
@@ -96,15 +126,22 @@ pub fn matmul_on<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D
 }
 
 fn cube_matmul<B: Backend, R: CubeRuntime, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
-    from_cube::<B, R, D>(full_f32_matmul::<R>(to_cube::<B, R, D>(lhs), to_cube::<B, R, D>(rhs)))
+    from_cube::<B, R, D>(own_matmul::<R>(to_cube::<B, R, D>(lhs), to_cube::<B, R, D>(rhs)))
+}
+
+/// Whether `B` is CubeCL's CUDA backend, directly or under `Autodiff`.
+fn is_cuda_backend<B: Backend>() -> bool {
+    #[cfg(feature = "cuda")]
+    if is_runtime::<B, crate::CudaRuntime>() || TypeId::of::<B>() == TypeId::of::<Autodiff<crate::CudaCube>>() {
+        return true;
+    }
+    false
 }
 
 /// The product on CubeCL tensors with Burn's output allocation and broadcasting rules and cubek's launch: on CUDA
-/// autotuned over the kernels that keep f32; on other runtimes, which take this route only in tests (they have no
-/// TF32 to avoid), cubek's naive kernel: one small kernel for every kind of product, where autotuning (or a tiled
-/// kernel per operand layout) compiles thousands of lines per layout, which a software Vulkan driver takes seconds
-/// over.
-pub fn full_f32_matmul<R: CubeRuntime>(lhs: CubeTensor<R>, rhs: CubeTensor<R>) -> CubeTensor<R> {
+/// autotuned over the kernels that keep f32; on other runtimes cubek's naive kernel, with no autotuning: see the
+/// module documentation.
+pub fn own_matmul<R: CubeRuntime>(lhs: CubeTensor<R>, rhs: CubeTensor<R>) -> CubeTensor<R> {
     let out = init_matmul_output(&lhs, &rhs, lhs.dtype);
     if !is_cuda::<R>() {
         launch::<R>(&Strategy::Naive, lhs, rhs, out.clone()).expect("the naive matmul launches for any shape");

@@ -329,7 +329,7 @@ impl<B: Backend> Encoder<B> {
             x = block.resnets.iter().fold(x, |x, r| r.forward(x));
             for down in &block.downsamplers {
                 // diffusers pads one zero column right and one row below, then convolves with stride 2.
-                x = conv2d(&down.conv, x.pad((0, 1, 0, 1), burn::tensor::ops::PadMode::Constant(0.0)));
+                x = conv2d(&down.conv, crate::nn::pad_zeros(x, [0, 1, 0, 1]));
             }
         }
         let x = self.mid_block.forward(x);

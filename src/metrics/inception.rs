@@ -431,8 +431,8 @@ pub fn resize_bilinear<B: Backend>(x: Tensor<B, 4>, out_h: usize, out_w: usize) 
     let device = x.device();
     let ry: Tensor<B, 2> = Tensor::from_data(TensorData::new(interpolation_matrix(h, out_h), [out_h, h]), &device);
     let rx: Tensor<B, 2> = Tensor::from_data(TensorData::new(interpolation_matrix(w, out_w), [out_w, w]), &device);
-    let rows = ry.reshape([1, out_h, h]).matmul(x.reshape([n * c, h, w])); // [nc, out_h, w]
-    let both = rows.matmul(rx.transpose().reshape([1, w, out_w])); // [nc, out_h, out_w]
+    let rows = lfm_kernels::matmul::matmul(ry.reshape([1, out_h, h]), x.reshape([n * c, h, w])); // [nc, out_h, w]
+    let both = lfm_kernels::matmul::matmul(rows, rx.transpose().reshape([1, w, out_w])); // [nc, out_h, out_w]
     both.reshape([n, c, out_h, out_w])
 }
 

@@ -160,10 +160,21 @@ pub(crate) fn is_ndarray<B: Backend>() -> bool {
 }
 
 /// Whether lfm convolves by [`conv2d_im2col`] on `B` rather than with Burn's kernels: on ndarray (its backward is
-/// two matmuls, where Burn's is a direct loop) and on CUDA in full f32 (its product keeps f32, where Burn's
-/// convolution kernels would run TF32 on tensor cores).
+/// two matmuls, where Burn's is a direct loop), on CUDA in full f32 (its product keeps f32, where Burn's
+/// convolution kernels would run TF32 on tensor cores) and on a software wgpu adapter (slices and one small product
+/// kernel, where Burn's autotune compiles tiled and implicit-GEMM candidates per convolution: see
+/// [`lfm_kernels::matmul`]).
 fn convolves_by_im2col<B: Backend>() -> bool {
-    is_ndarray::<B>() || lfm_kernels::matmul::full_f32_applies::<B>()
+    is_ndarray::<B>() || lfm_kernels::matmul::own_route_applies::<B>()
+}
+
+/// `x` `[N, C, H, W]` with `[left, right, top, bottom]` zeros around each image, in `x`'s dtype. Burn 0.21's
+/// `Tensor::pad` builds the padded tensor in the default float dtype and copies `x` into it, which on wgpu turns an
+/// f16 input into garbage (read back as f32 bits).
+pub fn pad_zeros<B: Backend>(x: Tensor<B, 4>, [left, right, top, bottom]: [usize; 4]) -> Tensor<B, 4> {
+    let [n, c, h, w] = x.dims();
+    let padded = Tensor::zeros([n, c, top + h + bottom, left + w + right], (&x.device(), x.dtype()));
+    padded.slice_assign([0..n, 0..c, top..top + h, left..left + w], x)
 }
 
 /// The `kh·kw` windows of a (padded) `[N, C, H, W]` input that a `kh×kw` kernel with `stride` reads for an
@@ -179,8 +190,7 @@ pub fn windows<B: Backend>(x: Tensor<B, 4>, kernel: [usize; 2], stride: usize, o
     // Pad (bottom/right, never read) to whole multiples of the stride that hold every window.
     let th = h.max(s * ((kh - 1) / s + ho)).div_ceil(s) * s;
     let tw = w.max(s * ((kw - 1) / s + wo)).div_ceil(s) * s;
-    let x =
-        if (th, tw) != (h, w) { x.pad((0, tw - w, 0, th - h), burn::tensor::ops::PadMode::Constant(0.0)) } else { x };
+    let x = if (th, tw) != (h, w) { pad_zeros(x, [0, tw - w, 0, th - h]) } else { x };
     let phases = x.reshape([n, c, th / s, s, tw / s, s]);
     pairs
         .map(|(ky, kx)| {
@@ -226,7 +236,7 @@ pub fn conv2d_im2col<B: Backend>(
     let columns = if kh == 1 && kw == 1 && ph == 0 && pw == 0 && stride == 1 {
         x.reshape([n, c, h * w])
     } else {
-        let padded = if ph + pw > 0 { x.pad((pw, pw, ph, ph), burn::tensor::ops::PadMode::Constant(0.0)) } else { x };
+        let padded = if ph + pw > 0 { pad_zeros(x, [pw, pw, ph, ph]) } else { x };
         let shifts: Vec<Tensor<B, 4>> = windows(padded, [kh, kw], stride, [ho, wo])
             .into_iter()
             .map(|win| win.reshape([n, c, 1, ho * wo]))
@@ -310,8 +320,8 @@ fn gelu_tanh_f32(x: f32) -> f32 {
 }
 
 /// A `Linear` layer's forward pass followed by `activation`; [`cpu::linear`] on the CPU backend at inference (bias
-/// and activation fused into the GEMM's output blocks), lfm's full-f32 matmul on CUDA
-/// ([`lfm_kernels::matmul`]), Burn's own elsewhere.
+/// and activation fused into the GEMM's output blocks), lfm's own product where it applies (full f32 on CUDA, one
+/// small kernel on a software wgpu adapter: [`lfm_kernels::matmul`]), Burn's `Linear` elsewhere.
 pub fn linear<B: Backend, const D: usize>(
     layer: &burn::nn::Linear<B>,
     x: Tensor<B, D>,
@@ -322,7 +332,7 @@ pub fn linear<B: Backend, const D: usize>(
     if D >= 2 && cpu::applies(&x) && cpu::applies(&weight) {
         return cpu::linear(x, weight, bias(), activation);
     }
-    if D >= 2 && lfm_kernels::matmul::full_f32_applies::<B>() {
+    if D >= 2 && lfm_kernels::matmul::own_route_applies::<B>() {
         // Burn's `linear`: x·W with W `[in, out]` broadcast over the batch dimensions, then the bias.
         let y = lfm_kernels::matmul::matmul(x, weight.unsqueeze());
         let y = match bias() {

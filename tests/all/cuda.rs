@@ -55,7 +55,7 @@ fn full_f32_matmul_matches_f64_on_cuda() {
         "run without LFM_TF32=1: this test checks the default"
     );
     crate::kernels::full_f32_matmul_matches::<Cuda>(&device);
-    let burn_error = crate::kernels::burn_matmul_error::<Cuda>(&device);
+    let burn_error = crate::kernels::burn_matmul_error::<Cuda>(&crate::kernels::PRODUCTS, &device);
     eprintln!("Burn's own matmul (TF32 where cubek picks tensor cores): largest relative error {burn_error:.2e}");
 }
 

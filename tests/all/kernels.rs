@@ -94,12 +94,14 @@ fn rk_entry_points_fall_back_on_the_cpu() {
     error_ratios_match::<Cpu>(&cpu());
 }
 
-/// Attention shapes: DiT-S/B heads (64), DiT-XL's 72, the UNets' 32 and 128, token counts that are not a multiple
-/// of the 64-row query block or the key tile, one token, and more keys than queries.
+/// Attention shapes: DiT-S/B heads (64, key tiles of 32 rows), DiT-XL's 72 (tiles of 28) and the UNets' 128 (tiles of
+/// 16), token counts that are not a multiple of the 64-row query block or the key tile, one token, and more keys than
+/// queries. (The UNets' 32 runs the same code as 64, tiles of 32 rows included: on wgpu each head_dim is one more
+/// kernel to compile.)
 const ATTENTION: [([usize; 4], usize); 6] = [
     ([1, 1, 16, 64], 16),
     ([2, 3, 77, 72], 77),
-    ([1, 2, 130, 32], 130),
+    ([1, 2, 130, 64], 130),
     ([1, 1, 1, 128], 1),
     ([2, 2, 33, 64], 50),
     ([1, 4, 256, 72], 256),
@@ -127,6 +129,9 @@ pub(crate) fn attention_matches<B: Backend>(device: &B::Device) {
     }
 }
 
+/// The kernel is compiled once per head_dim (three here), each about 1.3 s of lavapipe's shader compiler with Mesa's
+/// cache warm and a few seconds cold; in `scripts/test`'s list of slow tests this one's time also counts the wait for
+/// the process's one device thread while the test beside it compiles.
 #[test]
 fn fused_attention_matches_burn_on_wgpu() {
     if let Some(device) = wgpu() {
@@ -223,7 +228,8 @@ pub(crate) fn fused_kernels_accumulate_in_f32<B: Backend>(device: &B::Device, dt
     assert_close(&format!("{dtype:?} linear combination"), &fused, &want, 2.0 * rel, 1e-3);
 }
 
-/// f16 storage with f32 accumulation, where the adapter has shader-f16.
+/// f16 storage with f32 accumulation, where the adapter has shader-f16. Two f16 kernels to compile (a few seconds
+/// on lavapipe, cold); as for the test above, its time in `scripts/test`'s list includes waiting for the device thread.
 #[test]
 fn fused_kernels_accumulate_f16_in_f32_on_wgpu() {
     let Some(device) = wgpu_with_f16() else { return };
@@ -233,23 +239,24 @@ fn fused_kernels_accumulate_f16_in_f32_on_wgpu() {
 /// The kinds of product the networks make, as `[lhs, rhs]` shapes: per-head batches with odd sizes (DiT-XL's head_dim
 /// 72), a weight broadcast over the batch, one row (vector·matrix; its gradients are a matrix·vector product and an
 /// outer product).
-const PRODUCTS: [([usize; 4], [usize; 4]); 3] =
+pub(crate) const PRODUCTS: [([usize; 4], [usize; 4]); 3] =
     [([2, 3, 33, 72], [2, 3, 72, 17]), ([2, 1, 16, 64], [1, 1, 64, 48]), ([1, 2, 1, 40], [1, 2, 40, 9])];
 
-/// `(lhs·rhs, d/dlhs, d/drhs)` of `Σ w ⊙ (lhs·rhs)` under `B`, through lfm's matmul with the full-f32 route as asked.
+/// `(lhs·rhs, d/dlhs, d/drhs)` of `Σ w ⊙ (lhs·rhs)` under `B`, through lfm's matmul, on its own route if `own`.
 fn matmul_and_gradients<B: burn::tensor::backend::AutodiffBackend>(
     [lhs, rhs, w]: [Tensor<B::InnerBackend, 4>; 3],
-    full_f32: bool,
+    own: bool,
 ) -> [Vec<f32>; 3] {
     let (lhs, rhs) = (Tensor::<B, 4>::from_inner(lhs).require_grad(), Tensor::<B, 4>::from_inner(rhs).require_grad());
-    let out = lfm_kernels::matmul::matmul_on(lhs.clone(), rhs.clone(), full_f32);
+    let out = lfm_kernels::matmul::matmul_on(lhs.clone(), rhs.clone(), own);
     let grads = (out.clone() * Tensor::from_inner(w)).sum().backward();
     [values(out.inner()), values(lhs.grad(&grads).expect("d lhs")), values(rhs.grad(&grads).expect("d rhs"))]
 }
 
-/// Inputs of each product of [`PRODUCTS`]: `[lhs, rhs, output weights]` from the test thread's generator.
-fn product_inputs<B: Backend>(device: &B::Device) -> Vec<[Tensor<B, 4>; 3]> {
-    PRODUCTS
+/// Inputs of each product of `products` (shapes as in [`PRODUCTS`]): `[lhs, rhs, output weights]` from the test
+/// thread's generator.
+fn product_inputs<B: Backend>(products: &[([usize; 4], [usize; 4])], device: &B::Device) -> Vec<[Tensor<B, 4>; 3]> {
+    products
         .iter()
         .map(|&(l, r)| {
             let out = [l[0].max(r[0]), l[1].max(r[1]), l[2], r[3]];
@@ -267,7 +274,7 @@ fn exact_product<B: Backend>(inputs: &[Tensor<B, 4>; 3]) -> [Vec<f32>; 3] {
 /// lfm's full-f32 matmul on `B` against the same products and gradients in f64 on the CPU, to 1e-5 of the largest
 /// value: f32 arithmetic meets it by two orders of magnitude, TF32 (10-bit mantissas) misses it by one.
 pub(crate) fn full_f32_matmul_matches<B: Backend>(device: &B::Device) {
-    for inputs in product_inputs::<B>(device) {
+    for inputs in product_inputs::<B>(&PRODUCTS, device) {
         let shapes = format!("{:?}·{:?}", inputs[0].dims(), inputs[1].dims());
         let exact = exact_product(&inputs);
         let full = matmul_and_gradients::<Autodiff<B>>(inputs, true);
@@ -277,11 +284,11 @@ pub(crate) fn full_f32_matmul_matches<B: Backend>(device: &B::Device) {
     }
 }
 
-/// The largest error of Burn's own matmul on `B` over [`PRODUCTS`], relative to each product's largest value (TF32
-/// where cubek picks tensor cores).
-pub(crate) fn burn_matmul_error<B: Backend>(device: &B::Device) -> f64 {
+/// The largest error of Burn's own matmul on `B` over `products` (shapes as in [`PRODUCTS`]), relative to each
+/// product's largest value (TF32 where cubek picks tensor cores).
+pub(crate) fn burn_matmul_error<B: Backend>(products: &[([usize; 4], [usize; 4])], device: &B::Device) -> f64 {
     let mut worst = 0f64;
-    for inputs in product_inputs::<B>(device) {
+    for inputs in product_inputs::<B>(products, device) {
         let exact = exact_product(&inputs);
         let burn = values(inputs[0].clone().matmul(inputs[1].clone()));
         let max = exact[0].iter().fold(0f64, |m, &x| m.max(f64::from(x).abs()));
@@ -291,10 +298,29 @@ pub(crate) fn burn_matmul_error<B: Backend>(device: &B::Device) -> f64 {
     worst
 }
 
+/// lfm's own product route on wgpu against f64, with its gradients. On a software adapter (lavapipe, here) the
+/// networks' products take that route, so Burn's autotuned matmul, which hardware adapters run, is checked here too,
+/// on the kind of product the linear layers make (one tuned shape: each costs lavapipe seconds of compiling).
 #[test]
-fn full_f32_matmul_matches_f64_on_wgpu() {
+fn own_matmul_matches_f64_on_wgpu() {
     if let Some(device) = wgpu() {
+        let software = !lfm::backend::wgpu_adapters().iter().any(|adapter| adapter.hardware);
+        assert_eq!(lfm_kernels::matmul::own_route_applies::<Wgpu>(), software);
+        assert_eq!(lfm_kernels::matmul::own_route_applies::<Autodiff<Wgpu>>(), software);
         full_f32_matmul_matches::<Wgpu>(&device);
+        if lfm::backend::Wgpu::supports_dtype(&device, DType::F16) {
+            // The route takes f16 too (f16 networks on a software adapter): against f64 products of the rounded
+            // inputs, within f16's output rounding.
+            for (l, r) in PRODUCTS.into_iter().chain([([1, 1, 8, 576], [2, 1, 576, 20])]) {
+                let [a, b] = [random::<Wgpu>(l, &device), random::<Wgpu>(r, &device)].map(|t| t.cast(DType::F16));
+                let exact = |t: &Tensor<Wgpu, 4>| Tensor::<Cpu, 4>::from_data(t.to_data(), &cpu()).cast(DType::F64);
+                let want = values(exact(&a).matmul(exact(&b)));
+                let got = values(lfm_kernels::matmul::matmul_on(a, b, true));
+                assert_close(&format!("f16 {l:?}·{r:?}"), &got, &want, 2e-3, 1e-3);
+            }
+        }
+        let burn_error = burn_matmul_error::<Wgpu>(&PRODUCTS[1..2], &device);
+        assert!(burn_error <= 1e-5, "Burn's matmul on wgpu is {burn_error:e} (relative) from f64");
     }
 }
 

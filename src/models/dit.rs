@@ -215,7 +215,8 @@ impl<B: Backend> TimestepEmbedder<B> {
     }
 }
 
-/// Class label → vector; the last row is the null class when label dropout is on.
+/// Class label → vector; the last row is the null class when label dropout is on (training drops labels on the
+/// host: [`crate::train::run::label_dropout`]).
 #[derive(Module, Debug)]
 pub struct LabelEmbedder<B: Backend> {
     /// The table.
@@ -223,19 +224,6 @@ pub struct LabelEmbedder<B: Backend> {
 }
 
 impl<B: Backend> LabelEmbedder<B> {
-    /// Training-time label dropout (the reference's `token_drop`): each label becomes the null class (the last
-    /// row) with probability `prob`.
-    pub fn drop_labels(&self, labels: Tensor<B, 1, Int>, prob: f64) -> Tensor<B, 1, Int> {
-        if prob <= 0.0 {
-            return labels;
-        }
-        let null = self.embedding_table.weight.dims()[0] as i64 - 1;
-        let n = labels.dims()[0];
-        let drop = Tensor::<B, 1>::random([n], burn::tensor::Distribution::Bernoulli(prob), &labels.device())
-            .greater_elem(0.5);
-        labels.mask_fill(drop, null)
-    }
-
     /// `[N] → [N, D]`.
     pub fn forward(&self, labels: Tensor<B, 1, Int>) -> Tensor<B, 2> {
         self.embedding_table.weight.val().select(0, labels)

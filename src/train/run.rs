@@ -367,11 +367,8 @@ pub fn train<B: Backend>(
             let first = step * settings.batch_size + rows.start;
             let mut rng_time = crate::noise::rng(settings.seed ^ TIME, step as u64);
             let times: Vec<f32> = (0..total).map(|_| rng_time.random::<f32>()).collect();
-            let dropped: Vec<bool> = match null_label {
-                Some((p, _)) => {
-                    let mut rng = crate::noise::rng(settings.seed ^ DROP, step as u64);
-                    (0..total).map(|_| rng.random_bool(p)).collect()
-                }
+            let dropped = match null_label {
+                Some((p, _)) => label_dropout(settings.seed, step, total, p),
                 None => vec![false; total],
             };
             // A node may have no rows of a batch smaller than the number of nodes; it still takes part in the sum.
@@ -511,6 +508,14 @@ pub fn train<B: Backend>(
         None => read_state(out_dir)?.ok_or_else(|| TrainError::Invalid("no step was taken".into()))?,
     };
     Ok(RunOutcome::Written(Box::new(state)))
+}
+
+/// DiT's label dropout for step `step` of a run seeded `seed`: which of the batch's `total` examples train with the
+/// null class (each with probability `p`, the reference's `token_drop`). Keyed by (seed, step) and the example's
+/// place in the whole batch, so a resumed run and every node of a multi-node run draw the same choices.
+pub fn label_dropout(seed: u64, step: usize, total: usize, p: f64) -> Vec<bool> {
+    let mut rng = crate::noise::rng(seed ^ DROP, step as u64);
+    (0..total).map(|_| rng.random_bool(p.clamp(0.0, 1.0))).collect()
 }
 
 /// Samples [`PREVIEW_SAMPLES`] images from the moving average (or the network, without one) with

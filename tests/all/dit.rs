@@ -150,18 +150,20 @@ fn named_sizes_have_the_reference_parameter_counts() {
     }
 }
 
+/// Training's label dropout: none at p = 0, all at p = 1, about half at p = 0.5; the same draws for the same (seed,
+/// step), whatever the batch is split into, and fresh ones at the next step.
 #[test]
-fn label_dropout_replaces_labels_by_the_null_row() {
-    let model = load::<Cpu>("dit_tiny_cond_cfg", "model.pth", &cpu());
-    let labels = || burn::tensor::Tensor::<Cpu, 1, burn::tensor::Int>::from_ints([0, 3, 9, 5, 1, 2, 7, 8], &cpu());
-    let int_values =
-        |t: burn::tensor::Tensor<Cpu, 1, burn::tensor::Int>| t.into_data().convert::<i64>().to_vec::<i64>().unwrap();
-    assert_eq!(int_values(model.y_embedder.drop_labels(labels(), 0.0)), vec![0, 3, 9, 5, 1, 2, 7, 8]);
-    assert_eq!(int_values(model.y_embedder.drop_labels(labels(), 1.0)), vec![10; 8]);
-    let half: Vec<i64> = (0..64).flat_map(|_| int_values(model.y_embedder.drop_labels(labels(), 0.5))).collect();
-    let dropped = half.iter().filter(|&&y| y == 10).count() as f64 / half.len() as f64;
-    assert!((dropped - 0.5).abs() < 0.08, "dropped {dropped:.3} of the labels with p = 0.5");
-    assert!(half.iter().all(|y| (0..=10).contains(y)));
+fn label_dropout_is_keyed_by_seed_and_step() {
+    use lfm::train::run::label_dropout;
+    assert!(label_dropout(7, 3, 64, 0.0).iter().all(|&d| !d));
+    assert!(label_dropout(7, 3, 64, 1.0).iter().all(|&d| d));
+    let half = label_dropout(7, 3, 4096, 0.5);
+    let share = half.iter().filter(|&&d| d).count() as f64 / half.len() as f64;
+    assert!((share - 0.5).abs() < 0.03, "dropped {share:.3} of the labels with p = 0.5");
+    assert_eq!(label_dropout(7, 3, 4096, 0.5), half, "a resumed step draws the same labels");
+    assert_eq!(label_dropout(7, 3, 100, 0.5)[..], half[..100], "draws depend on the place in the batch only");
+    assert_ne!(label_dropout(7, 4, 4096, 0.5), half, "the next step draws afresh");
+    assert_ne!(label_dropout(8, 3, 4096, 0.5), half, "another seed draws afresh");
 }
 
 #[test]

@@ -100,10 +100,25 @@ pub fn sample_batch<B: Backend>(
         return Err(SolverError::InvalidOptions(format!("the CFG scale {scale} must be a finite number ≥ 0")));
     }
     let device = input.noise.device();
-    let n = input.noise.dims()[0];
+    let [n, _, h, w] = input.noise.dims();
+    let invalid = |why: String| Err(SolverError::InvalidInput(why));
+    if let Some(labels) = input.labels.as_ref().filter(|y| y.len() != n) {
+        return invalid(format!("{} labels for a batch of {n}: give one label per sample", labels.len()));
+    }
+    if let Some([cn, _, ch, cw]) =
+        input.condition.as_ref().map(|c| c.dims()).filter(|c| [c[0], c[2], c[3]] != [n, h, w])
+    {
+        return invalid(format!(
+            "a condition of {cn}×{ch}×{cw} for a batch of {n}×{h}×{w}: one per sample, the latents' size"
+        ));
+    }
+    model.check_labels(input.labels.as_deref()).map_err(SolverError::InvalidInput)?;
+    let cfg = guidance.cfg_scale.filter(|&s| s > 1.0);
+    if cfg.is_some() && input.labels.is_some() && !model.supports_cfg() {
+        return invalid("this network has no classifier-free guidance (LFM defines none for the guided-diffusion UNet): sample without a CFG scale".into());
+    }
     let labels =
         input.labels.as_ref().map(|y| Tensor::<B, 1, Int>::from_data(TensorData::new(y.clone(), [n]), &device));
-    let cfg = guidance.cfg_scale.filter(|&s| s > 1.0);
     // The network on samples `range` of the batch (CFG doubles them with the null label); the network couples no
     // samples, so parts of the batch can be evaluated apart.
     let evaluate = |t: &Tensor<B, 1>, x: Tensor<B, 4>, range: Range<usize>| -> Tensor<B, 4> {
@@ -117,7 +132,7 @@ pub fn sample_batch<B: Backend>(
             (Some(scale), Some(y)) => {
                 let y = Tensor::cat(vec![y, Tensor::full([len], guidance.null_label, &device)], 0);
                 let doubled = Tensor::cat(vec![x.clone(), x], 0);
-                let out = model.forward_with_cfg(t.clone(), doubled, y, scale).expect("CFG support is checked first");
+                let out = model.forward_with_cfg(t.clone(), doubled, y, scale).expect("CFG support is checked above");
                 out.narrow(0, 0, len)
             }
             (_, labels) => model.forward(t.clone(), x, labels),

@@ -206,6 +206,10 @@ pub enum SolverError {
     /// The options do not make sense.
     #[error("invalid solver options: {0}")]
     InvalidOptions(String),
+    /// What was to be solved does not fit the velocity field (labels, conditions or guidance the network cannot
+    /// take).
+    #[error("invalid sampling input: {0}")]
+    InvalidInput(String),
     /// The evaluation budget ran out.
     #[error(
         "the solver needed more than {max_nfe} velocity evaluations (stopped at t = {t:.6} after {nfe}); \

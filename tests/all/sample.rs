@@ -471,21 +471,35 @@ fn gpu_runs_keep_kernel_caches_in_the_user_cache_folder() {
     assert!(!cache.join("lfm").exists(), "a cubecl.toml should leave the configuration to CubeCL");
 }
 
-/// The library refuses a NaN or negative guidance scale rather than sampling without guidance.
+/// The library refuses, with an error and before any evaluation, what would otherwise sample something else or panic
+/// mid-solve: a NaN, negative or infinite guidance scale (not silently unguided), labels that do not match the batch
+/// or the model, a condition of the wrong size, and guidance for a network that has none.
 #[test]
-fn sample_batch_refuses_a_non_finite_cfg_scale() {
+fn sample_batch_refuses_bad_guidance_and_inputs() {
+    use lfm::sample::{sample_batch, BatchInput, Guidance};
     let config = ModelConfig::Dit(crate::dit::config("dit_tiny_cond_cfg"));
     let model = lfm::models::VelocityModel::<Cpu>::init(&config, &cpu());
     let (c, side) = (config.channels().1, config.latent_size());
-    let input = lfm::sample::BatchInput {
-        noise: Tensor::zeros([2, c, side, side], &cpu()),
-        labels: Some(vec![0, 1]),
-        condition: None,
-    };
+    let noise = |n: usize| Tensor::<Cpu, 4>::zeros([n, c, side, side], &cpu());
+    let input = BatchInput { noise: noise(2), labels: Some(vec![0, 1]), condition: None };
     let options = lfm::solver::SolveOptions { method: lfm::solver::Method::Euler, ..Default::default() };
+    let unguided = Guidance { cfg_scale: None, null_label: 10 };
+    let refuse = |model: &lfm::models::VelocityModel<Cpu>, input: BatchInput<Cpu>, guidance: &Guidance, says: &str| {
+        let err = sample_batch(model, input, guidance, &options, &mut |_, _| panic!("evaluated")).unwrap_err();
+        assert!(err.to_string().contains(says), "{err}");
+    };
     for scale in [f64::NAN, -1.0, f64::INFINITY] {
-        let guidance = lfm::sample::Guidance { cfg_scale: Some(scale), null_label: 10 };
-        let err = lfm::sample::sample_batch(&model, input.clone(), &guidance, &options, &mut |_, _| {}).unwrap_err();
-        assert!(err.to_string().contains("CFG scale"), "{err}");
+        refuse(&model, input.clone(), &Guidance { cfg_scale: Some(scale), null_label: 10 }, "CFG scale");
     }
+    refuse(&model, BatchInput { labels: Some(vec![0]), ..input.clone() }, &unguided, "1 labels for a batch of 2");
+    refuse(&model, BatchInput { labels: Some(vec![0, 11]), ..input.clone() }, &unguided, "label 11 is out of range");
+    let condition = Some(noise(1));
+    refuse(&model, BatchInput { condition, ..input.clone() }, &unguided, "for a batch of 2");
+    let unet_config =
+        ModelConfig::GuidedUnet(lfm::models::UNetConfig { num_classes: Some(3), ..crate::unet::golden_config() });
+    let unet = lfm::models::VelocityModel::<Cpu>::init(&unet_config, &cpu());
+    let (c, side) = (unet_config.channels().1, unet_config.latent_size());
+    let input =
+        BatchInput { noise: Tensor::zeros([2, c, side, side], &cpu()), labels: Some(vec![0, 1]), condition: None };
+    refuse(&unet, input, &Guidance { cfg_scale: Some(1.5), null_label: 3 }, "no classifier-free guidance");
 }

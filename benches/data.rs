@@ -15,14 +15,14 @@ mod common;
 use std::time::Instant;
 
 use lfm::checkpoint::{write_safetensors, HostTensor, TensorMap};
+use lfm::data::latents::{CacheIndex, CachePlan, LatentStore, ShardEntry};
+use lfm::data::loader::{prepare, EpochOrder};
+use lfm::data::{open_images, Source};
 use lfm::image::{write_rgb, RgbImage};
-use lfm::train::data::{open_images, Source};
-use lfm::train::latents::{CacheIndex, CachePlan, LatentStore, ShardEntry};
-use lfm::train::loader::{prepare, EpochOrder};
+use lfm::tasks::{Task, TaskFiles};
 use lfm::train::nodes::{NodeGroup, NodeSpec};
 use lfm::train::run::RunSettings;
 use lfm::train::schedule::Schedule;
-use lfm::train::task::{Task, TaskFiles};
 
 fn settings(batch_size: usize) -> RunSettings {
     RunSettings {

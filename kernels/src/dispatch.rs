@@ -7,6 +7,7 @@
 //! checked downcast: no unsafe code, and any other backend (ndarray, fusion, autodiff) takes the plain-Burn path.
 
 use std::any::{Any, TypeId};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
 use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
@@ -24,6 +25,62 @@ pub type WgpuCube = burn_cubecl::CubeBackend<WgpuRuntime, f32, i32, u32>;
 /// lfm's CUDA backend type (CubeCL without fusion; f32, i32 indices, u8 booleans).
 #[cfg(feature = "cuda")]
 pub type CudaCube = burn_cubecl::CubeBackend<CudaRuntime, f32, i32, u8>;
+
+/// The backend families lfm tells apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// Burn's ndarray CPU backend.
+    NdArray,
+    /// CubeCL's wgpu runtime ([`WgpuCube`]).
+    Wgpu,
+    /// CubeCL's CUDA runtime (`CudaCube`, with the `cuda` feature).
+    Cuda,
+    /// Anything else (fusion, other runtimes): Burn's own ops throughout.
+    Other,
+}
+
+/// What a backend type is, decided once, here, from the type alone (exact `TypeId` comparisons: no name matching,
+/// no run-time probing): its family, and whether it is Burn's `Autodiff` over it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The family.
+    pub kind: BackendKind,
+    /// Whether `B` is `Autodiff` over the family's backend.
+    pub autodiff: bool,
+}
+
+/// The [`Capabilities`] of backend `B`.
+pub fn capabilities<B: Backend>() -> Capabilities {
+    use burn::backend::ndarray::{NdArray, NdArrayTensor};
+    use burn::backend::Autodiff;
+    fn primitive_of<X: Backend>() -> TypeId {
+        TypeId::of::<X::FloatTensorPrimitive>()
+    }
+    let (primitive, backend) = (primitive_of::<B>(), TypeId::of::<B>());
+    let found = |kind, autodiff| Capabilities { kind, autodiff };
+    // Every ndarray element type shares one tensor type; under autodiff, lfm's f32 and the tests' f64.
+    if primitive == TypeId::of::<NdArrayTensor>() {
+        return found(BackendKind::NdArray, false);
+    }
+    if primitive == primitive_of::<Autodiff<NdArray<f32>>>() || primitive == primitive_of::<Autodiff<NdArray<f64>>>() {
+        return found(BackendKind::NdArray, true);
+    }
+    if is_runtime::<B, WgpuRuntime>() {
+        return found(BackendKind::Wgpu, false);
+    }
+    if backend == TypeId::of::<Autodiff<WgpuCube>>() {
+        return found(BackendKind::Wgpu, true);
+    }
+    #[cfg(feature = "cuda")]
+    if is_runtime::<B, CudaRuntime>() {
+        return found(BackendKind::Cuda, false);
+    }
+    #[cfg(feature = "cuda")]
+    if backend == TypeId::of::<Autodiff<CudaCube>>() {
+        return found(BackendKind::Cuda, true);
+    }
+    found(BackendKind::Other, false)
+}
 
 /// Whether `B`'s float tensors are `CubeTensor<R>`.
 pub(crate) fn is_runtime<B: Backend, R: CubeRuntime>() -> bool {
@@ -46,9 +103,26 @@ pub fn cuda_kernels_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var(CUDA_KERNELS_VAR).is_ok_and(|v| v == "1"))
 }
 
-/// Whether this crate runs its CubeCL kernels for backend `B`: wgpu always, CUDA when
-/// [`cuda_kernels_enabled`].
+static KERNELS_ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Switches this crate's kernels (attention, the RK arithmetic) on or off for the whole process: the one setting
+/// behind `lfm sample --no-fused-kernels`. Off, every backend takes the plain-Burn expressions (the kernels' own
+/// oracle). On by default.
+pub fn set_kernels_enabled(enabled: bool) {
+    KERNELS_ENABLED.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether this crate's kernels are switched on ([`set_kernels_enabled`]).
+pub fn kernels_enabled() -> bool {
+    KERNELS_ENABLED.load(Ordering::Relaxed)
+}
+
+/// Whether this crate runs its CubeCL kernels for backend `B`: when they are switched on ([`kernels_enabled`]), on
+/// wgpu always, on CUDA when [`cuda_kernels_enabled`].
 pub fn has_kernels<B: Backend>() -> bool {
+    if !kernels_enabled() {
+        return false;
+    }
     #[cfg(feature = "cuda")]
     if is_runtime::<B, CudaRuntime>() {
         return cuda_kernels_enabled();
@@ -77,19 +151,21 @@ pub(crate) fn from_cube<B: Backend, R: CubeRuntime, const D: usize>(tensor: Cube
 }
 
 /// Runs `$body` with `$R` bound to the CubeCL runtime of backend `$B` when this crate runs its kernels there
-/// ([`has_kernels`]); evaluates to `None` otherwise.
+/// ([`has_kernels`]: switched on, and the runtime's); evaluates to `None` otherwise.
 macro_rules! with_runtime {
     ($B:ty, |$R:ident| $body:expr) => {{
         #[allow(unused_mut, unused_assignments)]
         let mut result = None;
+        let enabled = $crate::dispatch::kernels_enabled();
         #[cfg(feature = "cuda")]
-        if $crate::dispatch::is_runtime::<$B, $crate::dispatch::CudaRuntime>()
+        if enabled
+            && $crate::dispatch::is_runtime::<$B, $crate::dispatch::CudaRuntime>()
             && $crate::dispatch::cuda_kernels_enabled()
         {
             type $R = $crate::dispatch::CudaRuntime;
             result = Some($body);
         }
-        if result.is_none() && $crate::dispatch::is_runtime::<$B, $crate::dispatch::WgpuRuntime>() {
+        if enabled && result.is_none() && $crate::dispatch::is_runtime::<$B, $crate::dispatch::WgpuRuntime>() {
             type $R = $crate::dispatch::WgpuRuntime;
             result = Some($body);
         }

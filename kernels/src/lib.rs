@@ -16,6 +16,9 @@ pub mod matmul;
 pub mod rk;
 pub mod tableau;
 
-pub use dispatch::{cuda_kernels_enabled, has_kernels, memory_reserved, WgpuCube, WgpuRuntime, CUDA_KERNELS_VAR};
+pub use dispatch::{
+    capabilities, cuda_kernels_enabled, has_kernels, kernels_enabled, memory_reserved, set_kernels_enabled,
+    BackendKind, Capabilities, WgpuCube, WgpuRuntime, CUDA_KERNELS_VAR,
+};
 #[cfg(feature = "cuda")]
 pub use dispatch::{CudaCube, CudaRuntime};

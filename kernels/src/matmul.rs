@@ -87,10 +87,7 @@ pub fn full_f32_applies<B: Backend>() -> bool {
 /// Whether [`matmul`] runs lfm's own CubeCL route for backend `B`: CUDA in full f32 ([`full_f32_applies`]), or wgpu
 /// (directly or under `Autodiff`) on a software adapter ([`set_software_adapter`]).
 pub fn own_route_applies<B: Backend>() -> bool {
-    full_f32_applies::<B>()
-        || (software_adapter()
-            && (is_runtime::<B, crate::WgpuRuntime>()
-                || TypeId::of::<B>() == TypeId::of::<Autodiff<crate::WgpuCube>>()))
+    full_f32_applies::<B>() || (software_adapter() && crate::capabilities::<B>().kind == crate::BackendKind::Wgpu)
 }
 
 /// `lhs · rhs` over the last two dimensions (batch dimensions broadcast as in Burn): in full f32 on CUDA unless TF32
@@ -131,11 +128,7 @@ fn cube_matmul<B: Backend, R: CubeRuntime, const D: usize>(lhs: Tensor<B, D>, rh
 
 /// Whether `B` is CubeCL's CUDA backend, directly or under `Autodiff`.
 fn is_cuda_backend<B: Backend>() -> bool {
-    #[cfg(feature = "cuda")]
-    if is_runtime::<B, crate::CudaRuntime>() || TypeId::of::<B>() == TypeId::of::<Autodiff<crate::CudaCube>>() {
-        return true;
-    }
-    false
+    crate::capabilities::<B>().kind == crate::BackendKind::Cuda
 }
 
 /// The product on CubeCL tensors with Burn's output allocation and broadcasting rules and cubek's launch: on CUDA

@@ -5,15 +5,13 @@
 //! the older attention names (`query`, `key`, `value`, `proj_attn`) are renamed on load.
 
 use burn::module::Module;
-use burn::nn::conv::Conv2d;
-use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{HostTensor, KeyMap, TensorMap};
 use crate::nn::attention::attention;
 use crate::nn::init::{self, ConvSpec, Init};
-use crate::nn::{conv2d, linear, upsample_nearest_2x, Activation, GroupNorm};
+use crate::nn::{upsample_nearest_2x, Activation, Conv2d, GroupNorm, Linear};
 
 /// diffusers' GroupNorm epsilon in the VAE.
 const EPS: f64 = 1e-6;
@@ -217,10 +215,10 @@ impl<B: Backend> Resnet<B> {
 
     /// The residual block.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = conv2d(&self.conv1, self.norm1.forward_activated(x.clone(), Activation::Silu));
-        let h = conv2d(&self.conv2, self.norm2.forward_activated(h, Activation::Silu));
+        let h = self.conv1.forward(self.norm1.forward_activated(x.clone(), Activation::Silu));
+        let h = self.conv2.forward(self.norm2.forward_activated(h, Activation::Silu));
         match &self.conv_shortcut {
-            Some(conv) => conv2d(conv, x) + h,
+            Some(conv) => conv.forward(x) + h,
             None => x + h,
         }
     }
@@ -257,9 +255,9 @@ impl<B: Backend> SelfAttention<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [n, c, h, w] = x.dims();
         let tokens = self.group_norm.forward(x.clone()).reshape([n, c, h * w]).swap_dims(1, 2);
-        let head = |layer: &Linear<B>| linear(layer, tokens.clone(), Activation::None).unsqueeze_dim::<4>(1);
+        let head = |layer: &Linear<B>| layer.forward(tokens.clone()).unsqueeze_dim::<4>(1);
         let a = attention(head(&self.to_q), head(&self.to_k), head(&self.to_v)).squeeze_dim::<3>(1);
-        let out = linear(&self.to_out[0], a, Activation::None).swap_dims(1, 2).reshape([n, c, h, w]);
+        let out = self.to_out[0].forward(a).swap_dims(1, 2).reshape([n, c, h, w]);
         x + out
     }
 }
@@ -324,16 +322,16 @@ pub struct Encoder<B: Backend> {
 impl<B: Backend> Encoder<B> {
     /// `[N, 3, H, W] → [N, 2·latent, H/f, W/f]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let mut x = conv2d(&self.conv_in, x);
+        let mut x = self.conv_in.forward(x);
         for block in &self.down_blocks {
             x = block.resnets.iter().fold(x, |x, r| r.forward(x));
             for down in &block.downsamplers {
                 // diffusers pads one zero column right and one row below, then convolves with stride 2.
-                x = conv2d(&down.conv, crate::nn::pad_zeros(x, [0, 1, 0, 1]));
+                x = down.conv.forward(crate::nn::pad_zeros(x, [0, 1, 0, 1]));
             }
         }
         let x = self.mid_block.forward(x);
-        conv2d(&self.conv_out, self.conv_norm_out.forward_activated(x, Activation::Silu))
+        self.conv_out.forward(self.conv_norm_out.forward_activated(x, Activation::Silu))
     }
 }
 
@@ -355,14 +353,14 @@ pub struct Decoder<B: Backend> {
 impl<B: Backend> Decoder<B> {
     /// `[N, latent, h, w] → [N, 3, h·f, w·f]`.
     pub fn forward(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
-        let mut x = self.mid_block.forward(conv2d(&self.conv_in, z));
+        let mut x = self.mid_block.forward(self.conv_in.forward(z));
         for block in &self.up_blocks {
             x = block.resnets.iter().fold(x, |x, r| r.forward(x));
             for up in &block.upsamplers {
-                x = conv2d(&up.conv, upsample_nearest_2x(x));
+                x = up.conv.forward(upsample_nearest_2x(x));
             }
         }
-        conv2d(&self.conv_out, self.conv_norm_out.forward_activated(x, Activation::Silu))
+        self.conv_out.forward(self.conv_norm_out.forward_activated(x, Activation::Silu))
     }
 }
 
@@ -406,7 +404,7 @@ pub struct AutoencoderKL<B: Backend> {
 impl<B: Backend> AutoencoderKL<B> {
     /// `quant_conv(encoder(x))`: mean and raw log-variance stacked on the channels.
     pub fn moments(&self, images: Tensor<B, 4>) -> Tensor<B, 4> {
-        conv2d(&self.quant_conv, self.encoder.forward(images))
+        self.quant_conv.forward(self.encoder.forward(images))
     }
 
     /// The posterior of images in [-1, 1] (unscaled latents).
@@ -434,7 +432,7 @@ impl<B: Backend> AutoencoderKL<B> {
 
     /// Unscaled latents → images in about [-1, 1] (`vae.decode(z).sample`).
     pub fn decode_unscaled(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
-        self.decoder.forward(conv2d(&self.post_quant_conv, z))
+        self.decoder.forward(self.post_quant_conv.forward(z))
     }
 
     /// Loads diffusers-format weights (`diffusion_pytorch_model.safetensors` / `.bin`, old or new attention names).

@@ -6,13 +6,12 @@
 //! checkpoint keys (`3.conv.2.weight`). diffusers' `AutoencoderTiny` prefix (`encoder.layers.N`) is accepted too.
 
 use burn::module::Module;
-use burn::nn::conv::Conv2d;
 use burn::tensor::activation::relu;
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::checkpoint::{CheckpointError, KeyMap, TensorMap};
 use crate::nn::init::{self, ConvSpec, Init};
-use crate::nn::{conv2d, upsample_nearest_2x};
+use crate::nn::{upsample_nearest_2x, Activation, Conv2d};
 
 /// Width of every hidden layer.
 const WIDTH: usize = 64;
@@ -92,9 +91,10 @@ pub struct Block<B: Backend> {
 
 impl<B: Backend> Block<B> {
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = relu(conv2d(&self.conv[0], x.clone()));
-        let h = relu(conv2d(&self.conv[1], h));
-        relu(conv2d(&self.conv[2], h) + x)
+        // The ReLUs run fused into the convolutions on the CPU (the same values).
+        let h = self.conv[0].forward_activated(x.clone(), Activation::Relu);
+        let h = self.conv[1].forward_activated(h, Activation::Relu);
+        relu(self.conv[2].forward(h) + x)
     }
 }
 
@@ -165,7 +165,7 @@ impl<B: Backend> Half<B> {
                 Upsample => upsample_nearest_2x(x),
                 Clamp => x.div_scalar(3.0).tanh().mul_scalar(3.0),
                 _ => match layers.next().expect("one layer per parameter op") {
-                    Layer::Conv(conv) => conv2d(conv, x),
+                    Layer::Conv(conv) => conv.forward(x),
                     Layer::Block(block) => block.forward(x),
                 },
             };

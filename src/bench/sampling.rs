@@ -10,7 +10,7 @@ use super::SEED;
 use crate::checkpoint::{collect_weights, HostTensor, TensorMap};
 use crate::models::dit::dit_keys;
 use crate::models::{DiTConfig, ModelConfig, Precision};
-use crate::sample::{noise, sample_batch, BatchInput, Guidance};
+use crate::sample::{noise, sample_batch, BatchInput};
 use crate::solver::{Grid, Method, SolveOptions};
 
 /// What to benchmark.
@@ -121,9 +121,8 @@ pub fn bench_sampling<B: Backend>(
                         labels: None,
                         condition: None,
                     };
-                    let guidance = Guidance { cfg_scale: None, null_label: 0 };
-                    let out = sample_batch(&model, input, &guidance, &solve_options, &mut |_, _| {})
-                        .map_err(|e| e.to_string())?;
+                    let out =
+                        sample_batch(&model, input, None, &solve_options, &mut |_, _| {}).map_err(|e| e.to_string())?;
                     // GPU backends queue work asynchronously: the clock stops at the read-back.
                     let _: f32 = out.latents.clone().sum().into_scalar().elem();
                     Ok((out.stats.nfe, start.elapsed().as_secs_f64(), out.latents))

@@ -176,7 +176,7 @@ fn dataset_images(
     class_folders: bool,
     max_images: Option<usize>,
 ) -> anyhow::Result<DatasetImages> {
-    use crate::train::data::{open_images, read_images, Source};
+    use crate::data::{open_images, read_images, Source};
     let source = open_images(path, size, class_folders, max_images).map_err(|e| anyhow::anyhow!(e))?;
     let Source::Images { items, labels, .. } = source else { anyhow::bail!("{}: expected images", path.display()) };
     let read = read_images(&items, 0..items.len(), size);

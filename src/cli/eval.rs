@@ -8,28 +8,27 @@
 //! size); lfm uses the same 2015 Inception weights through pytorch-fid's network (299² bilinear resize) and
 //! pytorch-fid's FID (covariances with N − 1), so its numbers are comparable but not digit-identical.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use burn::tensor::backend::Backend;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::conditioning::{read_inpaint, MASKED_IMAGE_NOISE};
 use super::ModelSource;
 use crate::autoencoder::{Autoencoder, AutoencoderWeights};
 use crate::backend::{self, BackendChoice, OnBackend};
 use crate::checkpoint::TensorMap;
-use crate::image::{read_rgb, write_rgb};
-use crate::inpaint::{self, composite, hole_tensor, masked_images};
+use crate::image::read_rgb;
 use crate::metrics::features::{image_files, FeatureExtractor};
 use crate::metrics::fid::{frechet_distance, Accumulator};
-use crate::metrics::ids::{inpainting_ids, Ids};
 use crate::metrics::inception::FEATURE_DIM;
-use crate::models::conditioning::{class_shares, SpatialRescaler};
 use crate::models::{weights_and_config, ModelConfig, VelocityModel};
-use crate::sample::{noise, sample_batch, BatchInput, Guidance, Summary};
+use crate::sample::pipeline::{Features, ImageFiles};
+use crate::sample::{Conditions, Plan, Progress, Summary};
 use crate::solver::SolveOptions;
-use crate::train::task::read_segmentation;
+use crate::tasks::condition::ConditionBuilder;
+use crate::tasks::ids::{inpainting_ids, Ids};
 
 /// Arguments of `lfm eval`.
 #[derive(Debug, Args)]
@@ -162,11 +161,12 @@ impl Inputs {
         }
     }
 
-    /// The file whose name sample `i` is written under.
-    fn name_of(&self, i: usize) -> &std::path::Path {
+    /// The names the samples are written under: their inputs' file stems.
+    fn names(&self) -> Vec<OsString> {
+        let stem = |p: &PathBuf| p.file_stem().map(|s| s.to_os_string()).unwrap_or_default();
         match self {
-            Self::Inpaint { pairs, .. } => &pairs[i].0,
-            Self::Semantic { maps, .. } => &maps[i],
+            Self::Inpaint { pairs, .. } => pairs.iter().map(|(image, _)| stem(image)).collect(),
+            Self::Semantic { maps, .. } => maps.iter().map(stem).collect(),
         }
     }
 }
@@ -196,11 +196,8 @@ impl OnBackend for Job {
         let model = VelocityModel::<B>::load(&self.config, &self.weights, &device)?;
         let ae = self.autoencoder.load::<B>(&device)?;
         let extractor = FeatureExtractor::<B>::load(&self.inception, &device)?;
-        let side = self.config.latent_size();
         let (c_in, c_out) = self.config.channels();
         ae.check_fits(c_out).map_err(|e| anyhow::anyhow!(e))?;
-        let f = ae.factor();
-        let size = side * f;
         let (task, extra) = match &self.inputs {
             Inputs::Inpaint { .. } => ("an inpainting model", c_out + 1),
             Inputs::Semantic { .. } => ("a semantic-synthesis model", c_out),
@@ -210,88 +207,44 @@ impl OnBackend for Job {
             "the model reads {c_in} channels; {task} reads {} ({c_out} latent + {extra} condition)",
             c_out + extra
         );
-        let rescaler = match &self.inputs {
+        let builder = ConditionBuilder::new(&self.config, Some(&ae), &device);
+        let builder = match &self.inputs {
             Inputs::Semantic { rescaler, .. } => {
-                let r = SpatialRescaler::<B>::load(rescaler, f.trailing_zeros() as usize, &device)?;
-                anyhow::ensure!(
-                    r.channel_mapper.weight.dims()[0] == c_out,
-                    "the projection in --cond-checkpoint makes {} channels; the model takes {c_out}",
-                    r.channel_mapper.weight.dims()[0]
-                );
-                Some(r)
+                builder.with_rescaler(rescaler, ae.factor()).map_err(|e| anyhow::anyhow!("--cond-checkpoint: {e}"))?
             }
-            Inputs::Inpaint { .. } => None,
+            Inputs::Inpaint { .. } => builder,
         };
-        let guidance = Guidance { cfg_scale: None, null_label: 0 };
+        let conditions = match &self.inputs {
+            Inputs::Inpaint { pairs, mask_white_is_hole } => {
+                Conditions::Inpaint { pairs, white_is_hole: *mask_white_is_hole, builder: &builder }
+            }
+            Inputs::Semantic { maps, .. } => Conditions::Semantic { maps, builder: &builder },
+        };
         let n = self.inputs.len();
+        let plan = Plan {
+            autoencoder: Some(&ae),
+            solve: self.solve.clone(),
+            batch_size: args.batch_size,
+            seed: args.seed,
+            classes: None,
+            ..Plan::new(&model, n)
+        };
         let progress = ProgressBar::new(n as u64);
         progress.set_style(
             ProgressStyle::with_template("evaluating {bar:30} {pos}/{len} images {msg} [{elapsed} < {eta}]")
                 .expect("valid template"),
         );
-        let (mut real, mut fake, mut summary) = (Vec::new(), Vec::new(), Summary::default());
-        let batch = args.batch_size.max(1);
-        for first in (0..n).step_by(batch) {
-            let count = batch.min(n - first);
-            // The condition, and (inpainting) the originals with their holes for the composite.
-            let (condition, originals) = match &self.inputs {
-                Inputs::Inpaint { pairs, mask_white_is_hole } => {
-                    let inputs = pairs[first..first + count]
-                        .iter()
-                        .map(|(image, mask)| {
-                            let input = read_inpaint(image, mask, *mask_white_is_hole)?;
-                            anyhow::ensure!(
-                                (input.image.width, input.image.height) == (size, size),
-                                "{} is {}×{}; the model's {side}×{side} latent decodes to {size}×{size}",
-                                image.display(),
-                                input.image.width,
-                                input.image.height
-                            );
-                            Ok(input)
-                        })
-                        .collect::<anyhow::Result<Vec<_>>>()?;
-                    let images: Vec<_> = inputs.iter().map(|i| i.image.clone()).collect();
-                    let holes: Vec<f32> = inputs.iter().flat_map(|i| i.hole.iter().copied()).collect();
-                    let hole = hole_tensor::<B>(holes, count, (size, size), &device);
-                    let x = crate::image::to_tensor::<B>(&images, &device)?;
-                    let eps = noise::<B>(args.seed ^ MASKED_IMAGE_NOISE, first, count, [c_out, side, side], &device);
-                    let latent = ae.encode(masked_images(x, hole.clone()), Some(eps));
-                    (inpaint::condition(latent, hole, f), Some(inputs))
-                }
-                Inputs::Semantic { maps, .. } => {
-                    let rescaler = rescaler.as_ref().expect("semantic inputs load the projection");
-                    let classes = rescaler.classes();
-                    let maps = maps[first..first + count]
-                        .iter()
-                        .map(|map| read_segmentation(map, size, false, classes))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    let shares = class_shares::<B>(&maps, size, f, classes, &device).map_err(|e| anyhow::anyhow!(e))?;
-                    (rescaler.project(shares), None)
-                }
-            };
-            let x1 = noise::<B>(args.seed, first, count, [c_out, side, side], &device);
-            let input = BatchInput { noise: x1, labels: None, condition: Some(condition) };
-            let mut on_eval = |t: f64, nfe: usize| progress.set_message(format!("t={t:.4} nfe={nfe}"));
-            let out = sample_batch(&model, input, &guidance, &self.solve, &mut on_eval)?;
-            summary.add(count, &out.stats, out.seconds);
-            let mut images = crate::image::from_tensor(ae.decode_sliced(out.latents, 4));
-            if let Some(inputs) = &originals {
-                for (image, input) in images.iter_mut().zip(inputs) {
-                    composite(image, &input.image, &input.hole);
-                }
-                let originals: Vec<_> = inputs.iter().map(|i| i.image.clone()).collect();
-                real.extend(extractor.features(&originals)?);
-            }
-            for (k, image) in images.iter().enumerate() {
-                let name = self.inputs.name_of(first + k).file_stem().map(|s| s.to_os_string()).unwrap_or_default();
-                write_rgb(&args.out.join(name).with_extension("png"), image)?;
-            }
-            fake.extend(extractor.features(&images)?);
-            progress.inc(count as u64);
-        }
+        let mut files = ImageFiles::named(&args.out, self.inputs.names());
+        let mut features = Features::new(&extractor);
+        let summary =
+            crate::sample::run(&plan, &conditions, &mut [&mut files, &mut features], &mut |event| match event {
+                Progress::Evaluation { t, nfe } => progress.set_message(format!("t={t:.4} nfe={nfe}")),
+                Progress::Batch { done } => progress.set_position(done as u64),
+            })?;
         progress.finish_and_clear();
+        let (mut real, fake) = (features.originals, features.generated);
         if let Inputs::Semantic { real: files, .. } = &self.inputs {
-            for chunk in files.chunks(batch) {
+            for chunk in files.chunks(args.batch_size.max(1)) {
                 let images = chunk.iter().map(|p| read_rgb(p)).collect::<Result<Vec<_>, _>>()?;
                 real.extend(extractor.features(&images)?);
             }
@@ -354,7 +307,7 @@ fn evaluate(
 ) -> anyhow::Result<()> {
     let inception = args.inception.weights()?;
     // Solver flags the solver would ignore are refused before any weights are read.
-    let solve = args.solve.options(true)?;
+    let solve = args.solve.options()?;
     let n = inputs.len();
     anyhow::ensure!(n >= 2, "FID needs at least 2 images");
     let metrics_path = args.out.join("metrics.json");

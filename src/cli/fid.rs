@@ -7,11 +7,11 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backend::{self, BackendChoice, OnBackend};
+use crate::data::ImageItem;
 use crate::metrics::features::{FeatureExtractor, FidInput};
 use crate::metrics::fid::{frechet_distance, Statistics};
 use crate::metrics::inception::WEIGHTS_HELP;
 use crate::metrics::stats_file::{read_statistics, write_npz};
-use crate::train::data::ImageItem;
 
 /// Where the FID Inception weights are.
 #[derive(Debug, Args)]

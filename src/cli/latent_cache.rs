@@ -1,5 +1,5 @@
 //! `lfm encode --data DATASET --out DIR`: the sharded latent cache that `lfm train --latents DIR` reads (see
-//! [`crate::train::latents`] for the layout).
+//! [`crate::data::latents`] for the layout).
 
 use std::path::PathBuf;
 
@@ -9,12 +9,12 @@ use super::autoencode::{encode_images, progress, EncodeArgs};
 use crate::autoencoder::{AnyAutoencoder, Autoencoder, AutoencoderWeights};
 use crate::backend::{self, BackendChoice, OnBackend};
 use crate::checkpoint::{write_safetensors, HostTensor};
-use crate::train::data::{read_images, ReadableImages};
-use crate::train::latents::{CacheIndex, CachePlan, ShardEntry, INDEX_FILE};
+use crate::data::latents::{CacheIndex, CachePlan, ShardEntry, INDEX_FILE};
+use crate::data::{read_images, ReadableImages};
 
 /// `lfm encode --data DATASET --out DIR` (any name but `*.safetensors`): the sharded cache.
 pub(super) fn encode_cache(args: EncodeArgs, data: &std::path::Path, choice: BackendChoice) -> anyhow::Result<()> {
-    use crate::train::data::{open_images, Source};
+    use crate::data::{open_images, Source};
     anyhow::ensure!(!args.out.is_file(), "{} is a file; a latent cache is a folder", args.out.display());
     let source =
         open_images(data, args.image_size, args.class_folders, args.max_images).map_err(|e| anyhow::anyhow!(e))?;
@@ -63,7 +63,7 @@ fn absolute(path: &std::path::Path) -> String {
 /// then the index), so that memory holds one shard and an interrupted run resumes at its first missing shard.
 struct EncodeCache {
     weights: AutoencoderWeights,
-    items: Vec<crate::train::data::ImageItem>,
+    items: Vec<crate::data::ImageItem>,
     labels: Option<Vec<i64>>,
     dir: PathBuf,
     plan: CachePlan,

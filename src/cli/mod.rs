@@ -2,7 +2,6 @@
 
 mod autoencode;
 mod bench;
-mod conditioning;
 mod devices;
 mod eval;
 mod fid;
@@ -48,7 +47,7 @@ pub struct SolverArgs {
 impl SolverArgs {
     /// The solver's options (dopri5 unless --solver says otherwise). Refuses flags the chosen solver would ignore:
     /// a grid for the adaptive solver, tolerances for a fixed-step one.
-    pub fn options(&self, fused_kernels: bool) -> anyhow::Result<SolveOptions> {
+    pub fn options(&self) -> anyhow::Result<SolveOptions> {
         let method = self.solver.unwrap_or(Method::Dopri5);
         let grid_flag = if self.steps.is_some() { Some("--steps") } else { self.step_size.map(|_| "--step-size") };
         let tolerance_flag = if self.rtol.is_some() { Some("--rtol") } else { self.atol.map(|_| "--atol") };
@@ -77,7 +76,6 @@ impl SolverArgs {
                 (None, None) => Grid::StepSize(0.01),
             },
             max_nfe: Some(self.max_nfe),
-            fused_kernels,
             ..defaults
         })
     }
@@ -259,5 +257,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::FidStats(args) => fid::fid_stats(args, cli.backend),
         Command::Eval(args) => eval::run(args, cli.backend),
         Command::Bench(args) => bench::run(args, cli.backend),
+    }
+    .map_err(with_flag_hints)
+}
+
+/// The library's errors name its options; at the command line, also name the flags that set them.
+fn with_flag_hints(error: anyhow::Error) -> anyhow::Error {
+    let budget = error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<crate::solver::SolverError>(),
+            Some(crate::solver::SolverError::MaxNfeExceeded { .. })
+        ) || matches!(
+            cause.downcast_ref::<crate::sample::SampleError>(),
+            Some(crate::sample::SampleError::Solver(crate::solver::SolverError::MaxNfeExceeded { .. }))
+        )
+    });
+    match budget {
+        true => error.context(
+            "the sampling budget ran out: raise --max-nfe, loosen --rtol/--atol, or use a fixed-step --solver",
+        ),
+        false => error,
     }
 }

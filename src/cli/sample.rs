@@ -3,25 +3,25 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::backend::Backend;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::conditioning::Condition;
 use super::ModelSource;
-use crate::autoencoder::{Autoencoder, AutoencoderWeights};
+use crate::autoencoder::AutoencoderWeights;
 use crate::backend::{self, BackendChoice, OnBackend};
 use crate::checkpoint::{read_safetensors, write_safetensors, HostTensor, TensorMap};
-use crate::image::{grid, write_rgb, RgbImage};
-use crate::inpaint::composite;
+use crate::data::ImageItem;
+use crate::image::write_rgb;
 use crate::metrics::features::{FeatureExtractor, FidInput};
-use crate::metrics::fid::{frechet_distance, Accumulator, Statistics};
+use crate::metrics::fid::{frechet_distance, Statistics};
 use crate::metrics::inception::FEATURE_DIM;
 use crate::metrics::stats_file::read_statistics;
 use crate::models::{weights_and_config, ConfigChoice, ModelConfig, Precision, Preset, VelocityModel};
-use crate::sample::{labels, noise, sample_batch, BatchInput, ClassChoice, Guidance, Summary};
+use crate::sample::pipeline::{FidScore, ImageFiles, ImageGrid, Latents};
+use crate::sample::{ClassChoice, Conditions, GivenNoise, Plan, Progress, Sink, Summary};
 use crate::solver::SolveOptions;
-use crate::train::data::ImageItem;
+use crate::tasks::condition::{read_inpaint, ConditionBuilder, InpaintInput, SegmentationMap};
 
 /// Samples drawn when `-n` is not given (for a checkpoint).
 const DEFAULT_SAMPLES: usize = 16;
@@ -141,13 +141,41 @@ struct FidJob {
     batch_size: usize,
 }
 
+/// What `--image/--mask` or `--segmentation/--cond-checkpoint` condition every sample on, read on the host.
+#[derive(Default)]
+struct HostCondition {
+    inpaint: Option<InpaintInput>,
+    /// The map and the projection's weights.
+    semantic: Option<(SegmentationMap, TensorMap)>,
+}
+
+impl HostCondition {
+    fn read(args: &SampleArgs) -> anyhow::Result<Self> {
+        let inpaint = match (&args.image, &args.mask) {
+            (Some(image), Some(mask)) => Some(read_inpaint(image, mask, args.mask_white_is_hole)?),
+            _ => None,
+        };
+        let semantic = match (&args.segmentation, &args.cond_checkpoint) {
+            (Some(map), Some(weights)) => {
+                Some((SegmentationMap::read(map)?, crate::checkpoint::read_weights(weights)?.tensors))
+            }
+            _ => None,
+        };
+        Ok(Self { inpaint, semantic })
+    }
+
+    fn is_none(&self) -> bool {
+        self.inpaint.is_none() && self.semantic.is_none()
+    }
+}
+
 struct Job {
     fid: Option<FidJob>,
-    condition: Condition,
+    condition: HostCondition,
     config: ModelConfig,
     weights: TensorMap,
     autoencoder: Option<AutoencoderWeights>,
-    noise: Option<(HostTensor, Option<Vec<i64>>)>,
+    noise: Option<GivenNoise>,
     args: SampleArgs,
     cfg_scale: Option<f64>,
     solve: SolveOptions,
@@ -156,9 +184,8 @@ struct Job {
 /// What a run produced.
 struct Output {
     summary: Summary,
-    latents: HostTensor,
-    labels: Option<Vec<i64>>,
-    images: Vec<RgbImage>,
+    latents: Latents,
+    grid: ImageGrid,
     fid: Option<f64>,
 }
 
@@ -180,100 +207,74 @@ impl OnBackend for Job {
         let model = VelocityModel::<B>::load(&self.config, &self.weights, &device)?.with_precision(args.precision);
         let autoencoder = self.autoencoder.as_ref().map(|w| w.load::<B>(&device)).transpose()?;
         let side = self.config.latent_size();
-        let c_out = self.config.channels().1;
-        if let Some(ae) = &autoencoder {
-            ae.check_fits(c_out).map_err(|e| anyhow::anyhow!(e))?;
-        }
-        let n = self.noise.as_ref().map_or(args.num_samples.unwrap_or(DEFAULT_SAMPLES), |(x1, _)| x1.shape[0]);
-        let classes = model.classes();
-        let guidance = Guidance { cfg_scale: self.cfg_scale, null_label: model.null_label().unwrap_or(0) };
-        let condition = self.condition.tensor::<B>(autoencoder.as_ref(), &self.config, args.seed, &device)?;
+        // The condition every sample shares, built by the one condition builder.
+        let builder = ConditionBuilder::new(&self.config, autoencoder.as_ref(), &device);
+        let builder = match &self.condition.semantic {
+            Some((map, weights)) => builder.with_rescaler(weights, (map.side / side).max(1))?,
+            None => builder,
+        };
+        let conditions = match &self.condition {
+            HostCondition { inpaint: Some(input), .. } => Conditions::Shared {
+                condition: builder.inpainting(std::slice::from_ref(input), args.seed, 0)?,
+                inpainted: Some(input),
+            },
+            HostCondition { semantic: Some((map, _)), .. } => {
+                Conditions::Shared { condition: builder.semantic(std::slice::from_ref(map))?, inpainted: None }
+            }
+            _ => Conditions::None,
+        };
         // FID: the reference statistics first (a folder is scored here), then features of every decoded batch.
-        let mut fid = match &self.fid {
-            Some(job) => {
-                let extractor = FeatureExtractor::<B>::load(&job.weights, &device)?;
-                let reference = match &job.reference {
-                    FidReference::Statistics(s) => s.clone(),
-                    FidReference::Images(items) => {
-                        tracing::info!("FID reference: Inception features of {} images", items.len());
-                        extractor.statistics_of_items(items, job.batch_size, |_| {})?
-                    }
-                };
-                Some((extractor, reference, Accumulator::new(FEATURE_DIM)))
-            }
-            None => None,
+        let extractor = self.fid.as_ref().map(|job| FeatureExtractor::<B>::load(&job.weights, &device)).transpose()?;
+        let reference = match (&self.fid, &extractor) {
+            (Some(job), Some(extractor)) => Some(match &job.reference {
+                FidReference::Statistics(s) => s.clone(),
+                FidReference::Images(items) => {
+                    tracing::info!("FID reference: Inception features of {} images", items.len());
+                    extractor.statistics_of_items(items, job.batch_size, |_| {})?
+                }
+            }),
+            _ => None,
         };
-        let keep_latents = args.save_latents.is_some();
-        let progress = bar(n);
-        let mut summary = Summary::default();
-        let mut latents = Vec::with_capacity(n * c_out * side * side);
-        let mut all_labels = classes.map(|_| Vec::with_capacity(n));
-        let mut images = Vec::new();
-        let batch = args.batch_size.unwrap_or(DEFAULT_BATCH).max(1);
-        for first in (0..n).step_by(batch) {
-            let count = batch.min(n - first);
-            let x1 = match &self.noise {
-                Some((x1, _)) => {
-                    let per = x1.numel() / x1.shape[0];
-                    let values = x1.to_f32()[first * per..(first + count) * per].to_vec();
-                    let shape = [count, x1.shape[1], x1.shape[2], x1.shape[3]];
-                    Tensor::from_data(TensorData::new(values, shape).convert::<B::FloatElem>(), &device)
-                }
-                None => noise::<B>(args.seed, first, count, [c_out, side, side], &device),
-            };
-            let batch_labels = match (classes, &self.noise) {
-                (None, _) => None,
-                (Some(_), Some((_, Some(y)))) => Some(y[first..first + count].to_vec()),
-                (Some(k), _) => Some(labels(args.class.unwrap_or(ClassChoice::Random), k, args.seed, first, count)),
-            };
-            model.check_labels(batch_labels.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
-            if let (Some(all), Some(y)) = (all_labels.as_mut(), &batch_labels) {
-                all.extend_from_slice(y);
-            }
-            let condition = condition.clone().map(|c| c.repeat_dim(0, count));
-            let input = BatchInput { noise: x1, labels: batch_labels, condition };
-            let mut on_eval = |t: f64, nfe: usize| progress.set_message(format!("t={t:.4} nfe={nfe}"));
-            let out = sample_batch(&model, input, &guidance, &self.solve, &mut on_eval)?;
-            summary.add(count, &out.stats, out.seconds);
-            if let Some(ae) = &autoencoder {
-                let decoded = ae.decode_sliced(out.latents.clone(), args.decode_batch);
-                let mut batch_images = crate::image::from_tensor(decoded);
-                if let Some(inpaint) = &self.condition.inpaint {
-                    for image in &mut batch_images {
-                        composite(image, &inpaint.image, &inpaint.hole);
-                    }
-                }
-                if let Some(dir) = &args.out_dir {
-                    for (i, image) in batch_images.iter().enumerate() {
-                        write_rgb(&dir.join(format!("{:05}.{}", first + i, args.format)), image)?;
-                    }
-                }
-                if let Some((extractor, _, acc)) = fid.as_mut() {
-                    extractor.accumulate(&batch_images, acc)?;
-                }
-                if args.grid.is_some() {
-                    images.extend(batch_images);
-                }
-            }
-            // 50,000 FID samples need not keep their latents.
-            if keep_latents {
-                latents.extend(HostTensor::from_tensor(out.latents).to_f32());
-            }
-            progress.inc(count as u64);
+        let n = self.noise.as_ref().map_or(args.num_samples.unwrap_or(DEFAULT_SAMPLES), |g| g.x1.shape[0]);
+        let plan = Plan {
+            autoencoder: autoencoder.as_ref(),
+            solve: self.solve.clone(),
+            cfg_scale: self.cfg_scale,
+            batch_size: args.batch_size.unwrap_or(DEFAULT_BATCH),
+            decode_batch: args.decode_batch,
+            seed: args.seed,
+            classes: Some(args.class.unwrap_or(ClassChoice::Random)),
+            noise: self.noise.as_ref(),
+            ..Plan::new(&model, n)
+        };
+        let (mut latents, mut grid) = (Latents::default(), ImageGrid::default());
+        let mut files = args.out_dir.as_ref().map(|dir| ImageFiles::numbered(dir, &args.format));
+        let mut fid = extractor.as_ref().map(FidScore::new);
+        let mut sinks: Vec<&mut dyn Sink<B>> = Vec::new();
+        // 50,000 FID samples need not keep their latents nor their images.
+        if args.save_latents.is_some() {
+            sinks.push(&mut latents);
         }
+        if args.grid.is_some() {
+            sinks.push(&mut grid);
+        }
+        if let Some(files) = files.as_mut() {
+            sinks.push(files);
+        }
+        if let Some(fid) = fid.as_mut() {
+            sinks.push(fid);
+        }
+        let progress = bar(n);
+        let summary = crate::sample::run(&plan, &conditions, &mut sinks, &mut |event| match event {
+            Progress::Evaluation { t, nfe } => progress.set_message(format!("t={t:.4} nfe={nfe}")),
+            Progress::Batch { done } => progress.set_position(done as u64),
+        })?;
         progress.finish_and_clear();
-        let fid = match fid {
-            Some((_, reference, acc)) => Some(frechet_distance(&acc.finish()?, &reference)?),
-            None => None,
+        let fid = match (fid, reference) {
+            (Some(fid), Some(reference)) => Some(frechet_distance(&fid.statistics()?, &reference)?),
+            _ => None,
         };
-        let latents = if keep_latents { latents } else { Vec::new() };
-        Ok(Output {
-            fid,
-            summary,
-            latents: HostTensor::f32(if keep_latents { vec![n, c_out, side, side] } else { vec![0] }, latents),
-            labels: all_labels,
-            images,
-        })
+        Ok(Output { fid, summary, latents, grid })
     }
 }
 
@@ -322,9 +323,10 @@ pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result
         let n = args.num_samples.unwrap_or(DEFAULT_SAMPLES);
         args.class = Some(ClassChoice::Rows(args.nrow.unwrap_or_else(|| (n as f64).sqrt().ceil() as usize)));
     }
-    crate::nn::attention::set_fused(!args.no_fused_kernels);
+    // One switch for every kernel of lfm's (attention, the RK arithmetic).
+    lfm_kernels::set_kernels_enabled(!args.no_fused_kernels);
     // Solver flags the solver would ignore are refused here, before any weights are read.
-    let solve = args.solve.options(!args.no_fused_kernels)?;
+    let solve = args.solve.options()?;
     if args.latents_only {
         anyhow::ensure!(args.save_latents.is_some(), "--latents-only writes nothing without --save-latents FILE");
         anyhow::ensure!(
@@ -400,7 +402,7 @@ pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result
                 path.display(),
                 x1.shape
             );
-            Some((x1, tensors.get("y").map(|y| y.to_i64())))
+            Some(GivenNoise { x1, labels: tensors.get("y").map(|y| y.to_i64()) })
         }
         None => None,
     };
@@ -414,7 +416,7 @@ pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result
                 .read("decoding needs --weights PATH of the autoencoder (or --latents-only --save-latents FILE)")?,
         )
     };
-    let condition = Condition::read(&args)?;
+    let condition = HostCondition::read(&args)?;
     if c_in > c_out && condition.is_none() {
         anyhow::bail!(
             "the model reads {c_in} channels for {c_out} output channels: it is a conditional model; inpainting models \
@@ -459,8 +461,8 @@ pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result
     let seconds = start.elapsed().as_secs_f64();
 
     if let Some(path) = &grid_path {
-        let cols = nrow.unwrap_or_else(|| (output.images.len() as f64).sqrt().ceil() as usize);
-        write_rgb(path, &grid(&output.images, cols))?;
+        let cols = nrow.unwrap_or_else(|| (output.grid.images.len() as f64).sqrt().ceil() as usize);
+        write_rgb(path, &output.grid.grid(cols))?;
     }
     let summary = &output.summary;
     let (mean, min, max) = summary.nfe_range();
@@ -484,8 +486,9 @@ pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result
         "fid": output.fid,
     });
     if let Some(path) = &save_latents {
-        let mut tensors = TensorMap::from([("x0".to_string(), output.latents.clone())]);
-        if let Some(y) = &output.labels {
+        let (x0, labels) = output.latents.into_host();
+        let mut tensors = TensorMap::from([("x0".to_string(), x0)]);
+        if let Some(y) = &labels {
             tensors.insert("y".into(), HostTensor::i64(vec![y.len()], y.clone()));
         }
         let metadata = HashMap::from([("lfm.sample".to_string(), report.to_string())]);

@@ -9,13 +9,13 @@ use super::ModelSource;
 use crate::autoencoder::AutoencoderWeights;
 use crate::backend::{self, BackendChoice, OnBackend};
 use crate::checkpoint::TensorMap;
+use crate::data::latents::LatentStore;
+use crate::data::{open_images, Source};
 use crate::models::{read_config, ModelConfig, Precision, Preset};
-use crate::train::data::{open_images, Source};
-use crate::train::latents::LatentStore;
+use crate::tasks::{Task, TaskFiles};
 use crate::train::nodes::{fingerprint, NodeGroup, NodeSpec};
 use crate::train::run::{read_state, train, RunOutcome, RunSettings};
 use crate::train::schedule::Schedule;
-use crate::train::task::{Task, TaskFiles};
 
 /// The task names of `--task`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

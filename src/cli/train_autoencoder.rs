@@ -9,8 +9,8 @@ use clap::Args;
 use crate::autoencoder::{AutoencoderKLConfig, AutoencoderKind, AutoencoderWeights};
 use crate::backend::{self, BackendChoice, OnBackend};
 use crate::checkpoint::TensorMap;
+use crate::data::{open_images, ImageItem, Source};
 use crate::train::autoencoder::{train_autoencoder, AutoencoderData, AutoencoderRun, AutoencoderState};
-use crate::train::data::{open_images, ImageItem, Source};
 
 /// Arguments of `lfm train-autoencoder`.
 #[derive(Debug, Args)]

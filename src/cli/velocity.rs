@@ -67,11 +67,7 @@ impl OnBackend for Evaluate {
         let y = self.inputs.get("y").map(|y| flat(y).to_int_tensor(&device));
         let v = match self.cfg_scale {
             Some(scale) => {
-                anyhow::ensure!(
-                    model.supports_cfg(),
-                    "classifier-free guidance is not defined for the guided-diffusion UNet (LFM has no \
-                     forward_with_cfg for it); drop --cfg-scale"
-                );
+                model.check_guidance()?;
                 anyhow::ensure!(n % 2 == 0, "with --cfg-scale the batch must be LFM's doubled [x; x] (even), got {n}");
                 let y = y.ok_or_else(|| anyhow::anyhow!("--cfg-scale needs labels `y` = [y; y_null] in the input"))?;
                 model.forward_with_cfg(tt, xt, y, scale)?

@@ -8,9 +8,9 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use super::fid::{Accumulator, FidError, Statistics};
 use super::inception::{FidInception, InceptionError, FEATURE_DIM};
+use crate::data::lmdb::is_lmdb;
+use crate::data::{decode_image, is_idx, open_images, ImageItem, Source};
 use crate::image::{ImageError, RgbImage};
-use crate::train::data::{decode_image, is_idx, open_images, ImageItem, Source};
-use crate::train::lmdb::is_lmdb;
 
 /// pytorch-fid's `IMAGE_EXTENSIONS` that this build can decode.
 pub const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];

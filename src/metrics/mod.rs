@@ -3,6 +3,5 @@
 
 pub mod features;
 pub mod fid;
-pub mod ids;
 pub mod inception;
 pub mod stats_file;

@@ -5,8 +5,7 @@
 //! one; the Sequential indices Rust cannot spell are renamed in [`dit_keys`].
 
 use burn::module::{Module, Param};
-use burn::nn::conv::Conv2d;
-use burn::nn::{Embedding, Linear};
+use burn::nn::Embedding;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
@@ -14,7 +13,7 @@ use crate::checkpoint::KeyMap;
 use crate::nn::attention::packed_attention;
 use crate::nn::embedding::{sincos_2d_table, timestep_embedding};
 use crate::nn::init::{self, ConvSpec, Init};
-use crate::nn::{add_gated, conv2d, layer_norm_modulate, linear, silu, Activation};
+use crate::nn::{add_gated, layer_norm_modulate, silu, Activation, Conv2d, Linear};
 
 /// Renames between Burn field paths and LFM's DiT state_dict keys.
 pub fn dit_keys() -> KeyMap {
@@ -190,7 +189,7 @@ pub struct PatchEmbed<B: Backend> {
 impl<B: Backend> PatchEmbed<B> {
     /// `[N, C, H, W] → [N, T, D]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 3> {
-        conv2d(&self.proj, x).flatten::<3>(2, 3).swap_dims(1, 2)
+        self.proj.forward(x).flatten::<3>(2, 3).swap_dims(1, 2)
     }
 }
 
@@ -211,7 +210,7 @@ impl<B: Backend> TimestepEmbedder<B> {
             timestep_embedding(t, FREQUENCY_EMBEDDING_SIZE, 10000.0),
             self.mlp_0.weight.val().dtype(),
         );
-        linear(&self.mlp_2, silu(linear(&self.mlp_0, freq, Activation::None)), Activation::None)
+        self.mlp_2.forward(silu(self.mlp_0.forward(freq)))
     }
 }
 
@@ -244,8 +243,8 @@ pub struct Attention<B: Backend> {
 impl<B: Backend> Attention<B> {
     /// `[N, T, D] → [N, T, D]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let qkv = linear(&self.qkv, x, Activation::None);
-        linear(&self.proj, packed_attention(qkv, self.num_heads), Activation::None)
+        let qkv = self.qkv.forward(x);
+        self.proj.forward(packed_attention(qkv, self.num_heads))
     }
 }
 
@@ -261,7 +260,7 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     /// `[N, T, D] → [N, T, D]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        linear(&self.fc2, linear(&self.fc1, x, Activation::GeluTanh), Activation::None)
+        self.fc2.forward(self.fc1.forward_activated(x, Activation::GeluTanh))
     }
 }
 
@@ -286,7 +285,7 @@ impl<B: Backend> DiTBlock<B> {
     /// `x + gate·attn(modulate(norm(x)))`, then the same with the MLP.
     pub fn forward(&self, x: Tensor<B, 3>, c: Tensor<B, 2>) -> Tensor<B, 3> {
         let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp] =
-            chunks::<B, 6>(linear(&self.ada_ln_modulation, silu(c), Activation::None));
+            chunks::<B, 6>(self.ada_ln_modulation.forward(silu(c)));
         let x = add_gated(x.clone(), gate_msa, self.attn.forward(layer_norm_modulate(x, shift_msa, scale_msa, 1e-6)));
         add_gated(x.clone(), gate_mlp, self.mlp.forward(layer_norm_modulate(x, shift_mlp, scale_mlp, 1e-6)))
     }
@@ -304,8 +303,8 @@ pub struct FinalLayer<B: Backend> {
 impl<B: Backend> FinalLayer<B> {
     /// `[N, T, D] → [N, T, p²·C]`.
     pub fn forward(&self, x: Tensor<B, 3>, c: Tensor<B, 2>) -> Tensor<B, 3> {
-        let [shift, scale] = chunks::<B, 2>(linear(&self.ada_ln_modulation, silu(c), Activation::None));
-        linear(&self.linear, layer_norm_modulate(x, shift, scale, 1e-6), Activation::None)
+        let [shift, scale] = chunks::<B, 2>(self.ada_ln_modulation.forward(silu(c)));
+        self.linear.forward(layer_norm_modulate(x, shift, scale, 1e-6))
     }
 }
 
@@ -357,9 +356,29 @@ impl<B: Backend> DiT<B> {
         x.reshape([n, gh, gw, p, p, c]).permute([0, 5, 1, 3, 2, 4]).reshape([n, c, gh * p, gw * p])
     }
 
-    /// LFM's `forward_with_cfg`: the batch is `[x; x]` with labels `[y; y_null]`; the first half is evaluated twice
-    /// (conditional and null labels), `v_u + s·(v_c − v_u)` is formed on the first `in_channels` channels and
-    /// returned for both halves.
+    /// Classifier-free guidance on the batch `x` (`n` samples, labels `y`): one pass over `[x; x]` with labels
+    /// `[y; null]`, `v_u + s·(v_c − v_u)` on the first `in_channels` channels, then the conditional pass's other
+    /// channels (learned σ). `t` is one time or one per sample. Needs the null row (label dropout > 0).
+    pub fn guided(&self, t: Tensor<B, 1>, x: Tensor<B, 4>, y: Tensor<B, 1, Int>, cfg_scale: f64) -> Tensor<B, 4> {
+        let n = x.dims()[0];
+        let null = Tensor::full([n], self.config.num_classes as i64, &y.device());
+        let out = self.forward(
+            super::doubled_time(t, n),
+            Tensor::cat(vec![x.clone(), x], 0),
+            Some(Tensor::cat(vec![y, null], 0)),
+        );
+        let (c_in, c_out) = (self.config.in_channels, self.config.out_channels());
+        let eps = super::cfg_guide(out.clone().narrow(1, 0, c_in), cfg_scale);
+        match c_out > c_in {
+            true => Tensor::cat(vec![eps, out.narrow(0, 0, n).narrow(1, c_in, c_out - c_in)], 1),
+            false => eps,
+        }
+    }
+
+    /// LFM's `forward_with_cfg`, kept for parity with the reference: the batch is `[x; x]` with labels
+    /// `[y; y_null]`; the first half is evaluated twice (both label halves), `v_u + s·(v_c − v_u)` is formed on the
+    /// first `in_channels` channels and returned for both halves (the other channels as each pass made them).
+    /// Sampling uses [`Self::guided`].
     pub fn forward_with_cfg(
         &self,
         t: Tensor<B, 1>,
@@ -367,14 +386,15 @@ impl<B: Backend> DiT<B> {
         y: Tensor<B, 1, Int>,
         cfg_scale: f64,
     ) -> Tensor<B, 4> {
-        let out = self.forward(t, super::cfg_batch(x), Some(y));
-        let c_in = self.config.in_channels;
-        let c_out = self.config.out_channels();
-        let eps = super::cfg_combine(out.clone().narrow(1, 0, c_in), cfg_scale);
-        if c_out > c_in {
-            Tensor::cat(vec![eps, out.narrow(1, c_in, c_out - c_in)], 1)
-        } else {
-            eps
+        let half = x.dims()[0] / 2;
+        let first = x.narrow(0, 0, half);
+        let out = self.forward(t, Tensor::cat(vec![first.clone(), first], 0), Some(y));
+        let (c_in, c_out) = (self.config.in_channels, self.config.out_channels());
+        let eps = super::cfg_guide(out.clone().narrow(1, 0, c_in), cfg_scale);
+        let eps = Tensor::cat(vec![eps.clone(), eps], 0);
+        match c_out > c_in {
+            true => Tensor::cat(vec![eps, out.narrow(1, c_in, c_out - c_in)], 1),
+            false => eps,
         }
     }
 }

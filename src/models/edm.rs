@@ -6,7 +6,7 @@
 //! they are vectors, renamed to those keys by [`EdmConfig::keys`]. `attn_resolutions` are **resolutions** (16, 8, …).
 
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{backend::Backend, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -14,7 +14,7 @@ use crate::checkpoint::KeyMap;
 use crate::nn::attention::attention;
 use crate::nn::embedding::timestep_embedding;
 use crate::nn::init::{self, ConvSpec, Init};
-use crate::nn::{avg_pool_2x, conv2d_padded, linear, silu, upsample_nearest_2x, Activation, GroupNorm};
+use crate::nn::{avg_pool_2x, conv2d_padded, silu, upsample_nearest_2x, Activation, GroupNorm, Linear};
 
 /// Channels per attention head (`channels_per_head=64` in every DhariwalUNet block).
 pub const CHANNELS_PER_HEAD: usize = 64;
@@ -340,7 +340,7 @@ impl<B: Backend> UNetBlock<B> {
     pub fn forward(&self, x: Tensor<B, 4>, emb: Tensor<B, 2>) -> Tensor<B, 4> {
         let orig = x.clone();
         let x = self.conv0.forward(self.norm0.forward_activated(x, Activation::Silu));
-        let params = linear(&self.affine, emb, Activation::None);
+        let params = self.affine.forward(emb);
         let c = params.dims()[1] / 2;
         let (scale, shift) = (params.clone().narrow(1, 0, c), params.narrow(1, c, c));
         let x = self.norm1.forward_modulated(x, scale, shift, Activation::Silu);
@@ -409,7 +409,7 @@ impl<B: Backend> EdmUNet<B> {
             timestep_embedding(t, self.config.model_channels, 10000.0),
             self.map_layer0.weight.val().dtype(),
         );
-        let emb = linear(&self.map_layer1, linear(&self.map_layer0, noise, Activation::Silu), Activation::None);
+        let emb = self.map_layer1.forward(self.map_layer0.forward_activated(noise, Activation::Silu));
         let emb = match (&self.map_label, y) {
             (Some(map_label), Some(y)) => {
                 let n = y.dims()[0];
@@ -462,8 +462,19 @@ impl<B: Backend> EdmUNet<B> {
         self.out_conv.forward(self.out_norm.forward_activated(x, Activation::Silu))
     }
 
-    /// LFM's `forward_with_cfg` for EDM: the first half of `[x; x]` is evaluated with its labels and with no label
-    /// term (the one-hot of the second half zeroed); `v_u + s·(v_c − v_u)` is returned for both halves.
+    /// Classifier-free guidance on the batch `x` (`n` samples, labels `y`): one pass over `[x; x]`, the second half
+    /// without its label term (its one-hot zeroed), and `v_u + s·(v_c − v_u)`. `t` is one time or one per sample.
+    pub fn guided(&self, t: Tensor<B, 1>, x: Tensor<B, 4>, y: Tensor<B, 1, Int>, cfg_scale: f64) -> Tensor<B, 4> {
+        let n = x.dims()[0];
+        let doubled = Tensor::cat(vec![x.clone(), x], 0);
+        let out =
+            self.forward_inner(super::doubled_time(t, n), doubled, Some(Tensor::cat(vec![y.clone(), y], 0)), true);
+        super::cfg_guide(out, cfg_scale)
+    }
+
+    /// LFM's `forward_with_cfg` for EDM, kept for parity with the reference: the first half of `[x; x]` is
+    /// evaluated with its labels and with no label term; `v_u + s·(v_c − v_u)` is returned for both halves.
+    /// Sampling uses [`Self::guided`].
     pub fn forward_with_cfg(
         &self,
         t: Tensor<B, 1>,
@@ -471,8 +482,11 @@ impl<B: Backend> EdmUNet<B> {
         y: Tensor<B, 1, Int>,
         cfg_scale: f64,
     ) -> Tensor<B, 4> {
-        let out = self.forward_inner(t, super::cfg_batch(x), Some(y), true);
-        super::cfg_combine(out, cfg_scale)
+        let half = x.dims()[0] / 2;
+        let first = x.narrow(0, 0, half);
+        let out = self.forward_inner(t, Tensor::cat(vec![first.clone(), first], 0), Some(y), true);
+        let guided = super::cfg_guide(out, cfg_scale);
+        Tensor::cat(vec![guided.clone(), guided], 0)
     }
 
     /// Builds the network of `config` and fills it from a state_dict (keys without `module.`).

@@ -1,6 +1,5 @@
 //! The velocity networks LFM trains: DiT, the guided-diffusion UNet and EDM's DhariwalUNet.
 
-pub mod conditioning;
 pub mod config;
 pub mod dit;
 pub mod edm;
@@ -137,8 +136,44 @@ impl<B: Backend> VelocityModel<B> {
         to_dtype(v, io)
     }
 
+    /// Whether classifier-free guidance can run on this network: LFM defines it for DiT (with a null row, i.e.
+    /// trained with label dropout) and class-conditional EDM UNets, not for the guided-diffusion UNet.
+    pub fn check_guidance(&self) -> Result<(), ModelError> {
+        match (self, self.null_label()) {
+            (Self::GuidedUnet(_), _) => Err(no_guidance_for_the_guided_unet()),
+            (_, None) => Err(ModelError::Config(
+                "classifier-free guidance needs a class-conditional model trained with label dropout (a null class); \
+                 this one has none: sample without a CFG scale"
+                    .into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Classifier-free guidance on the batch `x` with labels `y`: `v_u + s·(v_c − v_u)`, where `v_c` is the
+    /// velocity for `y` and `v_u` the unconditional one (DiT: the null row; EDM: no label term), both from one pass
+    /// over `2n` samples; in `x`'s dtype. See [`Self::check_guidance`] for the networks that have it.
+    pub fn guided(
+        &self,
+        t: Tensor<B, 1>,
+        x: Tensor<B, 4>,
+        y: Tensor<B, 1, Int>,
+        scale: f64,
+    ) -> Result<Tensor<B, 4>, ModelError> {
+        self.check_guidance()?;
+        let (io, compute) = (x.dtype(), self.compute_dtype());
+        let x = to_dtype(x, compute);
+        let v = match self {
+            Self::Dit(m) => m.guided(t, x, y, scale),
+            Self::EdmUnet(m) => m.guided(t, x, y, scale),
+            Self::GuidedUnet(_) => return Err(no_guidance_for_the_guided_unet()),
+        };
+        Ok(to_dtype(v, io))
+    }
+
     /// LFM's `forward_with_cfg` on a doubled batch `[x; x]` with labels `[y; y_null]` (DiT: `y_null` is the null
-    /// row; EDM: any, the second half's one-hot is zeroed). The guided UNet has no CFG in LFM.
+    /// row; EDM: any, the second half's one-hot is zeroed), kept for parity with the reference; sampling uses
+    /// [`Self::guided`]. The guided UNet has no CFG in LFM.
     pub fn forward_with_cfg(
         &self,
         t: Tensor<B, 1>,
@@ -151,11 +186,7 @@ impl<B: Backend> VelocityModel<B> {
         match self {
             Self::Dit(m) => Ok(to_dtype(m.forward_with_cfg(t, x, y, scale), io)),
             Self::EdmUnet(m) => Ok(to_dtype(m.forward_with_cfg(t, x, y, scale), io)),
-            Self::GuidedUnet(_) => Err(ModelError::Config(
-                "classifier-free guidance is not defined for the guided-diffusion UNet (LFM has no forward_with_cfg \
-                 for it); drop --cfg-scale"
-                    .into(),
-            )),
+            Self::GuidedUnet(_) => Err(no_guidance_for_the_guided_unet()),
         }
     }
 
@@ -169,20 +200,29 @@ impl<B: Backend> VelocityModel<B> {
     }
 }
 
-/// LFM's CFG batch: the first half of `[x; x]`, twice (the second half of the input is ignored, as in LFM).
-pub(crate) fn cfg_batch<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let n = x.dims()[0];
-    let half = x.narrow(0, 0, n / 2);
-    Tensor::cat(vec![half.clone(), half], 0)
+/// Why the guided-diffusion UNet cannot be sampled with classifier-free guidance.
+fn no_guidance_for_the_guided_unet() -> ModelError {
+    ModelError::Config(
+        "classifier-free guidance is not defined for the guided-diffusion UNet (LFM has no forward_with_cfg for it): \
+         sample without a CFG scale"
+            .into(),
+    )
 }
 
-/// From outputs on a CFG batch (conditional half, then unconditional half): `v_u + s·(v_c − v_u)`, for both halves.
-pub(crate) fn cfg_combine<B: Backend>(out: Tensor<B, 4>, scale: f64) -> Tensor<B, 4> {
-    let n = out.dims()[0];
-    let cond = out.clone().narrow(0, 0, n / 2);
-    let uncond = out.narrow(0, n / 2, n / 2);
-    let guided = uncond.clone() + (cond - uncond).mul_scalar(scale);
-    Tensor::cat(vec![guided.clone(), guided], 0)
+/// The time of a doubled CFG batch: one time stays one, per-sample times are repeated for the second half.
+fn doubled_time<B: Backend>(t: Tensor<B, 1>, n: usize) -> Tensor<B, 1> {
+    match t.dims()[0] == n && n > 1 {
+        true => Tensor::cat(vec![t.clone(), t], 0),
+        false => t,
+    }
+}
+
+/// From the outputs of a CFG pass (conditional half, then unconditional half): `v_u + s·(v_c − v_u)`, one per sample.
+fn cfg_guide<B: Backend>(out: Tensor<B, 4>, scale: f64) -> Tensor<B, 4> {
+    let n = out.dims()[0] / 2;
+    let cond = out.clone().narrow(0, 0, n);
+    let uncond = out.narrow(0, n, n);
+    uncond.clone() + (cond - uncond).mul_scalar(scale)
 }
 
 /// Why a model could not be prepared.

@@ -5,8 +5,7 @@
 //! in [`unet_keys`]. `attention_resolutions` are **downsample factors** (1, 2, 4, …), as the reference compares them.
 
 use burn::module::{Module, Param};
-use burn::nn::conv::Conv2d;
-use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
+use burn::nn::{Dropout, DropoutConfig, Embedding};
 use burn::tensor::{backend::Backend, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -14,7 +13,7 @@ use crate::checkpoint::KeyMap;
 use crate::nn::attention::attention;
 use crate::nn::embedding::timestep_embedding;
 use crate::nn::init::{self, ConvSpec, Init};
-use crate::nn::{avg_pool_2x, conv2d, linear, silu, upsample_nearest_2x, Activation, GroupNorm};
+use crate::nn::{avg_pool_2x, silu, upsample_nearest_2x, Activation, Conv2d, GroupNorm, Linear};
 
 /// Renames between Burn field paths and the reference's `nn.Sequential` indices.
 pub fn unet_keys() -> KeyMap {
@@ -272,8 +271,8 @@ impl<B: Backend> ResBlock<B> {
     pub fn forward(&self, x: Tensor<B, 4>, emb: Tensor<B, 2>) -> Tensor<B, 4> {
         let h = self.in_layers_0.forward_activated(x.clone(), Activation::Silu);
         let (h, x) = (self.resize.apply(h), self.resize.apply(x));
-        let h = conv2d(&self.in_layers_2, h);
-        let emb_out = linear(&self.emb_layers_1, silu(emb), Activation::None);
+        let h = self.in_layers_2.forward(h);
+        let emb_out = self.emb_layers_1.forward(silu(emb));
         let h = if self.use_scale_shift_norm {
             let c = emb_out.dims()[1] / 2;
             let (scale, shift) = (emb_out.clone().narrow(1, 0, c), emb_out.narrow(1, c, c));
@@ -282,9 +281,9 @@ impl<B: Backend> ResBlock<B> {
             let emb_out = emb_out.unsqueeze_dim::<3>(2).unsqueeze_dim::<4>(3);
             self.out_layers_0.forward_activated(h + emb_out, Activation::Silu)
         };
-        let h = conv2d(&self.out_layers_3, self.dropout.forward(h));
+        let h = self.out_layers_3.forward(self.dropout.forward(h));
         match &self.skip_connection {
-            Some(conv) => conv2d(conv, x) + h,
+            Some(conv) => conv.forward(x) + h,
             None => x + h,
         }
     }
@@ -381,7 +380,7 @@ impl<B: Backend> Downsample<B> {
     /// Halves the resolution.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         match &self.op {
-            Some(conv) => conv2d(conv, x),
+            Some(conv) => conv.forward(x),
             None => avg_pool_2x(x),
         }
     }
@@ -403,7 +402,7 @@ impl<B: Backend> Upsample<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let x = upsample_nearest_2x(x);
         match &self.conv {
-            Some(conv) => conv2d(conv, x),
+            Some(conv) => conv.forward(x),
             None => x,
         }
     }
@@ -429,7 +428,7 @@ pub enum Layer<B: Backend> {
 impl<B: Backend> Layer<B> {
     fn forward(&self, x: Tensor<B, 4>, emb: &Tensor<B, 2>) -> Tensor<B, 4> {
         match self {
-            Self::Conv(conv) => conv2d(conv, x),
+            Self::Conv(conv) => conv.forward(x),
             Self::Res(block) => block.forward(x, emb.clone()),
             Self::Attention(block) => block.forward(x),
             Self::Down(down) => down.forward(x),
@@ -474,7 +473,7 @@ impl<B: Backend> UNetModel<B> {
             timestep_embedding(t, self.config.model_channels, 10000.0),
             self.time_embed_0.weight.val().dtype(),
         );
-        let emb = linear(&self.time_embed_2, linear(&self.time_embed_0, freq, Activation::Silu), Activation::None);
+        let emb = self.time_embed_2.forward(self.time_embed_0.forward_activated(freq, Activation::Silu));
         match (&self.label_emb, y) {
             (Some(table), Some(y)) => emb + table.weight.val().select(0, y),
             _ => emb,
@@ -496,7 +495,7 @@ impl<B: Backend> UNetModel<B> {
             let skip = skips.pop().expect("one skip per output block");
             h = sequential(block, Tensor::cat(vec![h, skip], 1), &emb);
         }
-        conv2d(&self.out_2, self.out_0.forward_activated(h, Activation::Silu))
+        self.out_2.forward(self.out_0.forward_activated(h, Activation::Silu))
     }
 
     /// Builds the network of `config` and fills it from a state_dict (keys without `module.`).

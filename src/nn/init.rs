@@ -1,9 +1,10 @@
 //! Building layers with the reference's initialisation (used for training from scratch; loading overwrites it).
 
 use burn::module::Param;
-use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{Embedding, EmbeddingConfig, PaddingConfig2d};
 use burn::tensor::{backend::Backend, Distribution, Tensor};
+
+use super::{Conv2d, Linear};
 
 /// How a weight is initialised, in PyTorch's terms.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -51,17 +52,15 @@ fn bias<B: Backend>(n: usize, fan_in: usize, init: Init, device: &B::Device) -> 
 
 /// A `Linear(d_in → d_out)` with bias; the bias is zero unless `init` is [`Init::TorchDefault`].
 pub fn linear<B: Backend>(d_in: usize, d_out: usize, init: Init, device: &B::Device) -> Linear<B> {
-    let mut layer = LinearConfig::new(d_in, d_out).init(device);
-    layer.weight = Param::from_tensor(weight([d_in, d_out], d_in, d_out, init, device));
-    layer.bias = Some(Param::from_tensor(bias(d_out, d_in, init, device)));
-    layer
+    Linear {
+        weight: Param::from_tensor(weight([d_in, d_out], d_in, d_out, init, device)),
+        bias: Some(Param::from_tensor(bias(d_out, d_in, init, device))),
+    }
 }
 
 /// A `Linear(d_in → d_out)` without bias.
 pub fn linear_no_bias<B: Backend>(d_in: usize, d_out: usize, init: Init, device: &B::Device) -> Linear<B> {
-    let mut layer = LinearConfig::new(d_in, d_out).with_bias(false).init(device);
-    layer.weight = Param::from_tensor(weight([d_in, d_out], d_in, d_out, init, device));
-    layer
+    Linear { weight: Param::from_tensor(weight([d_in, d_out], d_in, d_out, init, device)), bias: None }
 }
 
 /// Geometry of a 2-D convolution.
@@ -90,20 +89,18 @@ impl ConvSpec {
 
 /// A `Conv2d` with the given geometry and weight initialisation.
 pub fn conv2d<B: Backend>(spec: ConvSpec, init: Init, device: &B::Device) -> Conv2d<B> {
-    let p = spec.padding;
-    let mut layer = Conv2dConfig::new([spec.c_in, spec.c_out], [spec.kernel, spec.kernel])
-        .with_stride([spec.stride, spec.stride])
-        .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
-        .with_bias(spec.bias)
-        .init(device);
-    let fan_in = spec.c_in * spec.kernel * spec.kernel;
-    // xavier on the [out, in·k·k] view, as DiT initialises its patch embedding.
-    layer.weight =
-        Param::from_tensor(weight([spec.c_out, spec.c_in, spec.kernel, spec.kernel], fan_in, spec.c_out, init, device));
-    if spec.bias {
-        layer.bias = Some(Param::from_tensor(bias(spec.c_out, fan_in, init, device)));
+    let (p, k) = (spec.padding, spec.kernel);
+    let fan_in = spec.c_in * k * k;
+    Conv2d {
+        // xavier on the [out, in·k·k] view, as DiT initialises its patch embedding.
+        weight: Param::from_tensor(weight([spec.c_out, spec.c_in, k, k], fan_in, spec.c_out, init, device)),
+        bias: spec.bias.then(|| Param::from_tensor(bias(spec.c_out, fan_in, init, device))),
+        stride: [spec.stride; 2],
+        kernel_size: [k; 2],
+        dilation: [1, 1],
+        groups: 1,
+        padding: PaddingConfig2d::Explicit(p, p, p, p),
     }
-    layer
 }
 
 /// An embedding table `[rows, dim]`.

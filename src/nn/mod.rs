@@ -5,6 +5,9 @@ pub mod cpu;
 pub mod dtype;
 pub mod embedding;
 pub mod init;
+pub mod layers;
+
+pub use layers::{Conv2d, Linear};
 
 use burn::tensor::{backend::Backend, Tensor};
 
@@ -153,10 +156,10 @@ pub fn avg_pool_2x<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     x.reshape([n, c, h / 2, 2, w / 2, 2]).sum_dim(5).sum_dim(3).mul_scalar(0.25).reshape([n, c, h / 2, w / 2])
 }
 
-/// Whether `B` is the ndarray CPU backend, whose `conv2d` is a direct loop (≈1.8 GFLOP/s measured on a DiT-sized
-/// UNet here, against ≈24 GFLOP/s for its matmul).
+/// Whether `B` is the ndarray CPU backend (directly or under `Autodiff`), whose `conv2d` is a direct loop
+/// (≈1.8 GFLOP/s measured on a DiT-sized UNet here, against ≈24 GFLOP/s for its matmul).
 pub(crate) fn is_ndarray<B: Backend>() -> bool {
-    std::any::type_name::<B>().contains("NdArray")
+    lfm_kernels::capabilities::<B>().kind == lfm_kernels::BackendKind::NdArray
 }
 
 /// Whether lfm convolves by [`conv2d_im2col`] on `B` rather than with Burn's kernels: on ndarray (its backward is
@@ -319,31 +322,6 @@ fn gelu_tanh_f32(x: f32) -> f32 {
     x / ((inner * -2.0).exp() + 1.0)
 }
 
-/// A `Linear` layer's forward pass followed by `activation`; [`cpu::linear`] on the CPU backend at inference (bias
-/// and activation fused into the GEMM's output blocks), lfm's own product where it applies (full f32 on CUDA, one
-/// small kernel on a software wgpu adapter: [`lfm_kernels::matmul`]), Burn's `Linear` elsewhere.
-pub fn linear<B: Backend, const D: usize>(
-    layer: &burn::nn::Linear<B>,
-    x: Tensor<B, D>,
-    activation: Activation,
-) -> Tensor<B, D> {
-    let weight = layer.weight.val();
-    let bias = || layer.bias.as_ref().map(|b| b.val());
-    if D >= 2 && cpu::applies(&x) && cpu::applies(&weight) {
-        return cpu::linear(x, weight, bias(), activation);
-    }
-    if D >= 2 && lfm_kernels::matmul::own_route_applies::<B>() {
-        // Burn's `linear`: x·W with W `[in, out]` broadcast over the batch dimensions, then the bias.
-        let y = lfm_kernels::matmul::matmul(x, weight.unsqueeze());
-        let y = match bias() {
-            Some(b) => y + b.unsqueeze(),
-            None => y,
-        };
-        return activation.apply(y);
-    }
-    activation.apply(layer.forward(x))
-}
-
 /// adaLN's `modulate(layer_norm(x, eps), shift, scale)` over tokens `[N, T, C]` with per-sample `shift`, `scale`
 /// `[N, C]`; one pass ([`cpu::layer_norm_modulate`]) on the CPU backend at inference.
 pub fn layer_norm_modulate<B: Backend>(
@@ -390,22 +368,4 @@ pub fn avg_pool2d_exclude_pad<B: Backend>(
     }
     let [k, s, p] = [[kernel; 2], [stride; 2], [padding; 2]];
     burn::tensor::module::avg_pool2d(x, k, s, p, false, false)
-}
-
-/// A `Conv2d` layer's forward pass; on the CPU backend, convolutions with square strides and equal padding on all
-/// sides go through [`conv2d_padded`] (im2col and GEMM, much faster there than Burn's direct loop), everything else
-/// through Burn's own kernel.
-pub fn conv2d<B: Backend>(layer: &burn::nn::conv::Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let padding = match layer.padding {
-        burn::nn::PaddingConfig2d::Explicit(a, b, c, d) if [b, c, d] == [a; 3] => Some(a),
-        burn::nn::PaddingConfig2d::Valid => Some(0),
-        _ => None,
-    };
-    let [sy, sx] = layer.stride;
-    match padding {
-        Some(p) if convolves_by_im2col::<B>() && sy == sx && layer.dilation == [1, 1] && layer.groups == 1 => {
-            conv2d_padded(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()), sy, [p, p], Activation::None)
-        }
-        _ => layer.forward(x),
-    }
 }

@@ -130,19 +130,19 @@ pub struct SolveOptions {
     pub check_finite: bool,
     /// Keep every evaluated time and every accepted step in the statistics.
     pub record: bool,
-    /// Use lfm's fused CubeCL kernels for the RK arithmetic where the backend has them (wgpu, CUDA); the plain
-    /// Burn tensor expressions otherwise. Both give the same steps; fused rounds once per element instead of once
+    /// Use lfm's fused CubeCL kernels for the RK arithmetic where the backend has them and they are switched on
+    /// (`lfm_kernels::has_kernels`); the plain Burn tensor expressions otherwise. Both give the same steps; fused rounds once per element instead of once
     /// per operation.
     pub fused_kernels: bool,
 }
 
 impl Default for SolveOptions {
-    /// LFM's sampling defaults: dopri5 from t = 1 to t = 0 with atol = rtol = 1e-5.
+    /// LFM's sampling defaults: dopri5 from t = 1 to t = 0 (its `odeint(t=[1, 0])`) with atol = rtol = 1e-5.
     fn default() -> Self {
         Self {
             method: Method::Dopri5,
-            t0: crate::flow::T_NOISE,
-            t1: crate::flow::T_DATA,
+            t0: 1.0,
+            t1: 0.0,
             rtol: 1e-5,
             atol: 1e-5,
             first_step: None,
@@ -213,7 +213,7 @@ pub enum SolverError {
     /// The evaluation budget ran out.
     #[error(
         "the solver needed more than {max_nfe} velocity evaluations (stopped at t = {t:.6} after {nfe}); \
-         raise --max-nfe, loosen --rtol/--atol, or use a fixed-step solver"
+         raise the evaluation budget (max_nfe), loosen the tolerances (rtol, atol), or use a fixed-step solver"
     )]
     MaxNfeExceeded {
         /// The budget.

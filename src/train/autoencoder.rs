@@ -19,12 +19,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::data::{load_image, ImageItem};
 use super::lfm_adamw;
-use super::loader::EpochOrder;
 use super::run::TrainError;
 use crate::autoencoder::{AutoencoderKL, AutoencoderKLConfig};
 use crate::checkpoint::{collect_weights, write_safetensors, KeyMap};
+use crate::data::loader::EpochOrder;
+use crate::data::{load_image, ImageItem};
 use crate::io::write_atomic;
 
 /// The weights file of a diffusers folder.

@@ -2,19 +2,13 @@
 //! default betas and no weight decay); the data sources and the resumable loop of `lfm train`.
 
 pub mod autoencoder;
-pub mod data;
 pub mod ema;
 pub mod grads;
-pub mod latents;
-pub mod lmdb;
-pub mod loader;
-pub mod masks;
 pub mod metrics_log;
 pub mod mixed;
 pub mod nodes;
 pub mod run;
 pub mod schedule;
-pub mod task;
 
 use burn::module::{AutodiffModule, Module};
 use burn::optim::adaptor::OptimizerAdaptor;
@@ -25,8 +19,8 @@ use burn::tensor::{ElementConversion, Int, Tensor};
 
 use crate::checkpoint::TensorMap;
 use crate::flow;
-use crate::models::conditioning::SpatialRescaler;
 use crate::models::{Precision, VelocityModel};
+use crate::tasks::semantic::SpatialRescaler;
 use ema::Ema;
 use mixed::LossScaler;
 

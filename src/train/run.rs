@@ -15,19 +15,19 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::data::Source;
-use super::loader::{epoch_of, prefetch, HostContent};
-use super::masks::{self, MaskParams};
 use super::mixed::LossScaler;
 use super::nodes::NodeGroup;
 use super::schedule::Schedule;
-use super::task::{read_mask, Task, TaskFiles};
 use super::{lfm_adamw, Batch, DeviceShards, SavedState, Trainer};
 use crate::autoencoder::{AnyAutoencoder, Autoencoder};
 use crate::checkpoint::{write_safetensors, CONFIG_METADATA_KEY};
+use crate::data::loader::{epoch_of, prefetch, HostContent};
+use crate::data::Source;
 use crate::io::write_atomic;
-use crate::models::conditioning::{class_shares, SpatialRescaler};
 use crate::models::{ModelConfig, Precision, VelocityModel};
+use crate::tasks::masks::{self, MaskParams};
+use crate::tasks::semantic::{class_shares, SpatialRescaler};
+use crate::tasks::{read_mask, Task, TaskFiles};
 
 /// Settings of a run (stored in `state.json`; a resume must use the same).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -179,11 +179,11 @@ pub fn read_state(out_dir: &Path) -> Result<Option<State>, TrainError> {
 }
 
 /// Stream keys, so that the random choices of different kinds never share values.
-pub(super) const SHUFFLE: u64 = 0x5348_5546;
-pub(super) const FLIP: u64 = 0x464C_4950;
+pub(crate) const SHUFFLE: u64 = 0x5348_5546;
+pub(crate) const FLIP: u64 = 0x464C_4950;
 const NOISE: u64 = 0x4E4F_4953;
 const TIME: u64 = 0x5449_4D45;
-pub(super) const POSTERIOR: u64 = 0x504F_5354;
+pub(crate) const POSTERIOR: u64 = 0x504F_5354;
 const DROP: u64 = 0x4452_4F50;
 const MASK: u64 = 0x4D41_534B;
 const CONDITION: u64 = 0x434F_4E44;
@@ -396,15 +396,15 @@ pub fn train<B: Backend>(
                                 .map(|j| inpainting_hole(settings, files, size, first + j, *mask_white_is_hole))
                                 .collect::<Result<Vec<_>, _>>()?
                                 .concat();
-                            let hole = crate::inpaint::hole_tensor::<B>(holes, n, (size, size), device);
+                            let hole = crate::tasks::inpaint::hole_tensor::<B>(holes, n, (size, size), device);
                             // As LFM's dataset: the image and the masked image, both encoded with posterior samples (in
                             // one pass), then the mask on the latent grid.
-                            let masked = crate::inpaint::masked_images(x.clone(), hole.clone());
+                            let masked = crate::tasks::inpaint::masked_images(x.clone(), hole.clone());
                             let eps_masked =
                                 crate::sample::noise::<B>(settings.seed ^ CONDITION, first, n, latent, device);
                             let z =
                                 ae.encode(Tensor::cat(vec![x, masked], 0), Some(Tensor::cat(vec![eps, eps_masked], 0)));
-                            let condition = crate::inpaint::condition(z.clone().narrow(0, n, n), hole, f);
+                            let condition = crate::tasks::inpaint::condition(z.clone().narrow(0, n, n), hole, f);
                             (z.narrow(0, 0, n), labels, Some(condition), None)
                         }
                         Task::Semantic { classes, .. } => {
@@ -493,7 +493,7 @@ pub fn train<B: Backend>(
             }
             if let (Some(ae), true) = (autoencoder, settings.preview_every > 0) {
                 if trainer.step % settings.preview_every == 0 || trainer.step == settings.max_steps {
-                    write_preview(&trainer, ae, settings.seed, out_dir, device)?;
+                    write_preview(&trainer, ae, settings.seed, out_dir)?;
                 }
             }
         }
@@ -525,7 +525,6 @@ fn write_preview<B: Backend>(
     autoencoder: &AnyAutoencoder<B>,
     seed: u64,
     out_dir: &Path,
-    device: &B::Device,
 ) -> Result<(), TrainError> {
     use burn::module::AutodiffModule;
     let current;
@@ -536,28 +535,25 @@ fn write_preview<B: Backend>(
             &current
         }
     };
-    let config = model.config();
-    let (c, side) = (config.channels().1, config.latent_size());
-    // One row per class, for as many classes as fit, then cycling.
-    let labels = model.classes().map(|k| (0..PREVIEW_SAMPLES).map(|i| ((i / 4) % k) as i64).collect());
-    let input = crate::sample::BatchInput {
-        noise: crate::sample::noise::<B>(seed ^ PREVIEW, 0, PREVIEW_SAMPLES, [c, side, side], device),
-        labels,
-        condition: None,
+    let plan = crate::sample::Plan {
+        autoencoder: Some(autoencoder),
+        solve: crate::solver::SolveOptions {
+            method: crate::solver::Method::Euler,
+            grid: crate::solver::Grid::Steps(PREVIEW_STEPS),
+            ..Default::default()
+        },
+        seed: seed ^ PREVIEW,
+        // One row of four per class, for as many classes as fit, then cycling.
+        classes: Some(crate::sample::ClassChoice::Rows(4)),
+        ..crate::sample::Plan::new(model, PREVIEW_SAMPLES)
     };
-    let options = crate::solver::SolveOptions {
-        method: crate::solver::Method::Euler,
-        grid: crate::solver::Grid::Steps(PREVIEW_STEPS),
-        ..Default::default()
-    };
-    let guidance = crate::sample::Guidance { cfg_scale: None, null_label: model.null_label().unwrap_or(0) };
-    let out = crate::sample::sample_batch(model, input, &guidance, &options, &mut |_, _| {})
+    let mut grid = crate::sample::pipeline::ImageGrid::default();
+    crate::sample::run(&plan, &crate::sample::Conditions::None, &mut [&mut grid], &mut |_| {})
         .map_err(|e| TrainError::Invalid(format!("preview: {e}")))?;
-    let images = crate::image::from_tensor(autoencoder.decode_sliced(out.latents, 4));
     let dir = out_dir.join("previews");
     std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
     let path = dir.join(format!("step-{:09}.png", trainer.step));
-    crate::image::write_rgb(&path, &crate::image::grid(&images, 4)).map_err(|e| io_error(&path, e))
+    crate::image::write_rgb(&path, &grid.grid(4)).map_err(|e| io_error(&path, e))
 }
 
 /// The hole (1 = generate) of inpainting sample `index`: a mask drawn as LFM's training draws them, or one picked

@@ -1,8 +1,8 @@
 //! Dataset readers against files written by other tools: LMDB datasets in NVAE's and LSUN's layouts (written by
 //! Python's `lmdb` package, `tests/fixtures/lmdb/make.py`), WebP in image folders, and `lfm train` on LMDB data.
 
-use lfm::train::data::{load_image, open_images, ImageItem, Source};
-use lfm::train::lmdb::{LmdbImages, LmdbLayout};
+use lfm::data::lmdb::{LmdbImages, LmdbLayout};
+use lfm::data::{load_image, open_images, ImageItem, Source};
 
 use crate::common::*;
 
@@ -122,7 +122,7 @@ fn training_reads_lmdb_data() {
 /// refuses other settings without --force, and a damaged cache is refused clearly.
 #[test]
 fn a_sharded_latent_cache_matches_the_single_file_and_resumes() {
-    use lfm::train::latents::LatentStore;
+    use lfm::data::latents::LatentStore;
     let s = crate::train::setup();
     let cache = s.root.join("cache");
     let encode = |data: &str, out: &std::path::Path, extra: &[&str]| {

@@ -333,3 +333,24 @@ fn full_f32_route_is_cuda_only() {
     let [a, b] = [random::<Cpu>([1, 2, 5, 3], &device), random::<Cpu>([1, 2, 3, 4], &device)];
     assert_eq!(values(lfm_kernels::matmul::matmul(a.clone(), b.clone())), values(a.matmul(b)));
 }
+
+/// Which backend a type is, decided from the type alone: lfm's CPU, wgpu (and CUDA) backends with and without
+/// autodiff, and ndarray at another precision, each recognised as itself; the kernels switch off for the whole
+/// process with one setting.
+#[test]
+fn backend_capabilities_are_decided_by_type() {
+    use lfm_kernels::{capabilities, BackendKind, Capabilities};
+    let is = |kind, autodiff| Capabilities { kind, autodiff };
+    assert_eq!(capabilities::<Cpu>(), is(BackendKind::NdArray, false));
+    assert_eq!(capabilities::<Autodiff<Cpu>>(), is(BackendKind::NdArray, true));
+    assert_eq!(capabilities::<burn::backend::NdArray<f64>>(), is(BackendKind::NdArray, false));
+    assert_eq!(capabilities::<Autodiff<burn::backend::NdArray<f64>>>(), is(BackendKind::NdArray, true));
+    assert_eq!(capabilities::<Wgpu>(), is(BackendKind::Wgpu, false));
+    assert_eq!(capabilities::<Autodiff<Wgpu>>(), is(BackendKind::Wgpu, true));
+    #[cfg(feature = "cuda")]
+    {
+        assert_eq!(capabilities::<lfm::backend::Cuda>(), is(BackendKind::Cuda, false));
+        assert_eq!(capabilities::<Autodiff<lfm::backend::Cuda>>(), is(BackendKind::Cuda, true));
+    }
+    assert!(!lfm_kernels::has_kernels::<Cpu>(), "the CPU runs no CubeCL kernels");
+}

@@ -300,7 +300,7 @@ fn semantic_synthesis_depends_on_the_segmentation_map() {
         std::collections::HashMap::from([(CONFIG_METADATA_KEY.to_string(), ModelConfig::GuidedUnet(config).to_json())]);
     let ckpt = dir.path().join("semantic.safetensors");
     write_safetensors(&ckpt, &weights, Some(meta)).unwrap();
-    let rescaler = lfm::models::conditioning::SpatialRescaler::<Cpu>::new(19, 4, 3, &cpu());
+    let rescaler = lfm::tasks::semantic::SpatialRescaler::<Cpu>::new(19, 4, 3, &cpu());
     let cond = dir.path().join("cond_stage_model_1.safetensors");
     write_safetensors(&cond, &collect_weights(&rescaler, &Default::default()), None).unwrap();
     let map = |name: &str, class: &dyn Fn(usize, usize) -> u8| {
@@ -476,30 +476,35 @@ fn gpu_runs_keep_kernel_caches_in_the_user_cache_folder() {
 /// or the model, a condition of the wrong size, and guidance for a network that has none.
 #[test]
 fn sample_batch_refuses_bad_guidance_and_inputs() {
-    use lfm::sample::{sample_batch, BatchInput, Guidance};
+    use lfm::sample::{sample_batch, BatchInput};
     let config = ModelConfig::Dit(crate::dit::config("dit_tiny_cond_cfg"));
     let model = lfm::models::VelocityModel::<Cpu>::init(&config, &cpu());
     let (c, side) = (config.channels().1, config.latent_size());
     let noise = |n: usize| Tensor::<Cpu, 4>::zeros([n, c, side, side], &cpu());
     let input = BatchInput { noise: noise(2), labels: Some(vec![0, 1]), condition: None };
     let options = lfm::solver::SolveOptions { method: lfm::solver::Method::Euler, ..Default::default() };
-    let unguided = Guidance { cfg_scale: None, null_label: 10 };
-    let refuse = |model: &lfm::models::VelocityModel<Cpu>, input: BatchInput<Cpu>, guidance: &Guidance, says: &str| {
-        let err = sample_batch(model, input, guidance, &options, &mut |_, _| panic!("evaluated")).unwrap_err();
+    let unguided = None;
+    let refuse = |model: &lfm::models::VelocityModel<Cpu>, input: BatchInput<Cpu>, cfg: Option<f64>, says: &str| {
+        let err = sample_batch(model, input, cfg, &options, &mut |_, _| panic!("evaluated")).unwrap_err();
         assert!(err.to_string().contains(says), "{err}");
     };
     for scale in [f64::NAN, -1.0, f64::INFINITY] {
-        refuse(&model, input.clone(), &Guidance { cfg_scale: Some(scale), null_label: 10 }, "CFG scale");
+        refuse(&model, input.clone(), Some(scale), "CFG scale");
     }
-    refuse(&model, BatchInput { labels: Some(vec![0]), ..input.clone() }, &unguided, "1 labels for a batch of 2");
-    refuse(&model, BatchInput { labels: Some(vec![0, 11]), ..input.clone() }, &unguided, "label 11 is out of range");
+    refuse(&model, BatchInput { labels: Some(vec![0]), ..input.clone() }, unguided, "1 labels for a batch of 2");
+    refuse(&model, BatchInput { labels: Some(vec![0, 11]), ..input.clone() }, unguided, "label 11 is out of range");
     let condition = Some(noise(1));
-    refuse(&model, BatchInput { condition, ..input.clone() }, &unguided, "for a batch of 2");
+    refuse(&model, BatchInput { condition, ..input.clone() }, unguided, "for a batch of 2");
+    // A class-conditional DiT trained without label dropout has no null row to guide against.
+    let ModelConfig::Dit(dit) = &config else { unreachable!() };
+    let no_null = ModelConfig::Dit(lfm::models::DiTConfig { label_dropout: 0.0, ..dit.clone() });
+    let no_null = lfm::models::VelocityModel::<Cpu>::init(&no_null, &cpu());
+    refuse(&no_null, input.clone(), Some(1.5), "trained with label dropout");
     let unet_config =
         ModelConfig::GuidedUnet(lfm::models::UNetConfig { num_classes: Some(3), ..crate::unet::golden_config() });
     let unet = lfm::models::VelocityModel::<Cpu>::init(&unet_config, &cpu());
     let (c, side) = (unet_config.channels().1, unet_config.latent_size());
     let input =
         BatchInput { noise: Tensor::zeros([2, c, side, side], &cpu()), labels: Some(vec![0, 1]), condition: None };
-    refuse(&unet, input, &Guidance { cfg_scale: Some(1.5), null_label: 3 }, "no classifier-free guidance");
+    refuse(&unet, input, Some(1.5), "not defined for the guided-diffusion UNet");
 }

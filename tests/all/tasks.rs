@@ -8,7 +8,7 @@ use lfm::autoencoder::Autoencoder;
 use lfm::backend::{Cpu, Wgpu};
 use lfm::checkpoint::{read_safetensors, read_weights};
 use lfm::models::{ModelConfig, UNetConfig, VelocityModel};
-use lfm::train::masks::{generate, MaskParams, MaskShapes};
+use lfm::tasks::masks::{generate, MaskParams, MaskShapes};
 use lfm::train::{lfm_adamw, Batch, Trainer};
 use rand::SeedableRng;
 
@@ -244,7 +244,7 @@ fn segmentations(s: &crate::train::Setup) -> std::path::PathBuf {
     let dir = s.root.join("maps");
     let data = std::path::Path::new(&s.data);
     let mut images = Vec::new();
-    lfm::train::data::walk_images(data, &mut images).unwrap();
+    lfm::data::walk_images(data, &mut images).unwrap();
     for (i, image) in images.iter().enumerate() {
         let path = dir.join(image.strip_prefix(data).unwrap()).with_extension("png");
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -427,7 +427,7 @@ fn evaluate_inpainting(s: &crate::train::Setup, checkpoint: &std::path::Path) {
 /// The SVM behind P-IDS/U-IDS against scikit-learn's `LinearSVC(dual=False)` (tests/fixtures/ids/svm.json).
 #[test]
 fn inpainting_scores_match_scikit_learn() {
-    use lfm::metrics::ids::{fit_linear_svm, inpainting_ids};
+    use lfm::tasks::ids::{fit_linear_svm, inpainting_ids};
     let fixture: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture("ids/svm.json")).unwrap()).unwrap();
     let floats = |key: &str| -> Vec<f32> {
         fixture[key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
@@ -535,13 +535,13 @@ fn inpainting_step<B: AutodiffBackend>(device: &B::Device) -> TaskStep {
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     let holes: Vec<f32> = (0..n).flat_map(|_| generate(&mut rng, &MaskParams::default(), size, size).hole).collect();
     assert!(holes.contains(&0.0) && holes.contains(&1.0), "the masks keep some pixels and generate others");
-    let hole = lfm::inpaint::hole_tensor::<B::InnerBackend>(holes, n, (size, size), device);
+    let hole = lfm::tasks::inpaint::hole_tensor::<B::InnerBackend>(holes, n, (size, size), device);
     let latent = [2 * n, 4, size / f, size / f];
     let eps = host::<B::InnerBackend>(wave(latent.iter().product(), 1.0), latent, device);
-    let masked = lfm::inpaint::masked_images(images.clone(), hole.clone());
+    let masked = lfm::tasks::inpaint::masked_images(images.clone(), hole.clone());
     let z = ae.encode(to_cpu(Tensor::cat(vec![images, masked], 0)), Some(to_cpu(eps)));
     let z = Tensor::<B::InnerBackend, 4>::from_data(z.into_data(), device);
-    let condition = lfm::inpaint::condition(z.clone().narrow(0, n, n), hole, f);
+    let condition = lfm::tasks::inpaint::condition(z.clone().narrow(0, n, n), hole, f);
     let z1 = host::<B::InnerBackend>(wave(n * 4 * 8 * 8, 2.0), [n, 4, 8, 8], device);
     let batch = Batch {
         condition: Some(Tensor::from_inner(condition.clone())),
@@ -567,7 +567,7 @@ fn inpainting_step<B: AutodiffBackend>(device: &B::Device) -> TaskStep {
 /// An 8-channel UNet with a trained projection, one step: class maps → class shares per latent cell → the 1×1
 /// projection, as `lfm train --task semantic` builds them; the shares equal LFM's halved one-hot maps on this backend.
 fn semantic_step<B: AutodiffBackend>(device: &B::Device, projection: &lfm::checkpoint::TensorMap) -> TaskStep {
-    use lfm::models::conditioning::{class_shares, one_hot, SpatialRescaler};
+    use lfm::tasks::semantic::{class_shares, one_hot, SpatialRescaler};
     let (n, size, f, classes) = (2, 16, 2, 19);
     let maps: Vec<Vec<u8>> = (0..n)
         .map(|k| (0..size * size).map(|p| ((p % size / 3 + p / size / 5 + 7 * k) % classes) as u8).collect())
@@ -642,7 +642,7 @@ fn assert_same_step(task: &str, cpu: &TaskStep, gpu: &TaskStep) {
 #[test]
 fn task_training_steps_match_between_cpu_and_wgpu() {
     let inpaint_cpu = inpainting_step::<Autodiff<Cpu>>(&cpu());
-    let projection = lfm::models::conditioning::SpatialRescaler::<Cpu>::new(19, 4, 1, &cpu()).state_dict();
+    let projection = lfm::tasks::semantic::SpatialRescaler::<Cpu>::new(19, 4, 1, &cpu()).state_dict();
     let semantic_cpu = semantic_step::<Autodiff<Cpu>>(&cpu(), &projection);
     // The projection learned on cpu (so the comparison of its weights below is not vacuous).
     assert_ne!(

@@ -491,7 +491,7 @@ pub fn write_idx(path: &std::path::Path, dims: &[u32], data: &[u8], gzip: bool) 
 /// labels, then trained on for a few steps; damaged files are refused clearly.
 #[test]
 fn idx_datasets_load_and_train() {
-    use lfm::train::data::{idx_images, load_image, Source};
+    use lfm::data::{idx_images, load_image, Source};
     let s = setup();
     let (n, side) = (6usize, 16usize);
     let pixels: Vec<u8> = (0..n * side * side).map(|i| (i * 37 % 251) as u8).collect();

@@ -1,14 +1,20 @@
-//! Training data: an image folder (recursive; PNG/JPEG/WebP; optional class sub-folders), an LMDB dataset (NVAE's
-//! raw RGB or LSUN's encoded images, see [`super::lmdb`]) or an IDX file (MNIST, Fashion-MNIST; gzip or not, labels
+//! Datasets: an image folder (recursive; PNG/JPEG/WebP; optional class sub-folders), an LMDB dataset (NVAE's
+//! raw RGB or LSUN's encoded images, see [`lmdb`]) or an IDX file (MNIST, Fashion-MNIST; gzip or not, labels
 //! from its `labels-idx1` twin) encoded on the fly, or a latent file written by `lfm encode` (LFM's posterior is
-//! re-sampled every step when it holds `mean` and `std`).
+//! re-sampled every step when it holds `mean` and `std`). Training, FID references and the latent cache all read
+//! them through [`Source`] and [`ImageItem`]; [`loader`] prepares training batches from them ahead of the device.
+
+pub mod latents;
+pub mod lmdb;
+pub mod loader;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::latents::LatentStore;
-use super::lmdb::{is_lmdb, LmdbImages};
+use latents::LatentStore;
+use lmdb::{is_lmdb, LmdbImages};
+
 use crate::image::RgbImage;
 
 /// Where training examples come from.

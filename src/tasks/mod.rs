@@ -1,5 +1,6 @@
-//! LFM's downstream tasks as training inputs: what each task concatenates to the noisy latent, and reading its
-//! masks and segmentation maps.
+//! LFM's downstream tasks: what each concatenates to the noisy latent, reading its masks and segmentation maps,
+//! building the condition tensor (one builder for sampling, evaluation and training: [`condition`]), and the
+//! inpainting metrics ([`ids`]).
 //!
 //! - **Inpainting** (9 channels for a 4-channel latent): the latent of the masked image (a posterior sample) and the
 //!   mask nearest-resized to the latent grid, +1 = hole, −1 = kept.
@@ -7,11 +8,17 @@
 //!   halves it bilinearly log₂ f times, which is the mean over f×f blocks) and projected by a bias-free 1×1
 //!   convolution to the latent's channels.
 
+pub mod condition;
+pub mod ids;
+pub mod inpaint;
+pub mod masks;
+pub mod semantic;
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::data::{ImageItem, Source};
+use crate::data::{ImageItem, Source};
 
 /// What a run trains the network to do.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -87,7 +94,7 @@ impl TaskFiles {
             Task::Inpaint { masks: None, .. } => Ok(Self::default()),
             Task::Inpaint { masks: Some(dir), .. } => {
                 let mut masks = Vec::new();
-                super::data::walk_images(dir, &mut masks).map_err(|e| format!("{}: {e}", dir.display()))?;
+                crate::data::walk_images(dir, &mut masks).map_err(|e| format!("{}: {e}", dir.display()))?;
                 if masks.is_empty() {
                     return Err(format!("{}: no .png/.jpg/.jpeg/.webp masks found", dir.display()));
                 }
@@ -125,9 +132,9 @@ impl TaskFiles {
     }
 }
 
-/// Reads a mask image as 1 = hole, 0 = kept (see [`crate::inpaint::read_hole`]); it must be `size × size`.
+/// Reads a mask image as 1 = hole, 0 = kept (see [`crate::tasks::inpaint::read_hole`]); it must be `size × size`.
 pub fn read_mask(path: &Path, size: usize, white_is_hole: bool) -> Result<Vec<f32>, TaskInputError> {
-    let (w, h, hole) = crate::inpaint::read_hole(path, white_is_hole).map_err(TaskInputError::Unreadable)?;
+    let (w, h, hole) = crate::tasks::inpaint::read_hole(path, white_is_hole).map_err(TaskInputError::Unreadable)?;
     if (w, h) != (size, size) {
         return Err(TaskInputError::Invalid(format!(
             "the mask {} is {w}×{h}, the training images are {size}×{size}: masks must have the images' size",
@@ -157,7 +164,7 @@ pub fn read_segmentation(path: &Path, size: usize, flip: bool, classes: usize) -
         use image::GenericImageView;
         image::Luma([image.get_pixel(x, y).0[0]])
     });
-    let values = super::data::fit_square(grey, size, flip, image::imageops::FilterType::Nearest).into_raw();
+    let values = crate::data::fit_square(grey, size, flip, image::imageops::FilterType::Nearest).into_raw();
     if let Some(&bad) = values.iter().find(|&&c| c as usize >= classes) {
         return Err(TaskInputError::Invalid(format!(
             "{} holds class {bad}, but the run has {classes} classes (0..{}): check --seg-classes",

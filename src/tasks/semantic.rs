@@ -1,12 +1,11 @@
 //! Conditioning inputs of LFM's downstream tasks, concatenated to the latent before the velocity network.
 
 use burn::module::Module;
-use burn::nn::conv::Conv2d;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use crate::checkpoint::{CheckpointError, KeyMap, TensorMap};
 use crate::nn::init::{self, ConvSpec, Init};
-use crate::nn::{avg_pool_2x, conv2d};
+use crate::nn::{avg_pool_2x, Conv2d};
 
 /// LDM's `SpatialRescaler` as LFM's semantic synthesis uses it: a one-hot segmentation map is bilinearly halved
 /// `n_stages` times (for exact halving, bilinear at scale 0.5 is the 2×2 mean) and projected to the latent's
@@ -50,7 +49,7 @@ impl<B: Backend> SpatialRescaler<B> {
     /// The projection alone, of maps already at the latent's resolution (class shares per latent cell, see
     /// [`class_shares`]).
     pub fn project(&self, shares: Tensor<B, 4>) -> Tensor<B, 4> {
-        conv2d(&self.channel_mapper, shares)
+        self.channel_mapper.forward(shares)
     }
 
     /// The weights in LFM's `cond_stage_model` layout (`channel_mapper.weight`).

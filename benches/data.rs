@@ -21,8 +21,8 @@ use lfm::data::{open_images, Source};
 use lfm::image::{write_rgb, RgbImage};
 use lfm::tasks::{Task, TaskFiles};
 use lfm::train::nodes::{NodeGroup, NodeSpec};
-use lfm::train::run::RunSettings;
 use lfm::train::schedule::Schedule;
+use lfm::train::RunSettings;
 
 fn settings(batch_size: usize) -> RunSettings {
     RunSettings {

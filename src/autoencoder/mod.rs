@@ -79,7 +79,7 @@ impl<B: Backend> Autoencoder<B> for Taesd<B> {
     }
 
     fn factor(&self) -> usize {
-        8
+        taesd::FACTOR
     }
 
     fn encode(&self, images: Tensor<B, 4>, _eps: Option<Tensor<B, 4>>) -> Tensor<B, 4> {
@@ -167,6 +167,22 @@ fn first_existing(dir: &Path, names: &[&str]) -> Option<PathBuf> {
 }
 
 impl AutoencoderWeights {
+    /// Latent channels of the autoencoder these weights build.
+    pub fn latent_channels(&self) -> usize {
+        match self {
+            Self::Kl(config, _) => config.latent_channels,
+            Self::Taesd(..) => taesd::LATENT_CHANNELS,
+        }
+    }
+
+    /// Its downsampling factor.
+    pub fn factor(&self) -> usize {
+        match self {
+            Self::Kl(config, _) => config.factor(),
+            Self::Taesd(..) => taesd::FACTOR,
+        }
+    }
+
     /// Reads weights from `path`: for `kl`, a diffusers folder (its `config.json` and
     /// `diffusion_pytorch_model.safetensors`/`.bin`, also under `vae/`) or a weights file (config from `config` or
     /// sd-vae-ft-mse's); for `taesd`, a folder with `taesd_encoder.*` and `taesd_decoder.*`

@@ -18,6 +18,9 @@ const WIDTH: usize = 64;
 /// Latent channels.
 pub const LATENT_CHANNELS: usize = 4;
 
+/// TAESD's downsampling factor (that of SD's VAE).
+pub const FACTOR: usize = 8;
+
 /// One entry of the reference's `nn.Sequential`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {

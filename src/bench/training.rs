@@ -9,7 +9,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, ElementConversion, Tensor};
 
 use crate::models::{ModelConfig, Precision, VelocityModel};
-use crate::train::{lfm_adamw, Batch, Trainer};
+use crate::train::{lfm_adamw, Batch, Step, Trainer};
 
 /// What to benchmark.
 #[derive(Debug, Clone)]
@@ -91,10 +91,10 @@ fn bench_model<B: Backend>(
     // Each step reads its loss back, which waits for the previous step's update.
     let model = VelocityModel::<Autodiff<B>>::init(&config, device);
     let mut trainer = Trainer::new(model, lfm_adamw()).with_precision(precision);
-    trainer.step(batch(n, device), 1e-4, false);
+    trainer.step(Step::new(batch(n, device), 1e-4)).map_err(|e| e.to_string())?;
     let start = Instant::now();
     for _ in 0..steps {
-        let report = trainer.step(batch(n, device), 1e-4, false);
+        let report = trainer.step(Step::new(batch(n, device), 1e-4)).map_err(|e| e.to_string())?;
         if !report.loss.is_finite() {
             return Err(format!("{name}: the loss became {}", report.loss));
         }

@@ -14,8 +14,11 @@ use crate::data::{open_images, Source};
 use crate::models::{read_config, ModelConfig, Precision, Preset};
 use crate::tasks::{Task, TaskFiles};
 use crate::train::nodes::{fingerprint, NodeGroup, NodeSpec};
-use crate::train::run::{read_state, train, RunOutcome, RunSettings};
+use crate::train::run::{train, RunOutcome};
 use crate::train::schedule::Schedule;
+use crate::train::settings::AutoencoderShape;
+use crate::train::state::read_state;
+use crate::train::RunSettings;
 
 /// The task names of `--task`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -217,19 +220,6 @@ impl OnBackend for Job {
 
     fn run<B: Backend>(mut self, device: B::Device) -> Self::Output {
         let autoencoder = self.autoencoder.as_ref().map(|w| w.load::<B>(&device)).transpose()?;
-        if let Some(ae) = &autoencoder {
-            use crate::autoencoder::Autoencoder;
-            ae.check_fits(self.config.channels().1).map_err(|e| anyhow::anyhow!(e))?;
-            if let Source::Images { size, .. } = &self.source {
-                let side = size / ae.factor();
-                anyhow::ensure!(
-                    side == self.config.latent_size(),
-                    "--image-size {size} gives {side}×{side} latents, the model is built for {}×{}",
-                    self.config.latent_size(),
-                    self.config.latent_size()
-                );
-            }
-        }
         Ok(train::<B>(
             &self.config,
             self.init.as_ref(),
@@ -253,7 +243,6 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
         (None, None, Some(state)) if args.resume => state.model.clone(),
         _ => anyhow::bail!("give the network with --config FILE or --preset NAME"),
     };
-    config.validate().map_err(|e| anyhow::anyhow!(e))?;
     let source = match (&args.data, &args.latents) {
         (Some(data), _) => {
             open_images(data, args.image_size, args.class_folders, args.max_images).map_err(|e| anyhow::anyhow!(e))?
@@ -261,19 +250,6 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
         (None, Some(path)) => Source::Latents(LatentStore::open(path).map_err(|e| anyhow::anyhow!(e))?),
         (None, None) => anyhow::bail!("give the training data with --data DIR or --latents FILE"),
     };
-    if let (Source::Latents(store), (_, c)) = (&source, config.channels()) {
-        let side = config.latent_size();
-        anyhow::ensure!(
-            store.shape()[1..] == [c, side, side],
-            "the latents are {:?}; the model trains on [N, {c}, {side}, {side}]",
-            store.shape()
-        );
-    }
-    if let (Some(k), Some(labels)) = (config.classes(), source.labels()) {
-        if let Some(bad) = labels.iter().find(|&&y| y < 0 || y as usize >= k) {
-            anyhow::bail!("the data holds label {bad} but the model has {k} classes");
-        }
-    }
     let autoencoder = match &source {
         Source::Images { .. } => {
             Some(args.encoder.read("--data needs the autoencoder's --weights to encode the images")?)
@@ -309,20 +285,10 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
         data_parallel: args.data_parallel,
         precision: args.precision,
     };
-    anyhow::ensure!(
-        (1..=settings.batch_size).contains(&settings.grad_accum),
-        "--grad-accum {} must be between 1 and --batch-size {}",
-        settings.grad_accum,
-        settings.batch_size
-    );
-    anyhow::ensure!(
-        settings.data_parallel >= 1 && settings.grad_accum * settings.data_parallel <= settings.batch_size,
-        "--data-parallel {} × --grad-accum {} micro-batches do not fit a --batch-size of {}: every device needs at \
-         least one example",
-        settings.data_parallel,
-        settings.grad_accum,
-        settings.batch_size
-    );
+    // Every check of the settings against the network, the data and the autoencoder, before any folder or device.
+    let shape =
+        autoencoder.as_ref().map(|w| AutoencoderShape { latent_channels: w.latent_channels(), factor: w.factor() });
+    settings.validate(&config, &source, shape)?;
     super::create_folder(&args.out)?;
     let first = args.local_rank * settings.data_parallel;
     let device = backend::data_parallel_device(backend::select(choice)?, first, settings.data_parallel)?;

@@ -2,7 +2,7 @@
 //! segmentation maps, cached latents with their posterior samples — prepared on a background thread a few steps
 //! ahead, so that the device never waits on the CPU.
 //!
-//! Everything here is a function of the settings and the step number alone (see [`crate::train::run`]), so preparing
+//! Everything here is a function of the settings and the step number alone (see [`crate::train::batches`]), so preparing
 //! ahead, in parallel or after a resume gives exactly the batches a sequential run would.
 
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -14,7 +14,8 @@ use rayon::prelude::*;
 use super::{load_image, Source};
 use crate::image::RgbImage;
 use crate::tasks::{read_segmentation, Task, TaskFiles, TaskInputError};
-use crate::train::run::{RunSettings, TrainError, FLIP, POSTERIOR, SHUFFLE};
+use crate::train::batches::{FLIP, POSTERIOR, SHUFFLE};
+use crate::train::{RunSettings, TrainError};
 
 /// How many prepared batches may wait for the device.
 pub const PREFETCH_DEPTH: usize = 2;

@@ -215,7 +215,7 @@ impl<B: Backend> TimestepEmbedder<B> {
 }
 
 /// Class label → vector; the last row is the null class when label dropout is on (training drops labels on the
-/// host: [`crate::train::run::label_dropout`]).
+/// host: [`crate::train::batches::label_dropout`]).
 #[derive(Module, Debug)]
 pub struct LabelEmbedder<B: Backend> {
     /// The table.

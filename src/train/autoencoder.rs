@@ -6,7 +6,7 @@
 //! about unit variance.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use burn::backend::Autodiff;
@@ -20,7 +20,8 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::lfm_adamw;
-use super::run::TrainError;
+use super::state::{io_error, StateFolder};
+use super::TrainError;
 use crate::autoencoder::{AutoencoderKL, AutoencoderKLConfig};
 use crate::checkpoint::{collect_weights, write_safetensors, KeyMap};
 use crate::data::loader::EpochOrder;
@@ -133,24 +134,9 @@ pub struct Evaluation {
     pub latent_std: f64,
 }
 
-fn io_error(path: &Path, e: impl std::fmt::Display) -> TrainError {
-    TrainError::Io(format!("{}: {e}", path.display()))
-}
-
-fn state_dir(out: &Path) -> PathBuf {
-    out.join("train-state")
-}
-
 /// Reads `train-state/state.json` of an output folder, if there is one.
 pub fn read_autoencoder_state(out: &Path) -> Result<Option<AutoencoderState>, TrainError> {
-    let path = state_dir(out).join("state.json");
-    if !path.exists() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path).map_err(|e| io_error(&path, e))?;
-    serde_json::from_str(&text).map(Some).map_err(|e| {
-        TrainError::Invalid(format!("{}: damaged training state ({e}); delete the folder to restart", path.display()))
-    })
+    StateFolder::of(out).read()
 }
 
 const SHUFFLE: u64 = 0x4145_5348;
@@ -268,9 +254,10 @@ pub fn train_autoencoder<B: Backend>(
         )));
     }
     <A<B> as Backend>::seed(device, settings.seed);
-    let previous = read_autoencoder_state(out)?;
+    let folder = StateFolder::of(out);
+    let previous: Option<AutoencoderState> = folder.start(out, resume)?;
     // A resumed run's weights come from its checkpoint; `init` only gave the architecture.
-    let init = init.filter(|_| !(resume && previous.is_some()));
+    let init = init.filter(|_| previous.is_none());
     let mut model: AutoencoderKL<A<B>> = match init {
         Some(weights) => {
             AutoencoderKL::load(config, weights, device).map_err(|e| TrainError::Invalid(format!("--init: {e}")))?
@@ -278,12 +265,11 @@ pub fn train_autoencoder<B: Backend>(
         None => config.init(device),
     };
     let mut optimizer = lfm_adamw().init::<A<B>, AutoencoderKL<A<B>>>();
-    let dir = state_dir(out);
-    std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+    folder.create()?;
     let recorder = NamedMpkBytesRecorder::<FullPrecisionSettings>::default();
     let mut step = 0;
-    match (resume, previous) {
-        (true, Some(state)) => {
+    if let Some(state) = previous {
+        {
             if state.settings.seed != settings.seed
                 || state.settings.batch_size != settings.batch_size
                 || state.settings.decoder_only != settings.decoder_only
@@ -295,30 +281,14 @@ pub fn train_autoencoder<B: Backend>(
                         .into(),
                 ));
             }
-            let read = |name: &str| {
-                let path = dir.join(name);
-                std::fs::read(&path).map_err(|e| io_error(&path, e))
-            };
-            let damaged = |e: burn::record::RecorderError| {
-                TrainError::Invalid(format!("{}: {e}; the checkpoint is damaged (truncated?)", dir.display()))
-            };
-            let record = Recorder::<A<B>>::load(&recorder, read(&state.model_file)?, device).map_err(damaged)?;
-            model = model.load_record(record);
-            let record = Recorder::<A<B>>::load(&recorder, read(&state.optimizer_file)?, device).map_err(damaged)?;
-            optimizer = optimizer.load_record(record);
+            let damaged = |e: burn::record::RecorderError| folder.damaged(e);
+            let bytes = folder.read_file(&state.model_file)?;
+            model = model.load_record(Recorder::<A<B>>::load(&recorder, bytes, device).map_err(damaged)?);
+            let bytes = folder.read_file(&state.optimizer_file)?;
+            optimizer = optimizer.load_record(Recorder::<A<B>>::load(&recorder, bytes, device).map_err(damaged)?);
             step = state.step;
             tracing::info!("resumed at step {step}");
         }
-        (true, None) => {
-            return Err(TrainError::Invalid(format!("--resume: {} holds no training state", out.display())));
-        }
-        (false, Some(_)) => {
-            return Err(TrainError::Invalid(format!(
-                "{} already holds a training run: pass --resume to continue it, or choose another --out",
-                out.display()
-            )));
-        }
-        (false, None) => {}
     }
     if settings.decoder_only {
         model = freeze_encoder(model);
@@ -411,8 +381,8 @@ fn save<B: AutodiffBackend, O: Optimizer<AutoencoderKL<B>, B>>(
     step: usize,
     eval: Evaluation,
 ) -> Result<AutoencoderState, TrainError> {
-    let dir = state_dir(out);
-    let previous = read_autoencoder_state(out).ok().flatten();
+    let folder = StateFolder::of(out);
+    let previous: Option<AutoencoderState> = folder.read().ok().flatten();
     let weights = out.join(WEIGHTS_FILE);
     let metadata = std::collections::HashMap::from([("lfm.train.step".to_string(), step.to_string())]);
     write_safetensors(&weights, &collect_weights(&model.valid(), &KeyMap::default()), Some(metadata))
@@ -421,10 +391,10 @@ fn save<B: AutodiffBackend, O: Optimizer<AutoencoderKL<B>, B>>(
     write_atomic(&config_path, config.to_diffusers_json().as_bytes()).map_err(|e| io_error(&config_path, e))?;
     let (model_file, optimizer_file) = (format!("model-{step:09}.mpk"), format!("optimizer-{step:09}.mpk"));
     let invalid = |e: burn::record::RecorderError| TrainError::Invalid(e.to_string());
-    let bytes = Recorder::<B>::record(recorder, model.clone().into_record(), ()).map_err(invalid)?;
-    write_atomic(&dir.join(&model_file), &bytes).map_err(|e| io_error(&dir.join(&model_file), e))?;
-    let bytes = Recorder::<B>::record(recorder, optimizer.to_record(), ()).map_err(invalid)?;
-    write_atomic(&dir.join(&optimizer_file), &bytes).map_err(|e| io_error(&dir.join(&optimizer_file), e))?;
+    folder
+        .write_file(&model_file, &Recorder::<B>::record(recorder, model.clone().into_record(), ()).map_err(invalid)?)?;
+    folder
+        .write_file(&optimizer_file, &Recorder::<B>::record(recorder, optimizer.to_record(), ()).map_err(invalid)?)?;
     let state = AutoencoderState {
         step,
         config: config.clone(),
@@ -433,12 +403,9 @@ fn save<B: AutodiffBackend, O: Optimizer<AutoencoderKL<B>, B>>(
         optimizer_file,
         eval: Some(eval),
     };
-    let json = serde_json::to_vec_pretty(&state).expect("state serialises");
-    write_atomic(&dir.join("state.json"), &json).map_err(|e| io_error(&dir.join("state.json"), e))?;
-    if let Some(old) = previous.filter(|p| p.step != step) {
-        let _ = std::fs::remove_file(dir.join(old.model_file));
-        let _ = std::fs::remove_file(dir.join(old.optimizer_file));
-    }
+    let stale: Vec<String> =
+        previous.filter(|p| p.step != step).map(|old| vec![old.model_file, old.optimizer_file]).unwrap_or_default();
+    folder.commit(&state, &stale)?;
     Ok(state)
 }
 

@@ -154,7 +154,7 @@ fn named_sizes_have_the_reference_parameter_counts() {
 /// step), whatever the batch is split into, and fresh ones at the next step.
 #[test]
 fn label_dropout_is_keyed_by_seed_and_step() {
-    use lfm::train::run::label_dropout;
+    use lfm::train::batches::label_dropout;
     assert!(label_dropout(7, 3, 64, 0.0).iter().all(|&d| !d));
     assert!(label_dropout(7, 3, 64, 1.0).iter().all(|&d| d));
     let half = label_dropout(7, 3, 4096, 0.5);

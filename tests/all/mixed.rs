@@ -7,7 +7,7 @@ use lfm::backend::Wgpu;
 use lfm::checkpoint::read_weights;
 use lfm::models::{ModelConfig, Precision, VelocityModel};
 use lfm::train::mixed::{LossScaler, INITIAL_LOSS_SCALE};
-use lfm::train::{lfm_adamw, Batch, Trainer};
+use lfm::train::{lfm_adamw, Batch, Step, Trainer};
 
 use crate::common::*;
 use crate::train::{float64_gradients, max_diff, setup};
@@ -33,9 +33,9 @@ fn golden_model<B: AutodiffBackend>(device: &B::Device) -> VelocityModel<B> {
 pub(crate) fn mixed_precision_step<B: AutodiffBackend>(device: &B::Device, precision: Precision) {
     let rel = if precision == Precision::Bf16 { BF16_REL } else { F16_REL };
     let mut full = Trainer::new(golden_model::<B>(device), lfm_adamw());
-    let full_report = full.step(golden_batch(device), 1e-4, true);
+    let full_report = full.step(Step::new(golden_batch(device), 1e-4).keeping_grads()).unwrap();
     let mut trainer = Trainer::new(golden_model::<B>(device), lfm_adamw()).with_precision(precision);
-    let report = trainer.step(golden_batch(device), 1e-4, true);
+    let report = trainer.step(Step::new(golden_batch(device), 1e-4).keeping_grads()).unwrap();
     assert!(!report.skipped, "the first step's gradients are finite");
     let want_loss = get(&io("fm_loss"), "train.loss").to_f32()[0] as f64;
     assert!((report.loss - want_loss).abs() <= rel * want_loss, "loss {} vs {want_loss}", report.loss);
@@ -84,7 +84,7 @@ fn f16_overflow_skips_the_step_and_the_loss_scale_resumes_exactly() {
     let huge = LossScaler { scale: 2f64.powi(100), good_steps: 0 };
     let mut trainer = fresh().with_loss_scaler(huge.clone());
     let before = trainer.model().state_dict();
-    let report = trainer.step(golden_batch(&device), 1e-4, false);
+    let report = trainer.step(Step::new(golden_batch(&device), 1e-4)).unwrap();
     assert!(report.skipped && report.loss.is_finite(), "{report:?}");
     assert_eq!(trainer.step, 1);
     assert_eq!(trainer.loss_scaler().unwrap().scale, 2f64.powi(99));
@@ -98,13 +98,13 @@ fn f16_overflow_skips_the_step_and_the_loss_scale_resumes_exactly() {
     let saved = trainer.save_state().unwrap();
     let mut outcomes = Vec::new();
     for _ in 0..3 {
-        let report = trainer.step(golden_batch(&device), 1e-4, false);
+        let report = trainer.step(Step::new(golden_batch(&device), 1e-4)).unwrap();
         outcomes.push((report.skipped, trainer.loss_scaler().unwrap().scale));
     }
     let mut resumed = fresh();
     resumed.load_state(saved, 1, &device).unwrap();
     for (i, want) in outcomes.iter().enumerate() {
-        let report = resumed.step(golden_batch(&device), 1e-4, false);
+        let report = resumed.step(Step::new(golden_batch(&device), 1e-4)).unwrap();
         assert_eq!(&(report.skipped, resumed.loss_scaler().unwrap().scale), want, "step {}", i + 2);
     }
     for (key, tensor) in resumed.model().state_dict() {
@@ -152,7 +152,7 @@ fn f16_training_from_the_command_line() {
         assert!(line["loss"].as_f64().unwrap().is_finite(), "{line}");
         assert_eq!((&line["loss_scale"], &line["skipped"]), (&serde_json::json!(INITIAL_LOSS_SCALE), &false.into()));
     }
-    let state = std::fs::read_to_string(lfm::train::run::state_dir(&out).join("state.json")).unwrap();
+    let state = std::fs::read_to_string(lfm::train::state::StateFolder::of(&out).path().join("state.json")).unwrap();
     let state: serde_json::Value = serde_json::from_str(&state).unwrap();
     assert_eq!(state["settings"]["precision"], "f16", "{state}");
     assert_eq!(state["loss_scaler"], serde_json::json!({"scale": INITIAL_LOSS_SCALE, "good_steps": 2}), "{state}");

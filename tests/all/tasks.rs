@@ -9,7 +9,7 @@ use lfm::backend::{Cpu, Wgpu};
 use lfm::checkpoint::{read_safetensors, read_weights};
 use lfm::models::{ModelConfig, UNetConfig, VelocityModel};
 use lfm::tasks::masks::{generate, MaskParams, MaskShapes};
-use lfm::train::{lfm_adamw, Batch, Trainer};
+use lfm::train::{lfm_adamw, Batch, Step, Trainer};
 use rand::SeedableRng;
 
 use crate::common::*;
@@ -555,7 +555,7 @@ fn inpainting_step<B: AutodiffBackend>(device: &B::Device) -> TaskStep {
     let config = ModelConfig::GuidedUnet(UNetConfig { in_channels: 9, ..crate::unet::golden_config() });
     let model = VelocityModel::<B>::load(&config, &crate::unet::golden_weights_with_inputs(9), device).unwrap();
     let mut trainer = Trainer::new(model, lfm_adamw());
-    let report = trainer.step(batch, STEP_LR, true);
+    let report = trainer.step(Step::new(batch, STEP_LR).keeping_grads()).unwrap();
     TaskStep {
         condition: values(condition),
         loss: report.loss,
@@ -591,7 +591,7 @@ fn semantic_step<B: AutodiffBackend>(device: &B::Device, projection: &lfm::check
     let config = ModelConfig::GuidedUnet(UNetConfig { in_channels: 8, ..crate::unet::golden_config() });
     let model = VelocityModel::<B>::load(&config, &crate::unet::golden_weights_with_inputs(8), device).unwrap();
     let mut trainer = Trainer::new(model, lfm_adamw()).with_rescaler(rescaler, true);
-    let report = trainer.step(batch, STEP_LR, true);
+    let report = trainer.step(Step::new(batch, STEP_LR).keeping_grads()).unwrap();
     let mut after = trainer.model().state_dict();
     for (key, value) in trainer.rescaler().unwrap().state_dict() {
         after.insert(format!("rescaler.{key}"), value);

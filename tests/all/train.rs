@@ -5,7 +5,7 @@ use burn::tensor::{backend::AutodiffBackend, Tensor};
 use lfm::backend::{Cpu, Wgpu};
 use lfm::checkpoint::{read_safetensors, read_weights};
 use lfm::models::{ModelConfig, VelocityModel};
-use lfm::train::{lfm_adamw, Batch, Trainer};
+use lfm::train::{lfm_adamw, Batch, Step, Trainer};
 
 use crate::common::*;
 
@@ -23,7 +23,7 @@ pub(crate) fn float64_gradients() -> lfm::checkpoint::TensorMap {
     let model = lfm::models::precision::cast_module(VelocityModel::<A>::load(&config, &weights, &device).unwrap(), F64);
     let input = |name| tensor::<A, 4>(get(&io, name), &device).cast(F64);
     let batch = Batch::new(input("train.z0"), input("train.z1"), tensor(get(&io, "train.t"), &device).cast(F64), None);
-    Trainer::new(model, lfm_adamw()).step(batch, 1e-4, true).grads.unwrap()
+    Trainer::new(model, lfm_adamw()).step(Step::new(batch, 1e-4).keeping_grads()).unwrap().grads.unwrap()
 }
 
 /// The largest |a − b| over two equally long slices.
@@ -47,7 +47,7 @@ pub(crate) fn training_step<B: AutodiffBackend>(device: &B::Device, param_abs: f
         tensor(get(&io, "train.t"), device),
         None,
     );
-    let report = trainer.step(batch, 1e-4, true);
+    let report = trainer.step(Step::new(batch, 1e-4).keeping_grads()).unwrap();
     let want_loss = get(&io, "train.loss").to_f32()[0] as f64;
     assert!((report.loss - want_loss).abs() <= 1e-5 * want_loss, "loss {} vs {want_loss}", report.loss);
 
@@ -162,7 +162,7 @@ fn the_moving_average_follows_its_definition() {
     };
     let mut seen = vec![trainer.model().state_dict()];
     for _ in 0..2 {
-        trainer.step(batch(), 1e-2, false);
+        trainer.step(Step::new(batch(), 1e-2)).unwrap();
         seen.push(trainer.model().state_dict());
     }
     let ema = trainer.ema().unwrap().state_dict();
@@ -290,7 +290,7 @@ fn training_on_an_image_folder_lowers_the_loss_and_skips_corrupt_images() {
     assert_eq!(loss.len(), 30);
     let (first, last) = (loss[..5].iter().sum::<f64>() / 5.0, loss[25..].iter().sum::<f64>() / 5.0);
     assert!(last < 0.8 * first, "loss went from {first:.4} to {last:.4}");
-    let state = lfm::train::run::read_state(&out).unwrap().unwrap();
+    let state = lfm::train::state::read_state(&out).unwrap().unwrap();
     assert!(state.unreadable_images > 0);
     // The weights load for sampling with no flags.
     let weights = read_weights(&out.join("model.safetensors")).unwrap();
@@ -419,7 +419,7 @@ fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
         .spawn()
         .unwrap();
     let killed_at = loop {
-        if let Ok(Some(state)) = lfm::train::run::read_state(&killed) {
+        if let Ok(Some(state)) = lfm::train::state::read_state(&killed) {
             if state.step >= 10 {
                 child.kill().unwrap(); // SIGKILL
                 child.wait().unwrap();
@@ -461,8 +461,8 @@ fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
     assert!(!ok && stderr.contains("EMA decay"), "{stderr}");
 
     // A damaged checkpoint is refused clearly.
-    let state = lfm::train::run::read_state(&killed).unwrap().unwrap();
-    let file = lfm::train::run::state_dir(&killed).join(&state.model_file);
+    let state = lfm::train::state::read_state(&killed).unwrap().unwrap();
+    let file = lfm::train::state::StateFolder::of(&killed).path().join(&state.model_file);
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
     let (ok, _, stderr) = lfm(&args);
@@ -547,13 +547,13 @@ fn accumulated_micro_batches_and_global_norm_clipping_match_their_definitions() 
     };
     let lr = 1e-3;
     let mut whole = Trainer::new(load(), lfm_adamw());
-    let report = whole.step(part(0, 4), lr, true);
+    let report = whole.step(Step::new(part(0, 4), lr).keeping_grads()).unwrap();
     let grads = report.grads.unwrap();
     let want_norm = grads.values().flat_map(|g| g.to_f32()).map(|g| (g as f64).powi(2)).sum::<f64>().sqrt();
 
     // Micro-batches of 1 and 3 samples: the mean is weighted by size, not by micro-batch.
     let mut split = Trainer::new(load(), lfm_adamw());
-    let accumulated = split.step_accumulated(vec![part(0, 1), part(1, 3)], lr, None);
+    let accumulated = split.step(Step::accumulated(vec![part(0, 1), part(1, 3)], lr).clipped(None)).unwrap();
     assert!((accumulated.loss - report.loss).abs() <= 1e-6 * report.loss, "{} vs {}", accumulated.loss, report.loss);
     let norm = accumulated.grad_norm.unwrap();
     assert!((norm - want_norm).abs() <= 1e-5 * want_norm, "global norm {norm} vs {want_norm}");

@@ -126,14 +126,11 @@ impl<B: Backend> VelocityModel<B> {
 
     /// `v = model(t, x, y)`, in `x`'s dtype (computed in the weights' precision).
     pub fn forward(&self, t: Tensor<B, 1>, x: Tensor<B, 4>, y: Option<Tensor<B, 1, Int>>) -> Tensor<B, 4> {
-        let (io, compute) = (x.dtype(), self.compute_dtype());
-        let x = to_dtype(x, compute);
-        let v = match self {
+        self.in_compute_dtype(x, |x| match self {
             Self::Dit(m) => m.forward(t, x, y),
             Self::GuidedUnet(m) => m.forward(t, x, y),
             Self::EdmUnet(m) => m.forward(t, x, y),
-        };
-        to_dtype(v, io)
+        })
     }
 
     /// Whether classifier-free guidance can run on this network: LFM defines it for DiT (with a null row, i.e.
@@ -161,14 +158,11 @@ impl<B: Backend> VelocityModel<B> {
         scale: f64,
     ) -> Result<Tensor<B, 4>, ModelError> {
         self.check_guidance()?;
-        let (io, compute) = (x.dtype(), self.compute_dtype());
-        let x = to_dtype(x, compute);
-        let v = match self {
-            Self::Dit(m) => m.guided(t, x, y, scale),
-            Self::EdmUnet(m) => m.guided(t, x, y, scale),
-            Self::GuidedUnet(_) => return Err(no_guidance_for_the_guided_unet()),
-        };
-        Ok(to_dtype(v, io))
+        match self {
+            Self::Dit(m) => Ok(self.in_compute_dtype(x, |x| m.guided(t, x, y, scale))),
+            Self::EdmUnet(m) => Ok(self.in_compute_dtype(x, |x| m.guided(t, x, y, scale))),
+            Self::GuidedUnet(_) => Err(no_guidance_for_the_guided_unet()),
+        }
     }
 
     /// LFM's `forward_with_cfg` on a doubled batch `[x; x]` with labels `[y; y_null]` (DiT: `y_null` is the null
@@ -181,13 +175,17 @@ impl<B: Backend> VelocityModel<B> {
         y: Tensor<B, 1, Int>,
         scale: f64,
     ) -> Result<Tensor<B, 4>, ModelError> {
-        let (io, compute) = (x.dtype(), self.compute_dtype());
-        let x = to_dtype(x, compute);
         match self {
-            Self::Dit(m) => Ok(to_dtype(m.forward_with_cfg(t, x, y, scale), io)),
-            Self::EdmUnet(m) => Ok(to_dtype(m.forward_with_cfg(t, x, y, scale), io)),
+            Self::Dit(m) => Ok(self.in_compute_dtype(x, |x| m.forward_with_cfg(t, x, y, scale))),
+            Self::EdmUnet(m) => Ok(self.in_compute_dtype(x, |x| m.forward_with_cfg(t, x, y, scale))),
             Self::GuidedUnet(_) => Err(no_guidance_for_the_guided_unet()),
         }
+    }
+
+    /// `f` on `x` cast to the weights' precision, its result cast back to `x`'s dtype.
+    fn in_compute_dtype(&self, x: Tensor<B, 4>, f: impl FnOnce(Tensor<B, 4>) -> Tensor<B, 4>) -> Tensor<B, 4> {
+        let (io, compute) = (x.dtype(), self.compute_dtype());
+        to_dtype(f(to_dtype(x, compute)), io)
     }
 
     /// The configuration the network was built from.

@@ -143,7 +143,7 @@ impl Geometry {
 /// `out` must be valid for writes at `i·out_stride + j` for all `i < m`, `j < n`; `lhs` must hold every
 /// `i·row + a·column` for `i < m`, `a < k`, and `rhs` every `a·row + j·column` for `a < k`, `j < n`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_rows(
+pub(super) unsafe fn gemm_rows(
     m: usize,
     n: usize,
     k: usize,
@@ -485,7 +485,7 @@ pub fn packed_attention<B: Backend>(qkv: Tensor<B, 3>, heads: usize) -> Tensor<B
 
 /// Runs `f` on a 2-D `f32` tensor's buffer and its `[row, column]` strides when the buffer is contiguous in some
 /// order with non-negative strides (a weight a checkpoint loaded as a transposed view), else on a row-major copy.
-fn with_matrix<B: Backend, R>(tensor: Tensor<B, 2>, f: impl FnOnce(&[f32], [usize; 2]) -> R) -> R {
+pub(super) fn with_matrix<B: Backend, R>(tensor: Tensor<B, 2>, f: impl FnOnce(&[f32], [usize; 2]) -> R) -> R {
     let columns = tensor.dims()[1];
     let primitive = tensor.into_primitive().tensor();
     if let Some(burn_ndarray::NdArrayTensor::F32(storage)) = (&primitive as &dyn Any).downcast_ref() {
@@ -501,7 +501,7 @@ fn with_matrix<B: Backend, R>(tensor: Tensor<B, 2>, f: impl FnOnce(&[f32], [usiz
 }
 
 /// Runs `f` on an `f32` tensor's values in row-major order (see [`Values`]).
-fn with_values<B: Backend, const D: usize, R>(tensor: Tensor<B, D>, f: impl FnOnce(&[f32]) -> R) -> R {
+pub(super) fn with_values<B: Backend, const D: usize, R>(tensor: Tensor<B, D>, f: impl FnOnce(&[f32]) -> R) -> R {
     f(&Values::of(tensor))
 }
 

@@ -38,6 +38,9 @@ impl<B: Backend> Linear<B> {
         if D >= 2 && cpu::applies(&x) && cpu::applies(&weight) {
             return cpu::linear(x, weight, bias(), activation);
         }
+        if let Some(y) = super::cpu_grad::linear(&x, &weight, bias().as_ref(), activation) {
+            return y;
+        }
         if D >= 2 && lfm_kernels::matmul::own_route_applies::<B>() {
             // Burn's `linear`: x·W with W broadcast over the batch dimensions, then the bias.
             let y = lfm_kernels::matmul::matmul(x, weight.unsqueeze());

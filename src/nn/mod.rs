@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod cpu;
+mod cpu_grad;
 pub mod dtype;
 pub mod embedding;
 pub mod init;

@@ -615,3 +615,61 @@ fn previews_show_the_same_noise_improving() {
     let (ok, _, stderr) = lfm(&args);
     assert!(!ok && stderr.contains("--preview-every samples unconditional or class-conditional models"), "{stderr}");
 }
+
+/// A `Linear` layer under `Autodiff<Cpu>` runs lfm's GEMM forward and backward (`nn/cpu_grad.rs`): its output and the
+/// gradients of the input, weight and bias equal Burn's autodiff of the plain expression (`x·W + b`, then the
+/// activation as Burn ops) for one-row and odd shapes whose widths are no multiple of a SIMD width, with and without
+/// GELU, through a 3-d input; an empty batch (on which Burn's own matmul divides by zero) gives zero gradients.
+#[test]
+fn linear_backward_on_the_cpu_matches_burns_autodiff() {
+    use lfm::nn::{init, Activation, Linear};
+    type A = Autodiff<Cpu>;
+    let device = cpu();
+    let random = |shape: [usize; 3], seed: u64| {
+        let values = lfm::noise::batch(seed, 0, 1, shape.iter().product::<usize>());
+        Tensor::<A, 3>::from_data(burn::tensor::TensorData::new(values, shape), &device)
+    };
+    for (rows, k, n, activation) in [
+        (0, 5, 7, Activation::None),
+        (1, 5, 7, Activation::GeluTanh),
+        (2 * 3, 19, 33, Activation::GeluTanh),
+        (2 * 9, 17, 5, Activation::None),
+    ] {
+        let layer: Linear<A> = init::linear(k, n, init::Init::TorchDefault, &device);
+        let outer = 2.min(rows.max(1));
+        let x = random([outer, rows / outer, k], 1).require_grad();
+        let upstream = random([outer, rows / outer, n], 2);
+        // lfm's path.
+        let y = layer.forward_activated(x.clone(), activation);
+        let grads = (y.clone() * upstream.clone()).sum().backward();
+        let got = [
+            x.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap(),
+            layer.weight.val().grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap(),
+            layer.bias.as_ref().unwrap().val().grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap(),
+        ];
+        if rows == 0 {
+            // Burn's own ndarray matmul divides by zero on an empty batch; lfm's gives the empty output and zero
+            // gradients for the parameters.
+            assert_eq!(y.dims(), [1, 0, n]);
+            assert!(got[0].is_empty() && got[1] == vec![0.0; k * n] && got[2] == vec![0.0; n], "{got:?}");
+            continue;
+        }
+        // Burn's autodiff of the same expression, on fresh leaves with the same values.
+        let weight = Tensor::<A, 2>::from_inner(layer.weight.val().inner()).require_grad();
+        let bias = Tensor::<A, 1>::from_inner(layer.bias.as_ref().unwrap().val().inner()).require_grad();
+        let x_ref = Tensor::<A, 3>::from_inner(x.clone().inner()).require_grad();
+        let plain = activation.apply(burn::tensor::module::linear(x_ref.clone(), weight.clone(), Some(bias.clone())));
+        let want_grads = (plain.clone() * upstream).sum().backward();
+        let want = [
+            x_ref.grad(&want_grads).unwrap().into_data().to_vec::<f32>().unwrap(),
+            weight.grad(&want_grads).unwrap().into_data().to_vec::<f32>().unwrap(),
+            bias.grad(&want_grads).unwrap().into_data().to_vec::<f32>().unwrap(),
+        ];
+        let case = format!("{rows}×{k} → {n}, {activation:?}");
+        assert_close(&format!("{case}: output"), &values(y), &values(plain), 1e-5, 1e-6);
+        for (name, (got, want)) in ["dx", "dW", "db"].iter().zip(got.iter().zip(&want)) {
+            assert_eq!(got.len(), want.len(), "{case}: {name}");
+            assert_close(&format!("{case}: {name}"), got, want, 1e-5, 1e-6);
+        }
+    }
+}

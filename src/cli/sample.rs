@@ -443,14 +443,7 @@ pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result
         // Refuse what the network cannot do before any work.
         let probe = &job.config;
         if class_model.is_some() {
-            anyhow::ensure!(
-                probe.supports_cfg(),
-                "classifier-free guidance is not defined for the guided-diffusion UNet"
-            );
-            anyhow::ensure!(
-                probe.null_label().is_some(),
-                "--cfg-scale needs a class-conditional model trained with label dropout (a null class); this one has none"
-            );
+            probe.check_guidance().map_err(|e| anyhow::anyhow!("--cfg-scale: {e}"))?;
         }
         if let (Some(ClassChoice::Fixed(c)), Some(k)) = (job.args.class, probe.classes()) {
             anyhow::ensure!(c < k, "--class {c} is out of range: the model has classes 0..{}", k - 1);

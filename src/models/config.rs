@@ -11,6 +11,11 @@ use super::presets::Preset;
 use super::unet::UNetConfig;
 use crate::checkpoint::TensorMap;
 
+/// Why the guided-diffusion UNet cannot be sampled with classifier-free guidance.
+pub(crate) const NO_GUIDANCE_FOR_THE_GUIDED_UNET: &str =
+    "classifier-free guidance is not defined for the guided-diffusion \
+     UNet (LFM has no forward_with_cfg for it): sample without a CFG scale";
+
 /// Which network, with its hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "network", rename_all = "snake_case")]
@@ -138,6 +143,18 @@ impl ModelConfig {
     /// Whether LFM defines classifier-free guidance for this network (DiT and EDM; not the guided UNet).
     pub fn supports_cfg(&self) -> bool {
         !matches!(self, Self::GuidedUnet(_))
+    }
+
+    /// Whether classifier-free guidance can run on this network: LFM defines it for DiT (with a null row, i.e.
+    /// trained with label dropout) and class-conditional EDM UNets, not for the guided-diffusion UNet.
+    pub fn check_guidance(&self) -> Result<(), String> {
+        match (self, self.null_label()) {
+            (Self::GuidedUnet(_), _) => Err(NO_GUIDANCE_FOR_THE_GUIDED_UNET.into()),
+            (_, None) => Err("classifier-free guidance needs a class-conditional model trained with label dropout (a \
+                              null class); this one has none: sample without a CFG scale"
+                .into()),
+            _ => Ok(()),
+        }
     }
 
     /// Side of the latent the network was built for.

@@ -136,15 +136,7 @@ impl<B: Backend> VelocityModel<B> {
     /// Whether classifier-free guidance can run on this network: LFM defines it for DiT (with a null row, i.e.
     /// trained with label dropout) and class-conditional EDM UNets, not for the guided-diffusion UNet.
     pub fn check_guidance(&self) -> Result<(), ModelError> {
-        match (self, self.null_label()) {
-            (Self::GuidedUnet(_), _) => Err(no_guidance_for_the_guided_unet()),
-            (_, None) => Err(ModelError::Config(
-                "classifier-free guidance needs a class-conditional model trained with label dropout (a null class); \
-                 this one has none: sample without a CFG scale"
-                    .into(),
-            )),
-            _ => Ok(()),
-        }
+        self.config().check_guidance().map_err(ModelError::Config)
     }
 
     /// Classifier-free guidance on the batch `x` with labels `y`: `v_u + s·(v_c − v_u)`, where `v_c` is the
@@ -200,11 +192,7 @@ impl<B: Backend> VelocityModel<B> {
 
 /// Why the guided-diffusion UNet cannot be sampled with classifier-free guidance.
 fn no_guidance_for_the_guided_unet() -> ModelError {
-    ModelError::Config(
-        "classifier-free guidance is not defined for the guided-diffusion UNet (LFM has no forward_with_cfg for it): \
-         sample without a CFG scale"
-            .into(),
-    )
+    ModelError::Config(config::NO_GUIDANCE_FOR_THE_GUIDED_UNET.into())
 }
 
 /// The time of a doubled CFG batch: one time stays one, per-sample times are repeated for the second half.

@@ -13,10 +13,14 @@ pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) 
 
 /// Multi-head self-attention from a fused projection `qkv` `[N, T, 3·C]` laid out `[q | k | v] × heads × head_dim`
 /// (timm's, DiT's), returned `[N, T, C]` with the heads side by side; [`super::cpu::packed_attention`] on the CPU
-/// backend at inference, [`attention`] on the split heads elsewhere.
+/// backend at inference and under its autodiff (with a backward pass of lfm's), [`attention`] on the split heads
+/// elsewhere.
 pub fn packed_attention<B: Backend>(qkv: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
     if super::cpu::applies(&qkv) {
         return super::cpu::packed_attention(qkv, heads);
+    }
+    if let Some(out) = super::cpu_grad::packed_attention(&qkv, heads) {
+        return out;
     }
     let [n, t, width] = qkv.dims();
     let c = width / 3;

@@ -312,22 +312,40 @@ pub fn layer_norm_modulate<B: Backend>(
     let device = x.device();
     let [n, t, c] = x.dims();
     let mut out = vec![0.0f32; n * t * c];
-    if t * c > 0 {
-        let (shift, scale, x) = (Values::of(shift), Values::of(scale), Values::of(x));
-        let (shift, scale, x) = (&*shift, &*scale, &*x);
-        out.par_chunks_mut(t * c).zip(x.par_chunks(t * c)).enumerate().for_each(|(i, (out, x))| {
-            let (shift, scale) = (&shift[i * c..(i + 1) * c], &scale[i * c..(i + 1) * c]);
-            for (out, x) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                let (mean, var) = mean_var(x);
-                let (mean, std) = (mean as f32, (var + eps).sqrt() as f32);
-                for (((o, &v), &sh), &sc) in out.iter_mut().zip(x).zip(shift).zip(scale) {
-                    // Rounded step by step as the composed expression: normalise, scale, shift.
-                    *o = (v - mean) / std * (sc + 1.0) + sh;
-                }
-            }
-        });
-    }
+    let (shift, scale, x) = (Values::of(shift), Values::of(scale), Values::of(x));
+    layer_norm_modulate_into(&x, &shift, &scale, [t, c], eps, &mut out);
     Tensor::from_data(TensorData::new(out, [n, t, c]), &device)
+}
+
+/// [`layer_norm_modulate`] on row-major slices: `x` and `out` `[N, t, c]`, `shift` and `scale` `[N, c]`. Returns
+/// each row's mean and standard deviation `√(var + eps)` as the normalisation used them (in f32), which a backward
+/// pass needs to recompute the normalised row exactly.
+pub(super) fn layer_norm_modulate_into(
+    x: &[f32],
+    shift: &[f32],
+    scale: &[f32],
+    [t, c]: [usize; 2],
+    eps: f64,
+    out: &mut [f32],
+) -> Vec<[f32; 2]> {
+    let mut stats = vec![[0.0f32; 2]; x.len() / c.max(1)];
+    if t * c == 0 {
+        return stats;
+    }
+    let samples = out.par_chunks_mut(t * c).zip(x.par_chunks(t * c)).zip(stats.par_chunks_mut(t));
+    samples.enumerate().for_each(|(i, ((out, x), stats))| {
+        let (shift, scale) = (&shift[i * c..(i + 1) * c], &scale[i * c..(i + 1) * c]);
+        for ((out, x), stat) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(stats) {
+            let (mean, var) = mean_var(x);
+            let (mean, std) = (mean as f32, (var + eps).sqrt() as f32);
+            *stat = [mean, std];
+            for (((o, &v), &sh), &sc) in out.iter_mut().zip(x).zip(shift).zip(scale) {
+                // Rounded step by step as the composed expression: normalise, scale, shift.
+                *o = (v - mean) / std * (sc + 1.0) + sh;
+            }
+        }
+    });
+    stats
 }
 
 /// Mean and biased variance of `values` in f64, two passes with eight partial sums each (a single running f64 sum
@@ -410,20 +428,25 @@ pub fn add_gated<B: Backend>(x: Tensor<B, 3>, gate: Tensor<B, 2>, y: Tensor<B, 3
     let device = x.device();
     let [n, t, c] = x.dims();
     let mut out = vec![0.0f32; n * t * c];
-    if t * c > 0 {
-        let (gate, x, y) = (Values::of(gate), Values::of(x), Values::of(y));
-        let (gate, x, y) = (&*gate, &*x, &*y);
-        let samples = out.par_chunks_mut(t * c).zip(x.par_chunks(t * c).zip(y.par_chunks(t * c))).enumerate();
-        samples.for_each(|(i, (out, (x, y)))| {
-            let gate = &gate[i * c..(i + 1) * c];
-            for (out, (x, y)) in out.chunks_exact_mut(c).zip(x.chunks_exact(c).zip(y.chunks_exact(c))) {
-                for (((o, &x), &y), &g) in out.iter_mut().zip(x).zip(y).zip(gate) {
-                    *o = x + g * y;
-                }
-            }
-        });
-    }
+    let (gate, x, y) = (Values::of(gate), Values::of(x), Values::of(y));
+    add_gated_into(&x, &gate, &y, [t, c], &mut out);
     Tensor::from_data(TensorData::new(out, [n, t, c]), &device)
+}
+
+/// [`add_gated`] on row-major slices: `x`, `y` and `out` `[N, t, c]`, `gate` `[N, c]`.
+pub(super) fn add_gated_into(x: &[f32], gate: &[f32], y: &[f32], [t, c]: [usize; 2], out: &mut [f32]) {
+    if t * c == 0 {
+        return;
+    }
+    let samples = out.par_chunks_mut(t * c).zip(x.par_chunks(t * c).zip(y.par_chunks(t * c))).enumerate();
+    samples.for_each(|(i, (out, (x, y)))| {
+        let gate = &gate[i * c..(i + 1) * c];
+        for (out, (x, y)) in out.chunks_exact_mut(c).zip(x.chunks_exact(c).zip(y.chunks_exact(c))) {
+            for (((o, &x), &y), &g) in out.iter_mut().zip(x).zip(y).zip(gate) {
+                *o = x + g * y;
+            }
+        }
+    });
 }
 
 /// Multi-head self-attention `softmax(q·kᵀ/√d)·v` read straight from a fused projection `qkv` `[N, T, 3·C]`
@@ -437,50 +460,102 @@ pub fn add_gated<B: Backend>(x: Tensor<B, 3>, gate: Tensor<B, 2>, y: Tensor<B, 3
 pub fn packed_attention<B: Backend>(qkv: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
     let device = qkv.device();
     let [n, t, width] = qkv.dims();
-    assert!(
-        heads > 0 && width % (3 * heads) == 0,
-        "packed attention: {width} features do not split into q, k, v × {heads} heads"
-    );
-    let (c, head_dim) = (width / 3, width / (3 * heads));
-    let scale = (head_dim as f64).powf(-0.5) as f32;
+    let heads = AttentionHeads::new(t, width, heads);
+    let c = width / 3;
     let mut out = vec![0.0f32; n * t * c];
-    if t > 0 && head_dim > 0 {
+    if t > 0 && heads.head_dim > 0 {
         with_values(qkv, |qkv| {
             out.par_chunks_mut(t * c).zip(qkv.par_chunks(t * width)).for_each(|(out, qkv)| {
-                let mut scores = vec![0.0f32; t * t];
-                for head in 0..heads {
-                    let [q, k, v] = [0, 1, 2].map(|part| &qkv[part * c + head * head_dim..]);
-                    scores.fill(0.0);
-                    // SAFETY: q, k and v rows are `width` apart and `head_dim` wide inside the sample's `t` rows;
-                    // `scores` is `[t, t]`; the head's output columns start at `head·head_dim` of rows `c` apart.
+                let mut probabilities = vec![0.0f32; t * t];
+                for head in 0..heads.heads {
+                    let v = heads.probabilities(qkv, head, &mut probabilities);
+                    let out = out[head * heads.head_dim..].as_mut_ptr();
+                    // SAFETY: the head's output columns start at `head·head_dim` of rows `c` apart; `v`'s rows are
+                    // `width` apart and `head_dim` wide inside the sample's `t` rows.
                     unsafe {
-                        // kᵀ: element (a, j) is k[j][a].
                         gemm_rows(
                             t,
+                            heads.head_dim,
                             t,
-                            head_dim,
-                            scores.as_mut_ptr(),
-                            t,
-                            (q, [width, 1]),
-                            (k, [1, width]),
+                            out,
+                            c,
+                            (&probabilities, [t, 1]),
+                            (v, [width, 1]),
                             Parallelism::None,
-                        );
-                    }
-                    for row in scores.chunks_exact_mut(t) {
-                        // As Burn's softmax of the scaled scores: subtract the row's maximum, exponentiate, normalise.
-                        row.iter_mut().for_each(|s| *s *= scale);
-                        let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-                        row.iter_mut().for_each(|s| *s = (*s - max).exp());
-                        let sum: f32 = row.iter().sum();
-                        row.iter_mut().for_each(|s| *s /= sum);
-                    }
-                    let out = out[head * head_dim..].as_mut_ptr();
-                    unsafe { gemm_rows(t, head_dim, t, out, c, (&scores, [t, 1]), (v, [width, 1]), Parallelism::None) };
+                        )
+                    };
                 }
             })
         });
     }
     Tensor::from_data(TensorData::new(out, [n, t, c]), &device)
+}
+
+/// The geometry of multi-head attention over one sample's fused projection `[t, 3·heads·head_dim]`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct AttentionHeads {
+    /// Tokens.
+    pub t: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Features per head.
+    pub head_dim: usize,
+    /// The scores' factor, `head_dim^(−½)`.
+    pub scale: f32,
+}
+
+impl AttentionHeads {
+    /// # Panics
+    /// If `width` is not `3·heads·head_dim` (a caller bug).
+    pub fn new(t: usize, width: usize, heads: usize) -> Self {
+        assert!(
+            heads > 0 && width.is_multiple_of(3 * heads),
+            "packed attention: {width} features do not split into q, k, v × {heads} heads"
+        );
+        let head_dim = width / (3 * heads);
+        Self { t, heads, head_dim, scale: (head_dim as f64).powf(-0.5) as f32 }
+    }
+
+    /// Width of a `qkv` row.
+    pub fn width(&self) -> usize {
+        3 * self.heads * self.head_dim
+    }
+
+    /// The columns of `q`, `k` and `v` of `head` in one sample's `qkv` rows (each starting at its first element).
+    pub fn parts<'a>(&self, qkv: &'a [f32], head: usize) -> [&'a [f32]; 3] {
+        let c = self.heads * self.head_dim;
+        [0, 1, 2].map(|part| &qkv[part * c + head * self.head_dim..])
+    }
+
+    /// `softmax(q·kᵀ·scale)` of `head` into `probabilities` `[t, t]`; returns the head's `v` columns.
+    pub fn probabilities<'a>(&self, qkv: &'a [f32], head: usize, probabilities: &mut [f32]) -> &'a [f32] {
+        let (t, width) = (self.t, self.width());
+        let [q, k, v] = self.parts(qkv, head);
+        probabilities.fill(0.0);
+        // SAFETY: q and k rows are `width` apart and `head_dim` wide inside the sample's `t` rows; `probabilities`
+        // is `[t, t]`. kᵀ: element (a, j) is k[j][a].
+        unsafe {
+            gemm_rows(
+                t,
+                t,
+                self.head_dim,
+                probabilities.as_mut_ptr(),
+                t,
+                (q, [width, 1]),
+                (k, [1, width]),
+                Parallelism::None,
+            )
+        };
+        for row in probabilities.chunks_exact_mut(t) {
+            // As Burn's softmax of the scaled scores: subtract the row's maximum, exponentiate, normalise.
+            row.iter_mut().for_each(|s| *s *= self.scale);
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            row.iter_mut().for_each(|s| *s = (*s - max).exp());
+            let sum: f32 = row.iter().sum();
+            row.iter_mut().for_each(|s| *s /= sum);
+        }
+        v
+    }
 }
 
 /// Runs `f` on a 2-D `f32` tensor's buffer and its `[row, column]` strides when the buffer is contiguous in some
@@ -509,20 +584,32 @@ pub(super) fn with_values<B: Backend, const D: usize, R>(tensor: Tensor<B, D>, f
 /// buffer itself when that is contiguous: `into_data` copies element by element through ndarray's iterator whenever
 /// the buffer is shared (a weight the module still holds, an input another branch still reads), which cost more
 /// than the GEMM. Other layouts and backends are copied once.
-struct Values<B: Backend>(Result<B::FloatTensorPrimitive, Vec<f32>>);
+pub(super) struct Values<B: Backend>(Result<B::FloatTensorPrimitive, Vec<f32>>);
 
 impl<B: Backend> Values<B> {
-    fn of<const D: usize>(tensor: Tensor<B, D>) -> Self {
-        let primitive = tensor.into_primitive().tensor();
+    pub(super) fn of<const D: usize>(tensor: Tensor<B, D>) -> Self {
+        match Self::of_primitive(tensor.into_primitive().tensor()) {
+            Ok(values) => values,
+            Err(primitive) => {
+                let data = Tensor::<B, D>::from_primitive(TensorPrimitive::Float(primitive)).into_data();
+                Self(Err(data
+                    .into_vec::<f32>()
+                    .unwrap_or_else(|e| unreachable!("CPU kernels take f32 data only: {e:?}"))))
+            }
+        }
+    }
+
+    /// The values of a primitive with the CPU backend's `f32` storage (its buffer when contiguous, else a copy);
+    /// any other primitive back.
+    pub(super) fn of_primitive(primitive: B::FloatTensorPrimitive) -> Result<Self, B::FloatTensorPrimitive> {
         if let Some(burn_ndarray::NdArrayTensor::F32(storage)) = (&primitive as &dyn Any).downcast_ref() {
             let view = storage.view();
             if !view.is_standard_layout() {
-                return Self(Err(view.iter().copied().collect()));
+                return Ok(Self(Err(view.iter().copied().collect())));
             }
-            return Self(Ok(primitive));
+            return Ok(Self(Ok(primitive)));
         }
-        let data = Tensor::<B, D>::from_primitive(TensorPrimitive::Float(primitive)).into_data();
-        Self(Err(data.into_vec::<f32>().unwrap_or_else(|e| unreachable!("CPU kernels take f32 data only: {e:?}"))))
+        Err(primitive)
     }
 }
 

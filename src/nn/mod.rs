@@ -324,7 +324,8 @@ fn gelu_tanh_f32(x: f32) -> f32 {
 }
 
 /// adaLN's `modulate(layer_norm(x, eps), shift, scale)` over tokens `[N, T, C]` with per-sample `shift`, `scale`
-/// `[N, C]`; one pass ([`cpu::layer_norm_modulate`]) on the CPU backend at inference.
+/// `[N, C]`; one pass ([`cpu::layer_norm_modulate`]) on the CPU backend at inference, one pass each way under its
+/// autodiff.
 pub fn layer_norm_modulate<B: Backend>(
     x: Tensor<B, 3>,
     shift: Tensor<B, 2>,
@@ -334,14 +335,20 @@ pub fn layer_norm_modulate<B: Backend>(
     if cpu::applies(&x) && cpu::applies(&shift) && cpu::applies(&scale) {
         return cpu::layer_norm_modulate(x, shift, scale, eps);
     }
+    if let Some(y) = cpu_grad::layer_norm_modulate(&x, &shift, &scale, eps) {
+        return y;
+    }
     modulate(layer_norm(x, eps), shift, scale)
 }
 
 /// The gated residual `x + gate·y` with a per-sample `gate` `[N, C]` over tokens `[N, T, C]`; one pass
-/// ([`cpu::add_gated`]) on the CPU backend at inference.
+/// ([`cpu::add_gated`]) on the CPU backend at inference, one pass each way under its autodiff.
 pub fn add_gated<B: Backend>(x: Tensor<B, 3>, gate: Tensor<B, 2>, y: Tensor<B, 3>) -> Tensor<B, 3> {
     if cpu::applies(&x) && cpu::applies(&gate) && cpu::applies(&y) {
         return cpu::add_gated(x, gate, y);
+    }
+    if let Some(out) = cpu_grad::add_gated(&x, &gate, &y) {
+        return out;
     }
     x + gate.unsqueeze_dim::<3>(1) * y
 }

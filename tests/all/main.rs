@@ -6,6 +6,7 @@ mod checkpoint;
 mod cli;
 mod commands;
 mod common;
+mod cpu_grad;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod datasets;

@@ -550,7 +550,7 @@ impl AttentionHeads {
             // As Burn's softmax of the scaled scores: subtract the row's maximum, exponentiate, normalise.
             row.iter_mut().for_each(|s| *s *= self.scale);
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            row.iter_mut().for_each(|s| *s = (*s - max).exp());
+            super::vector_math::map_in_place(row, |s| super::vector_math::exp(s - max));
             let sum: f32 = row.iter().sum();
             row.iter_mut().for_each(|s| *s /= sum);
         }

@@ -7,6 +7,7 @@ pub mod dtype;
 pub mod embedding;
 pub mod init;
 pub mod layers;
+pub mod vector_math;
 
 pub use layers::{Conv2d, Linear};
 
@@ -305,22 +306,23 @@ impl Activation {
 
     /// The activation on `f32` values in place: ReLU and GELU rounded step by step as [`Activation::apply`] on the
     /// CPU backend; SiLU as `x / (1 + e^(−x))`, one exponential where Burn's `x·exp(−ln(1 + e^(−x)))` takes two and
-    /// a logarithm (the two agree to a few ulps).
+    /// a logarithm (the two agree to a few ulps). Exponentials are [`vector_math::exp`]'s, 8 lanes at a time.
     pub fn apply_in_place(self, values: &mut [f32]) {
         match self {
             Self::None => {}
             // `<`, not `max`: a NaN stays NaN, as with Burn's relu.
             Self::Relu => values.iter_mut().filter(|v| **v < 0.0).for_each(|v| *v = 0.0),
-            Self::GeluTanh => values.iter_mut().for_each(|v| *v = gelu_tanh_f32(*v)),
-            Self::Silu => values.iter_mut().for_each(|v| *v /= (-*v).exp() + 1.0),
+            Self::GeluTanh => vector_math::map_in_place(values, gelu_tanh_f32),
+            Self::Silu => vector_math::map_in_place(values, |v| v / (vector_math::exp(-v) + 1.0)),
         }
     }
 }
 
 /// One value of [`gelu_tanh`]'s CPU form, `x / (1 + e^(−2u))`, in the same f32 steps as its tensor expression.
+#[inline(always)]
 fn gelu_tanh_f32(x: f32) -> f32 {
     let inner = (x + x * x * x * 0.044715) * SQRT_2_OVER_PI as f32;
-    x / ((inner * -2.0).exp() + 1.0)
+    x / (vector_math::exp(inner * -2.0) + 1.0)
 }
 
 /// adaLN's `modulate(layer_norm(x, eps), shift, scale)` over tokens `[N, T, C]` with per-sample `shift`, `scale`

@@ -187,11 +187,12 @@ fn cpu_dit_kernels_equal_burns_ops() {
             let got = cpu::linear(x.clone(), weight.clone(), bias.clone(), Activation::None);
             assert_eq!(got.dims(), [batch, tokens, n], "{case}");
             assert_close(&case, &values(got.clone()), &values(want), 1e-5 * (k as f64).sqrt(), 1e-5);
-            // The fused activations are exactly the tensor expressions on the same output.
-            for activation in [Activation::Relu, Activation::GeluTanh] {
-                let fused = values(cpu::linear(x.clone(), weight.clone(), bias.clone(), activation));
-                assert_eq!(fused, values(activation.apply(got.clone())), "{activation:?} {case}");
-            }
+            // The fused activations are the tensor expressions on the same output: ReLU exactly, GELU to the
+            // rounding of its exponential (lfm's vectorised `exp` against the C library's, within 2 ulp).
+            let relu = values(cpu::linear(x.clone(), weight.clone(), bias.clone(), Activation::Relu));
+            assert_eq!(relu, values(Activation::Relu.apply(got.clone())), "ReLU {case}");
+            let gelu = values(cpu::linear(x.clone(), weight.clone(), bias.clone(), Activation::GeluTanh));
+            assert_close(&format!("GELU {case}"), &gelu, &values(Activation::GeluTanh.apply(got.clone())), 1e-6, 1e-7);
             // A sample's rows do not depend on the rest of the batch (sampling promises the same result for any
             // batch size).
             let last = cpu::linear(x.clone().narrow(0, batch - 1, 1), weight, bias, Activation::None);

@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use super::{applies, lift, lower, record, register, tensor, values, Inner};
 use crate::nn::cpu::{self, gemm_rows, with_matrix};
+use crate::nn::vector_math::{exp, zip_map};
 use crate::nn::Activation;
 
 /// Elements per parallel task of the element-wise passes.
@@ -102,11 +103,9 @@ impl Backward<Inner, 3> for LinearBackward {
             (Activation::GeluTanh, Some(z)) => {
                 let z = values(z);
                 let mut g = vec![0.0f32; upstream.len()];
-                g.par_chunks_mut(CHUNK).zip(upstream.par_chunks(CHUNK).zip(z.par_chunks(CHUNK))).for_each(
-                    |(g, (u, z))| {
-                        g.iter_mut().zip(u.iter().zip(z)).for_each(|(g, (&u, &z))| *g = u * gelu_tanh_derivative(z))
-                    },
-                );
+                g.par_chunks_mut(CHUNK)
+                    .zip(upstream.par_chunks(CHUNK).zip(z.par_chunks(CHUNK)))
+                    .for_each(|(g, (u, z))| zip_map(g, u, z, |u, z| u * gelu_tanh_derivative(z)));
                 Some(g)
             }
             _ => None,
@@ -150,9 +149,10 @@ fn column_sums(values: &[f32], n: usize) -> Vec<f32> {
 
 /// `d/dx` of [`crate::nn::gelu_tanh`], `x·σ(2u)` with `u = √(2/π)·(x + 0.044715·x³)`:
 /// `σ(2u) + x·σ(2u)·(1 − σ(2u))·2u′`.
+#[inline(always)]
 fn gelu_tanh_derivative(x: f32) -> f32 {
     let c = crate::nn::SQRT_2_OVER_PI as f32;
     let u = c * (x + 0.044715 * x * x * x);
-    let s = 1.0 / (1.0 + (-2.0 * u).exp());
+    let s = 1.0 / (1.0 + exp(-2.0 * u));
     s + x * s * (1.0 - s) * 2.0 * c * (1.0 + 3.0 * 0.044715 * x * x)
 }

@@ -140,7 +140,7 @@ impl Geometry {
 /// `[r, c]` matrix has `[c, 1]`, its transposed view `[1, c]`), with `out` row-major and rows `out_stride` apart.
 ///
 /// # Safety
-/// `out` must be valid for writes at `i·out_stride + j` for all `i < m`, `j < n`; `lhs` must hold every
+/// `out` must be valid for reads and writes at `i·out_stride + j` for all `i < m`, `j < n`; `lhs` must hold every
 /// `i·row + a·column` for `i < m`, `a < k`, and `rhs` every `a·row + j·column` for `a < k`, `j < n`.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn gemm_rows(
@@ -149,6 +149,39 @@ pub(super) unsafe fn gemm_rows(
     k: usize,
     out: *mut f32,
     out_stride: usize,
+    lhs: (&[f32], [usize; 2]),
+    rhs: (&[f32], [usize; 2]),
+    parallelism: Parallelism,
+) {
+    unsafe { gemm_strided(m, n, k, (out, out_stride, true), lhs, rhs, parallelism) }
+}
+
+/// `out[m×n] = lhs[m×k] · rhs[k×n]`, as [`gemm_rows`] but overwriting `out` without reading it (so it may be
+/// uninitialised memory). `k` must be at least 1.
+///
+/// # Safety
+/// As [`gemm_rows`], with `out` valid for writes only.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_rows_set(
+    m: usize,
+    n: usize,
+    k: usize,
+    out: *mut f32,
+    out_stride: usize,
+    lhs: (&[f32], [usize; 2]),
+    rhs: (&[f32], [usize; 2]),
+    parallelism: Parallelism,
+) {
+    debug_assert!(k > 0, "an empty product leaves the output unwritten");
+    unsafe { gemm_strided(m, n, k, (out, out_stride, false), lhs, rhs, parallelism) }
+}
+
+/// The `gemm` crate's product on strided operands, accumulating into `out` or overwriting it.
+unsafe fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    (out, out_stride, accumulate): (*mut f32, usize, bool),
     (lhs, [lhs_row, lhs_column]): (&[f32], [usize; 2]),
     (rhs, [rhs_row, rhs_column]): (&[f32], [usize; 2]),
     parallelism: Parallelism,
@@ -156,7 +189,8 @@ pub(super) unsafe fn gemm_rows(
     let last = |rows: usize, columns: usize, [row, column]: [usize; 2]| (rows - 1) * row + (columns - 1) * column;
     debug_assert!(m == 0 || k == 0 || lhs.len() > last(m, k, [lhs_row, lhs_column]));
     debug_assert!(k == 0 || n == 0 || rhs.len() > last(k, n, [rhs_row, rhs_column]));
-    // gemm computes dst = α·dst + β·lhs·rhs with (column stride, row stride) pairs.
+    // gemm computes dst = α·dst + β·lhs·rhs (dst unread when `read_dst` is false) with (column stride, row stride)
+    // pairs.
     unsafe {
         gemm::gemm(
             m,
@@ -165,7 +199,7 @@ pub(super) unsafe fn gemm_rows(
             out,
             1,
             out_stride as isize,
-            true,
+            accumulate,
             lhs.as_ptr(),
             lhs_column as isize,
             lhs_row as isize,
@@ -180,6 +214,25 @@ pub(super) unsafe fn gemm_rows(
             parallelism,
         )
     }
+}
+
+/// A vector of `len` floats written in parallel parts of `part` elements (the last one may be shorter):
+/// `write(i, buffer, len)` gets part `i`'s uninitialised buffer and its length. Skips the zeroing pass a
+/// `vec![0.0; len]` costs (a recycled heap buffer is zeroed by `calloc`), one core's memset per output.
+///
+/// # Safety
+/// `write` must write every element of its part.
+pub(super) unsafe fn par_written_vec(
+    len: usize,
+    part: usize,
+    write: impl Fn(usize, *mut f32, usize) + Sync,
+) -> Vec<f32> {
+    let mut values = Vec::with_capacity(len);
+    let parts = values.spare_capacity_mut()[..len].par_chunks_mut(part.max(1)).enumerate();
+    parts.for_each(|(i, buffer)| write(i, buffer.as_mut_ptr().cast(), buffer.len()));
+    // SAFETY: the caller's `write` initialised every part, so all `len` elements.
+    unsafe { values.set_len(len) };
+    values
 }
 
 /// `activation(conv2d(x, weight, bias, stride, padding))` for `f32` tensors on the CPU backend without autodiff
@@ -264,36 +317,52 @@ pub fn linear<B: Backend, const D: usize>(
     let [k_weight, n] = weight.dims();
     assert_eq!(k, k_weight, "linear: input features {k} but a weight of {k_weight} rows");
     let m = dims[..D - 1].iter().product::<usize>();
-    let mut out = vec![0.0f32; m * n];
-    if let Some(bias) = bias {
-        with_values(bias, |bias| out.chunks_exact_mut(n.max(1)).for_each(|row| row.copy_from_slice(bias)));
-    }
-    if m > 0 && n > 0 && k > 0 {
+    let bias = bias.map(Values::of);
+    let mut out = Vec::with_capacity(m * n);
+    if m > 0 && n > 0 {
         with_matrix(weight, |weight, strides| {
             with_values(x, |x| {
                 let rows = m.div_ceil(rayon::current_num_threads()).max(LINEAR_MIN_ROWS_PER_TASK);
-                out.par_chunks_mut(rows * n).zip(x.par_chunks(rows * k)).for_each(|(out, x)| {
-                    // SAFETY: `out` holds `rows` rows of `n`, `x` the same rows of `k`, and `weight` is `[k, n]`
-                    // with the strides `with_matrix` reports.
-                    unsafe {
-                        gemm_rows(
-                            out.len() / n,
-                            n,
-                            k,
-                            out.as_mut_ptr(),
-                            n,
-                            (x, [k, 1]),
-                            (weight, strides),
-                            Parallelism::None,
-                        )
-                    };
-                    activation.apply_in_place(out);
+                let parts = out.spare_capacity_mut()[..m * n].par_chunks_mut(rows * n);
+                parts.enumerate().for_each(|(i, part)| {
+                    let first = i * rows;
+                    let x = &x[first * k..(first + part.len() / n) * k];
+                    // Each row starts as the bias (or zero), written once into the uninitialised buffer.
+                    for row in part.chunks_exact_mut(n) {
+                        match &bias {
+                            Some(bias) => row.iter_mut().zip(bias.iter()).for_each(|(o, &b)| {
+                                o.write(b);
+                            }),
+                            None => row.iter_mut().for_each(|o| {
+                                o.write(0.0);
+                            }),
+                        }
+                    }
+                    // SAFETY: every element of `part` was written above.
+                    let part = unsafe { &mut *(part as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+                    if k > 0 {
+                        // SAFETY: `part` holds whole rows of `n`, `x` the same rows of `k`, and `weight` is
+                        // `[k, n]` with the strides `with_matrix` reports.
+                        unsafe {
+                            gemm_rows(
+                                part.len() / n,
+                                n,
+                                k,
+                                part.as_mut_ptr(),
+                                n,
+                                (x, [k, 1]),
+                                (weight, strides),
+                                Parallelism::None,
+                            )
+                        };
+                    }
+                    activation.apply_in_place(part);
                 })
             })
         });
-    } else {
-        activation.apply_in_place(&mut out);
     }
+    // SAFETY: the tasks above wrote all `m·n` elements (none when the output is empty).
+    unsafe { out.set_len(m * n) };
     let mut out_dims = dims;
     out_dims[D - 1] = n;
     Tensor::from_data(TensorData::new(out, out_dims), &device)
@@ -473,7 +542,7 @@ pub fn packed_attention<B: Backend>(qkv: Tensor<B, 3>, heads: usize) -> Tensor<B
                     // SAFETY: the head's output columns start at `head·head_dim` of rows `c` apart; `v`'s rows are
                     // `width` apart and `head_dim` wide inside the sample's `t` rows.
                     unsafe {
-                        gemm_rows(
+                        gemm_rows_set(
                             t,
                             heads.head_dim,
                             t,
@@ -531,11 +600,10 @@ impl AttentionHeads {
     pub fn probabilities<'a>(&self, qkv: &'a [f32], head: usize, probabilities: &mut [f32]) -> &'a [f32] {
         let (t, width) = (self.t, self.width());
         let [q, k, v] = self.parts(qkv, head);
-        probabilities.fill(0.0);
-        // SAFETY: q and k rows are `width` apart and `head_dim` wide inside the sample's `t` rows; `probabilities`
-        // is `[t, t]`. kᵀ: element (a, j) is k[j][a].
+        // SAFETY: q and k rows are `width` apart and `head_dim` wide (≥ 1, checked by the callers) inside the
+        // sample's `t` rows; `probabilities` is `[t, t]`. kᵀ: element (a, j) is k[j][a].
         unsafe {
-            gemm_rows(
+            gemm_rows_set(
                 t,
                 t,
                 self.head_dim,

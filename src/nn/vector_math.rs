@@ -30,8 +30,11 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let y = (p * (r * r) + r) + 1.0;
-    // 2ⁿ as 2ⁿ⁻¹·2, so that n = 128 (x near the top of the range) still has a finite exponent field.
-    let half_scale = f32::from_bits(((n as i32 + 126) << 23) as u32);
+    // 2ⁿ as 2ⁿ⁻¹·2, so that n = 128 (x near the top of the range) still has a finite exponent field. The biased
+    // exponent n + 126 ∈ [2, 254] is read from the low mantissa bits of n + 126 + 2²³ rather than by a float-to-int
+    // conversion, whose saturating NaN rule the compiler cannot vectorise.
+    let biased = (n + (126.0 + 8_388_608.0)).to_bits().wrapping_sub(0x4B00_0000);
+    let half_scale = f32::from_bits(biased << 23);
     let value = y * half_scale * 2.0;
     if x < EXP_LOW {
         0.0

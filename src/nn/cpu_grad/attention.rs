@@ -10,7 +10,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::{applies, lift, lower, record, register, values, Inner};
-use crate::nn::cpu::{self, gemm_rows, AttentionHeads};
+use crate::nn::cpu::{self, gemm_rows_set, AttentionHeads};
 
 /// `softmax(q·kᵀ/√d)·v` per head from `qkv` `[N, T, 3·C]` (timm's layout), returned `[N, T, C]`, when `B` is
 /// `Autodiff<NdArray<f32>>` and `qkv` is `f32`; `None` otherwise.
@@ -64,14 +64,13 @@ impl Backward<Inner, 1> for AttentionBackward {
                     let [q, k, _] = heads.parts(qkv, head);
                     let d_o = &d_out[head * head_dim..];
                     let [dq, dk, dv] = [0, 1, 2].map(|part| dqkv[part * c + head * head_dim..].as_mut_ptr());
-                    dp.fill(0.0);
                     // SAFETY: p and dp are [t, t]; q, k, v and their gradients' columns are `head_dim` wide in rows
                     // `width` apart; dO's in rows `c` apart; each head writes its own columns of dqkv.
                     unsafe {
                         // dV = Pᵀ·dO.
-                        gemm_rows(t, head_dim, t, dv, width, (&p, [1, t]), (d_o, [c, 1]), none);
+                        gemm_rows_set(t, head_dim, t, dv, width, (&p, [1, t]), (d_o, [c, 1]), none);
                         // dP = dO·Vᵀ.
-                        gemm_rows(t, t, head_dim, dp.as_mut_ptr(), t, (d_o, [c, 1]), (v, [1, width]), none);
+                        gemm_rows_set(t, t, head_dim, dp.as_mut_ptr(), t, (d_o, [c, 1]), (v, [1, width]), none);
                     }
                     for (dp, p) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
                         let dot = dp.iter().zip(p.iter()).map(|(&d, &p)| (d * p) as f64).sum::<f64>() as f32;
@@ -79,8 +78,8 @@ impl Backward<Inner, 1> for AttentionBackward {
                     }
                     unsafe {
                         // dQ = dS·K, dK = dSᵀ·Q.
-                        gemm_rows(t, head_dim, t, dq, width, (&dp, [t, 1]), (k, [width, 1]), none);
-                        gemm_rows(t, head_dim, t, dk, width, (&dp, [1, t]), (q, [width, 1]), none);
+                        gemm_rows_set(t, head_dim, t, dq, width, (&dp, [t, 1]), (k, [width, 1]), none);
+                        gemm_rows_set(t, head_dim, t, dk, width, (&dp, [1, t]), (q, [width, 1]), none);
                     }
                 }
             });

@@ -14,12 +14,14 @@ pub mod run;
 pub mod schedule;
 pub mod settings;
 pub mod state;
+pub mod step;
 pub mod trainer;
 
 use burn::optim::AdamWConfig;
 
 pub use settings::RunSettings;
-pub use trainer::{flow_matching_loss, Batch, DeviceShards, SavedState, Step, StepReport, TrainNet, Trainer};
+pub use step::{DeviceShards, Step};
+pub use trainer::{flow_matching_loss, Batch, SavedState, StepReport, TrainNet, Trainer};
 
 /// AdamW as LFM configures it: betas (0.9, 0.999), eps 1e-8, weight decay 0 (LFM's `--beta1/--beta2` are ignored).
 pub fn lfm_adamw() -> AdamWConfig {

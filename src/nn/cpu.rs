@@ -235,6 +235,19 @@ pub(super) unsafe fn par_written_vec(
     values
 }
 
+/// A vector of `len` floats filled in parallel chunks of `chunk` elements: `fill(range, values)` gets the chunk
+/// covering `range`, zeroed just before in cache (not the whole buffer by one core first, as `vec![0.0; len]`).
+pub(super) fn par_filled_vec(len: usize, chunk: usize, fill: impl Fn(Range<usize>, &mut [f32]) + Sync) -> Vec<f32> {
+    let chunk = chunk.max(1);
+    // SAFETY: each part is zeroed before `fill` sees it, so every element is written.
+    unsafe {
+        par_written_vec(len, chunk, |i, part, part_len| {
+            std::ptr::write_bytes(part, 0, part_len);
+            fill(i * chunk..i * chunk + part_len, std::slice::from_raw_parts_mut(part, part_len))
+        })
+    }
+}
+
 /// `activation(conv2d(x, weight, bias, stride, padding))` for `f32` tensors on the CPU backend without autodiff
 /// (see [`applies`]): `x` `[N, in, H, W]`, `weight` `[out, in, kh, kw]`, symmetric zero padding `[ph, pw]`. The
 /// activation runs on each image's output while it is still in cache, where Burn's relu would be one more pass.

@@ -5,10 +5,9 @@ use burn::backend::autodiff::{checkpoint::base::Checkpointer, grads::Gradients, 
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{backend::Backend, Tensor, TensorMetadata, TensorPrimitive};
 use gemm::Parallelism;
-use rayon::prelude::*;
 
 use super::{applies, lift, lower, record, register, tensor, values, Inner};
-use crate::nn::cpu::{self, gemm_rows_set, par_written_vec, with_matrix};
+use crate::nn::cpu::{self, gemm_rows_set, par_filled_vec, par_written_vec, with_matrix};
 use crate::nn::vector_math::{exp, zip_map};
 use crate::nn::Activation;
 
@@ -48,9 +47,8 @@ pub(crate) fn linear<B: Backend, const D: usize>(
         let y = match activation {
             Activation::GeluTanh => {
                 let z = values(z.clone());
-                let mut y = vec![0.0f32; z.len()];
-                y.par_chunks_mut(CHUNK).zip(z.par_chunks(CHUNK)).for_each(|(y, z)| {
-                    y.copy_from_slice(z);
+                let y = par_filled_vec(z.len(), CHUNK, |range, y| {
+                    y.copy_from_slice(&z[range]);
                     activation.apply_in_place(y);
                 });
                 tensor(y, out_dims.to_vec())
@@ -102,16 +100,9 @@ impl Backward<Inner, 3> for LinearBackward {
         let through_activation = match (self.activation, z) {
             (Activation::GeluTanh, Some(z)) => {
                 let z = values(z);
-                // SAFETY: each part is zeroed, then written whole by `zip_map`.
-                Some(unsafe {
-                    par_written_vec(upstream.len(), CHUNK, |i, g, len| {
-                        let range = i * CHUNK..i * CHUNK + len;
-                        // Zeroed first, in cache: a `&mut [f32]` must not see uninitialised memory.
-                        std::ptr::write_bytes(g, 0, len);
-                        let g = std::slice::from_raw_parts_mut(g, len);
-                        zip_map(g, &upstream[range.clone()], &z[range], |u, z| u * gelu_tanh_derivative(z))
-                    })
-                })
+                Some(par_filled_vec(upstream.len(), CHUNK, |range, g| {
+                    zip_map(g, &upstream[range.clone()], &z[range], |u, z| u * gelu_tanh_derivative(z))
+                }))
             }
             _ => None,
         };

@@ -53,7 +53,7 @@ pub fn modulate<B: Backend>(x: Tensor<B, 3>, shift: Tensor<B, 2>, scale: Tensor<
 }
 
 /// GroupNorm with a per-channel affine transform, over `[N, C, …]` (any rank ≥ 3), biased variance, as
-/// `torch.nn.functional.group_norm`.
+/// `torch.nn.functional.group_norm`; the parameters of [`group_norm`].
 #[derive(burn::module::Module, Debug)]
 pub struct GroupNorm<B: Backend> {
     /// Per-channel scale (γ).
@@ -82,66 +82,89 @@ impl<B: Backend> GroupNorm<B> {
         self.forward_activated(x, Activation::None)
     }
 
-    /// `activation(forward(x))`; one kernel ([`cpu::group_norm`]) on the CPU backend at inference.
+    /// `activation(forward(x))` ([`group_norm`] without a modulation).
     pub fn forward_activated<const D: usize>(&self, x: Tensor<B, D>, activation: Activation) -> Tensor<B, D> {
-        if self.on_cpu_kernel(&x) {
-            return self.cpu_kernel(x, None, activation);
-        }
-        activation.apply(self.normalize(x))
+        group_norm(x, self.affine(), None, self.num_groups, self.eps, activation)
     }
 
-    /// The scale-shift norm `activation(forward(x)·(1 + scale) + shift)` of `x` `[N, C, H, W]` with per-sample,
+    /// The scale-shift norm `activation(forward(x)·(1 + scale) + shift)` of `x` `[N, C, …]` with per-sample,
     /// per-channel `scale`, `shift` `[N, C]`, or `[1, C]` for the whole batch (guided diffusion's
-    /// `use_scale_shift_norm`, EDM's `adaptive_scale`); one kernel on the CPU backend at inference.
-    pub fn forward_modulated(
+    /// `use_scale_shift_norm`, EDM's `adaptive_scale`; [`group_norm`]).
+    pub fn forward_modulated<const D: usize>(
         &self,
-        x: Tensor<B, 4>,
+        x: Tensor<B, D>,
         scale: Tensor<B, 2>,
         shift: Tensor<B, 2>,
         activation: Activation,
-    ) -> Tensor<B, 4> {
-        if self.on_cpu_kernel(&x) && cpu::applies(&scale) && cpu::applies(&shift) {
-            let [n, c, ..] = x.dims();
-            let [scale, shift] = [scale, shift].map(|t| t.expand([n, c]));
-            return self.cpu_kernel(x, Some([scale, shift]), activation);
-        }
-        let [n, c] = scale.dims();
-        let scale = scale.reshape([n, c, 1, 1]).add_scalar(1.0);
-        activation.apply(self.normalize(x) * scale + shift.reshape([n, c, 1, 1]))
-    }
-
-    fn on_cpu_kernel<const D: usize>(&self, x: &Tensor<B, D>) -> bool {
-        cpu::applies(x) && cpu::applies(&self.weight.val()) && cpu::applies(&self.bias.val())
-    }
-
-    fn cpu_kernel<const D: usize>(
-        &self,
-        x: Tensor<B, D>,
-        modulation: Option<[Tensor<B, 2>; 2]>,
-        activation: Activation,
     ) -> Tensor<B, D> {
-        let dims = x.dims();
-        let flat = x.reshape([dims[0], dims[1], dims[2..].iter().product()]);
-        let affine = [self.weight.val(), self.bias.val()];
-        cpu::group_norm(flat, affine, modulation, self.num_groups, self.eps, activation).reshape(dims)
+        group_norm(x, self.affine(), Some([scale, shift]), self.num_groups, self.eps, activation)
     }
 
-    /// The normalisation and affine transform as Burn tensor ops (GPU backends, autodiff, 16-bit tensors).
-    fn normalize<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let dims = x.dims();
-        let (n, c) = (dims[0], dims[1]);
-        let rest: usize = dims[2..].iter().product();
-        // Statistics in f32 for 16-bit inputs (their sums lose the variance); γ, β in the input's dtype.
-        let dtype = x.dtype();
-        let grouped = x.reshape([n, self.num_groups, (c / self.num_groups) * rest]);
-        let grouped = dtype::to_dtype(grouped, dtype::accumulation_dtype(dtype));
-        let (var, mean) = grouped.clone().var_mean_bias(2);
-        let normed = ((grouped - mean) / var.add_scalar(self.eps).sqrt()).reshape([n, c, rest]);
-        let normed = dtype::to_dtype(normed, dtype);
-        let gamma = self.weight.val().reshape([1, c, 1]);
-        let beta = self.bias.val().reshape([1, c, 1]);
-        (normed * gamma + beta).reshape(dims)
+    fn affine(&self) -> [Tensor<B, 1>; 2] {
+        [self.weight.val(), self.bias.val()]
     }
+}
+
+/// `activation((GroupNorm(x)·γ + β)·(1 + scale) + shift)` of `x` `[N, C, …]` (any rank ≥ 3: `[N, C, L]` with the
+/// rest flattened) with `groups` groups, biased variance plus `eps`, the affine `[γ, β]` `[C]` and an optional
+/// modulation `[scale, shift]` `[N, C]` or `[1, C]` (without one, `activation(GroupNorm(x)·γ + β)`).
+///
+/// One kernel on the CPU backend at inference ([`cpu::group_norm`]), one tracked operation each way under its
+/// autodiff (none or SiLU), [`group_norm_reference`]'s tensor ops elsewhere (GPU backends, 16-bit tensors).
+pub fn group_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    [gamma, beta]: [Tensor<B, 1>; 2],
+    modulation: Option<[Tensor<B, 2>; 2]>,
+    groups: usize,
+    eps: f64,
+    activation: Activation,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let (n, c) = (dims[0], dims[1]);
+    let flat = x.reshape([n, c, dims[2..].iter().product()]);
+    let params_on_cpu = cpu::applies(&gamma) && cpu::applies(&beta);
+    let modulation_on_cpu = modulation.as_ref().is_none_or(|m| m.iter().all(cpu::applies));
+    if cpu::applies(&flat) && params_on_cpu && modulation_on_cpu {
+        let modulation = modulation.map(|m| m.map(|t| t.expand([n, c])));
+        return cpu::group_norm(flat, [gamma, beta], modulation, groups, eps, activation).reshape(dims);
+    }
+    if cpu_grad::backend_applies::<B>() {
+        let modulation = modulation.clone().map(|m| m.map(|t| t.expand([n, c])));
+        let modulation = modulation.as_ref().map(|[scale, shift]| [scale, shift]);
+        if let Some(y) = cpu_grad::group_norm(&flat, [&gamma, &beta], modulation, groups, eps, activation) {
+            return y.reshape(dims);
+        }
+    }
+    group_norm_reference(flat, [gamma, beta], modulation, groups, eps, activation).reshape(dims)
+}
+
+/// [`group_norm`] of `x` `[N, C, L]` as Burn tensor ops: statistics in f32 for 16-bit `x` (16-bit sums lose the
+/// variance), γ, β and the modulation in `x`'s dtype. The route of GPU backends and 16-bit tensors, and the plain
+/// expression the kernels are tested against.
+pub fn group_norm_reference<B: Backend>(
+    x: Tensor<B, 3>,
+    [gamma, beta]: [Tensor<B, 1>; 2],
+    modulation: Option<[Tensor<B, 2>; 2]>,
+    groups: usize,
+    eps: f64,
+    activation: Activation,
+) -> Tensor<B, 3> {
+    let [n, c, len] = x.dims();
+    let dtype = x.dtype();
+    let grouped = x.reshape([n, groups, (c / groups) * len]);
+    let grouped = dtype::to_dtype(grouped, dtype::accumulation_dtype(dtype));
+    let (var, mean) = grouped.clone().var_mean_bias(2);
+    let normed = ((grouped - mean) / var.add_scalar(eps).sqrt()).reshape([n, c, len]);
+    let normed = dtype::to_dtype(normed, dtype);
+    let y = normed * gamma.reshape([1, c, 1]) + beta.reshape([1, c, 1]);
+    let y = match modulation {
+        Some([scale, shift]) => {
+            let rows = scale.dims()[0];
+            y * scale.reshape([rows, c, 1]).add_scalar(1.0) + shift.reshape([rows, c, 1])
+        }
+        None => y,
+    };
+    activation.apply(y)
 }
 
 /// Nearest-neighbour ×2 upsampling of `[N, C, H, W]` (`F.interpolate(scale_factor=2, mode="nearest")`; also what
@@ -269,6 +292,9 @@ pub fn conv2d_padded<B: Backend>(
 ) -> Tensor<B, 4> {
     if cpu::applies(&x) && cpu::applies(&weight) {
         return cpu::conv2d(x, weight, bias, stride, padding, activation);
+    }
+    if let Some(y) = cpu_grad::conv2d(&x, &weight, bias.as_ref(), stride, padding) {
+        return activation.apply(y);
     }
     let y = if convolves_by_im2col::<B>() {
         conv2d_im2col(x, weight, bias, stride, padding)

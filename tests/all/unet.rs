@@ -184,13 +184,11 @@ fn full_size_guided_unets_have_the_reference_parameter_counts() {
 
 #[test]
 fn cpu_group_norm_kernel_equals_the_tensor_route() {
-    use burn::backend::Autodiff;
     use burn::module::Param;
     use burn::tensor::{Distribution, Tensor};
-    use lfm::nn::{Activation, GroupNorm};
-    // The same norm on the CPU kernel (ndarray at inference) and on Burn's tensor ops (ndarray under autodiff, the
+    use lfm::nn::{group_norm_reference, Activation, GroupNorm};
+    // The same norm on the CPU kernel (ndarray at inference) and as Burn's tensor ops (`group_norm_reference`, the
     // route GPU backends take), with random γ, β, an offset mean and odd spatial sizes.
-    type Ad = Autodiff<Cpu>;
     for (batch, channels, groups, [h, w]) in [(2, 8, 4, [5, 3]), (3, 64, 32, [8, 8]), (1, 6, 1, [1, 1])] {
         let x = Tensor::<Cpu, 4>::random([batch, channels, h, w], Distribution::Normal(0.5, 2.0), &cpu());
         let [gamma, beta] =
@@ -203,21 +201,22 @@ fn cpu_group_norm_kernel_equals_the_tensor_route() {
             num_groups: groups,
             eps: 1e-5,
         };
-        let ad = |t: Tensor<Cpu, 1>| Param::from_tensor(Tensor::<Ad, 1>::from_data(t.into_data(), &cpu()));
-        let tensor_ops = GroupNorm { weight: ad(gamma), bias: ad(beta), num_groups: groups, eps: 1e-5 };
-        let to_ad4 = |t: Tensor<Cpu, 4>| Tensor::<Ad, 4>::from_data(t.into_data(), &cpu());
-        let to_ad2 = |t: Tensor<Cpu, 2>| Tensor::<Ad, 2>::from_data(t.into_data(), &cpu());
+        let tensor_ops = |modulation: Option<[Tensor<Cpu, 2>; 2]>, activation| {
+            let flat = x.clone().reshape([batch, channels, h * w]);
+            let y = group_norm_reference(flat, [gamma.clone(), beta.clone()], modulation, groups, 1e-5, activation);
+            y.reshape([batch, channels, h, w])
+        };
         for activation in [Activation::None, Activation::Silu] {
             let case = format!("{batch}×{channels}×{h}×{w}, {groups} groups, {activation:?}");
             let got = kernel.forward_activated(x.clone(), activation);
-            let want = tensor_ops.forward_activated(to_ad4(x.clone()), activation);
+            let want = tensor_ops(None, activation);
             assert_eq!(got.dims(), [batch, channels, h, w], "{case}");
             assert_close(&case, &values(got), &values(want), 2e-6, 2e-6);
             // Per-sample modulations, and one `[1, C]` row for the whole batch (a single time value).
             for rows in [batch, 1] {
                 let [scale, shift] = [&scale, &shift].map(|t| t.clone().narrow(0, 0, rows));
                 let got = kernel.forward_modulated(x.clone(), scale.clone(), shift.clone(), activation);
-                let want = tensor_ops.forward_modulated(to_ad4(x.clone()), to_ad2(scale), to_ad2(shift), activation);
+                let want = tensor_ops(Some([scale, shift]), activation);
                 assert_close(&format!("modulated ({rows} rows) {case}"), &values(got), &values(want), 2e-6, 2e-6);
             }
         }

@@ -5,11 +5,11 @@
 
 use burn::backend::autodiff::{checkpoint::base::Checkpointer, grads::Gradients, ops::Backward, ops::Ops};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{applies, lift, lower, record, register, values, Inner};
+use super::{applies, inner, lift, lower, record, register, values, Inner};
 use crate::nn::cpu::{self, gemm_rows_set, AttentionHeads};
 
 /// `softmax(q·kᵀ/√d)·v` per head from `qkv` `[N, T, 3·C]` (timm's layout), returned `[N, T, C]`, when `B` is
@@ -25,8 +25,7 @@ pub(crate) fn packed_attention<B: Backend>(qkv: &Tensor<B, 3>, heads: usize) -> 
     let geometry = AttentionHeads::new(t, width, heads);
     let qkv = lift(qkv);
     let out = record(AttentionBackward { n, geometry }, [&qkv], || {
-        let input = Tensor::<Inner, 3>::from_primitive(TensorPrimitive::Float(qkv.primitive.clone()));
-        (cpu::packed_attention(input, heads).into_primitive().tensor(), qkv.primitive.clone())
+        (cpu::packed_attention(inner::<3>(qkv.primitive.clone()), heads).into_primitive().tensor(), qkv.primitive.clone())
     });
     Some(lower(out))
 }

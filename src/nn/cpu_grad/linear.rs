@@ -3,10 +3,10 @@
 
 use burn::backend::autodiff::{checkpoint::base::Checkpointer, grads::Gradients, ops::Backward, ops::Ops};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{backend::Backend, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{backend::Backend, Tensor, TensorMetadata};
 use gemm::Parallelism;
 
-use super::{applies, lift, lower, record, register, tensor, values, Inner};
+use super::{applies, inner, lift, lower, record, register, tensor, values, Inner};
 use crate::nn::cpu::{self, gemm_rows_set, par_filled_vec, par_written_vec, with_matrix};
 use crate::nn::vector_math::{exp, zip_map};
 use crate::nn::Activation;
@@ -62,11 +62,6 @@ pub(crate) fn linear<B: Backend, const D: usize>(
         (y, LinearState { x: x2, w: w.primitive.clone(), z: pre_activation })
     });
     Some(lower(out))
-}
-
-/// A CPU primitive as a tensor of rank `D`.
-fn inner<const D: usize>(primitive: FloatTensor<Inner>) -> Tensor<Inner, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(primitive))
 }
 
 /// What the backward pass of [`linear`] keeps: the input as `[m, k]`, the weight `[k, n]` and, with an activation,

@@ -1,11 +1,15 @@
-//! lfm's CPU kernels under Burn's autodiff (issue 38). On `Autodiff<NdArray<f32>>` the DiT's layers run as single
-//! tracked operations with hand-written backward passes over raw `f32` slices, where Burn's ndarray autodiff runs
-//! matrixmultiply's AVX2 kernel and one single-threaded, broadcasting element-wise pass per operation, and keeps each
-//! intermediate for its backward:
+//! lfm's CPU kernels under Burn's autodiff (issue 38). On `Autodiff<NdArray<f32>>` the DiT's, the UNets' and the
+//! autoencoders' layers run as single tracked operations with hand-written backward passes over raw `f32` slices,
+//! where Burn's ndarray autodiff runs matrixmultiply's AVX2 kernel and one single-threaded, broadcasting
+//! element-wise pass per operation, and keeps each intermediate for its backward:
 //! - [`linear`]: `activation(x·W + b)` (none or GELU), one GEMM forward with the bias fused, two GEMMs and a column
 //!   sum backward;
 //! - [`layer_norm_modulate`]: adaLN's `LayerNorm(x)·(1 + scale) + shift`, keeping only each row's statistics;
 //! - [`add_gated`]: the gated residual `x + gate·y`;
+//! - [`conv2d`]: a 2-D convolution, im2col blocks and GEMMs each way, the columns rebuilt from the saved input in
+//!   the backward pass;
+//! - [`group_norm`]: GroupNorm with its affine transform, an optional scale-shift modulation and SiLU, keeping only
+//!   each group's statistics;
 //! - [`packed_attention`]: multi-head self-attention from the fused `qkv` projection, recomputing each head's
 //!   probabilities in the backward pass (flash attention's trade: one more `q·kᵀ` for no `[t, t]` per head kept).
 //!
@@ -14,10 +18,14 @@
 //! f64 here).
 
 mod attention;
+mod conv;
+mod group_norm;
 mod linear;
 mod norm;
 
 pub(crate) use attention::packed_attention;
+pub(crate) use conv::conv2d;
+pub(crate) use group_norm::group_norm;
 pub(crate) use linear::linear;
 pub(crate) use norm::{add_gated, layer_norm_modulate};
 
@@ -47,9 +55,14 @@ fn downcast<T: 'static, U: 'static>(value: T) -> U {
     *boxed.downcast::<U>().expect("types checked by TypeId")
 }
 
+/// Whether `B` is `Autodiff<NdArray<f32>>`, where these operations apply to `f32` tensors.
+pub(crate) fn backend_applies<B: Backend>() -> bool {
+    TypeId::of::<B>() == TypeId::of::<Ad>()
+}
+
 /// Whether `B` is `Autodiff<NdArray<f32>>` and every tensor is `f32`.
 fn applies<B: Backend>(dtypes: &[DType]) -> bool {
-    TypeId::of::<B>() == TypeId::of::<Ad>() && dtypes.iter().all(|dtype| *dtype == DType::F32)
+    backend_applies::<B>() && dtypes.iter().all(|dtype| *dtype == DType::F32)
 }
 
 /// The autodiff tensor behind `tensor` (`B` checked by [`applies`]).
@@ -60,6 +73,11 @@ fn lift<B: Backend, const D: usize>(tensor: &Tensor<B, D>) -> FloatTensor<Ad> {
 /// An autodiff tensor as a `Tensor<B, D>` (`B` checked by [`applies`]).
 fn lower<B: Backend, const D: usize>(tensor: FloatTensor<Ad>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(downcast(tensor)))
+}
+
+/// A CPU primitive as a tensor of rank `D`.
+fn inner<const D: usize>(primitive: FloatTensor<Inner>) -> Tensor<Inner, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
 }
 
 /// The row-major values of a CPU tensor: its buffer when contiguous, else one copy.

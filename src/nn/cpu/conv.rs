@@ -232,44 +232,25 @@ impl Geometry {
         if depth == 0 || plane == 0 || out == 0 {
             return;
         }
-        if self.is_pointwise() {
-            // The input image is the column matrix [depth, plane].
-            if let Some(dx) = dx {
-                // SAFETY: dx is [depth, plane]; Wᵀ is the [out, depth] weight read with strides [1, depth]; dy is
-                // [out, plane]; out ≥ 1.
-                unsafe {
-                    gemm_rows_set(
-                        depth,
-                        plane,
-                        out,
-                        dx.as_mut_ptr(),
-                        plane,
-                        (weight, [1, depth]),
-                        (dy, [plane, 1]),
-                        parallelism,
-                    )
-                };
-            }
-            if let Some(dw) = dw {
-                // SAFETY: dw is [out, depth]; dy is [out, plane]; xᵀ is the [depth, plane] image with strides [1, plane].
-                unsafe {
-                    gemm_rows(out, depth, plane, dw.as_mut_ptr(), depth, (dy, [plane, 1]), (x, [1, plane]), parallelism)
-                };
-            }
-            return;
-        }
-        let rows_per_block = self.rows_per_block();
-        let block = depth * rows_per_block * self.out_width;
+        // A pointwise convolution's column matrix is the image itself, and its gradient is dx: one block, no copies.
+        let pointwise = self.is_pointwise();
+        let rows_per_block = if pointwise { self.out_height } else { self.rows_per_block() };
+        let block = if pointwise { 0 } else { depth * rows_per_block * self.out_width };
         scratch.resize(2 * block, 0.0);
         let (columns, dcolumns) = scratch.split_at_mut(block);
         for first_row in (0..self.out_height).step_by(rows_per_block) {
             let rows = rows_per_block.min(self.out_height - first_row);
             let width = rows * self.out_width;
+            // The block of dy: [out, width] with row stride `plane`, from row `first_row` of each plane.
             let dy = &dy[first_row * self.out_width..];
             if let Some(dw) = dw.as_deref_mut() {
-                self.fill_columns(x, first_row, rows, &mut columns[..depth * width]);
-                // SAFETY: dw is [out, depth]; the block of dy is [out, width] with row stride `plane` from row
-                // `first_row` of each plane; columnsᵀ is the [depth, width] block read with strides [1, width].
+                let columns: &[f32] = if pointwise {
+                    x
+                } else {
+                    self.fill_columns(x, first_row, rows, &mut columns[..depth * width]);
+                    &columns[..depth * width]
+                };
+                // SAFETY: dw is [out, depth]; columnsᵀ is the [depth, width] block read with strides [1, width].
                 unsafe {
                     gemm_rows(
                         out,
@@ -284,20 +265,24 @@ impl Geometry {
                 };
             }
             if let Some(dx) = dx.as_deref_mut() {
-                // SAFETY: dcolumns is [depth, width]; Wᵀ is [depth, out] (strides [1, depth]); dy's block as above.
+                let target = if pointwise { &mut *dx } else { &mut dcolumns[..depth * width] };
+                // SAFETY: the target is [depth, width]; Wᵀ is the [out, depth] weight read with strides [1, depth];
+                // out ≥ 1.
                 unsafe {
                     gemm_rows_set(
                         depth,
                         width,
                         out,
-                        dcolumns.as_mut_ptr(),
+                        target.as_mut_ptr(),
                         width,
                         (weight, [1, depth]),
                         (dy, [plane, 1]),
                         parallelism,
                     )
                 };
-                self.add_columns(&mut dcolumns[..depth * width], first_row, rows, dx);
+                if !pointwise {
+                    self.add_columns(&mut dcolumns[..depth * width], first_row, rows, dx);
+                }
             }
         }
     }

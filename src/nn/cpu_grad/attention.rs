@@ -25,7 +25,10 @@ pub(crate) fn packed_attention<B: Backend>(qkv: &Tensor<B, 3>, heads: usize) -> 
     let geometry = AttentionHeads::new(t, width, heads);
     let qkv = lift(qkv);
     let out = record(AttentionBackward { n, geometry }, [&qkv], || {
-        (cpu::packed_attention(inner::<3>(qkv.primitive.clone()), heads).into_primitive().tensor(), qkv.primitive.clone())
+        (
+            cpu::packed_attention(inner::<3>(qkv.primitive.clone()), heads).into_primitive().tensor(),
+            qkv.primitive.clone(),
+        )
     });
     Some(lower(out))
 }

@@ -2,9 +2,10 @@
 //! parameter paths are unchanged), with a `forward` that takes lfm's fast paths by itself, so that no call site
 //! can lose them by calling the "wrong" function:
 //! - on the CPU backend at inference, lfm's CPU kernels ([`cpu::linear`], [`cpu::conv2d`]: one GEMM per core with
-//!   the bias and the activation fused into its output blocks);
-//! - convolutions as im2col + one product where that beats Burn's kernels (ndarray under autodiff, full-f32 CUDA, a
-//!   software wgpu adapter: [`super::conv2d_padded`]);
+//!   the bias and the activation fused into its output blocks), and under its autodiff in `f32` the same kernels
+//!   with backward passes of lfm's (`super::cpu_grad`);
+//! - convolutions as im2col + one product where that beats Burn's kernels (ndarray under autodiff in 16 bits,
+//!   full-f32 CUDA, a software wgpu adapter: [`super::conv2d_padded`]);
 //! - products through [`lfm_kernels::matmul`] where it applies (full f32 on CUDA, one small kernel on a software
 //!   wgpu adapter);
 //! - Burn's own ops everywhere else.

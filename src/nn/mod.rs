@@ -281,7 +281,9 @@ pub fn conv2d_im2col<B: Backend>(
 
 /// A convolution with explicit stride and symmetric zero padding `[ph, pw]`. On the CPU backend it goes through
 /// [`cpu::conv2d`] at inference (7–86× Burn 0.21's direct loop on Inception's and the KL decoder's layers,
-/// `benches/cpu_conv.rs`) and [`conv2d_im2col`] under autodiff (its backward is two matmuls). `activation` follows.
+/// `benches/cpu_conv.rs`), under its autodiff in `f32` through the same kernel with a backward pass of lfm's
+/// (`cpu_grad::conv2d`), and through [`conv2d_im2col`] under autodiff in 16 bits (its backward is two matmuls).
+/// `activation` follows.
 pub fn conv2d_padded<B: Backend>(
     x: Tensor<B, 4>,
     weight: Tensor<B, 4>,

@@ -3,9 +3,9 @@
 //! - image batches (PNG decode, bicubic resize of the short side to 256, centre crop, flip) through the loader's
 //!   `prepare`, on one thread (the baseline, measured in the same run) and on every core;
 //! - latent batches (4×32×32 posteriors, mean + std, with the posterior sample) from a sharded cache on disk,
-//!   against the same latents held in memory (the baseline);
-//! - the multi-node gradient sum (`--nodes`): a ring all-reduce of a DiT-S/2-sized gradient (33 M values) between two
-//!   nodes on this machine (loopback TCP), against summing the same two buffers in memory (the baseline).
+//!   against the same latents held in memory (the baseline).
+//!
+//! (The gradient sum of several processes is timed by `lfm train` itself: `allreduce_s` in `metrics.jsonl`.)
 //!
 //! `LFM_BENCH_IMAGES` (default 64) synthetic 320×288 PNGs, batches of `LFM_BENCH_BATCH` (default 32).
 //! Run: `cargo bench --features cuda --profile dev --bench data` (`--release` for publishable numbers).
@@ -20,7 +20,6 @@ use lfm::data::loader::{prepare, EpochOrder};
 use lfm::data::{open_images, Source};
 use lfm::image::{write_rgb, RgbImage};
 use lfm::tasks::{Task, TaskFiles};
-use lfm::train::nodes::{NodeGroup, NodeSpec};
 use lfm::train::schedule::Schedule;
 use lfm::train::RunSettings;
 
@@ -128,45 +127,5 @@ fn main() {
         "latents 4×32×32 (mean+std, sampled), batch 256: in memory {in_memory:.0} ex/s (baseline), sharded cache \
          {on_disk:.0} ex/s ({:.2}×)",
         on_disk / in_memory
-    );
-
-    // The gradient sum of two nodes: every value crosses the loopback twice (reduce-scatter, all-gather).
-    let len = common::env_number("LFM_BENCH_GRADIENT", 33_000_000);
-    let buffers: Vec<Vec<f32>> = (0..2).map(|r| (0..len).map(|i| ((i + r) % 1013) as f32).collect()).collect();
-    let start = Instant::now();
-    let summed: Vec<f32> = buffers[0].iter().zip(&buffers[1]).map(|(a, b)| a + b).collect();
-    let in_memory = start.elapsed().as_secs_f64();
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0)).and_then(|l| l.local_addr()).expect("a port").port();
-    let ring = std::thread::scope(|scope| {
-        let nodes: Vec<_> = buffers
-            .into_iter()
-            .enumerate()
-            .map(|(rank, mut values)| {
-                scope.spawn(move || {
-                    let spec = NodeSpec {
-                        rank,
-                        world: 2,
-                        master_addr: "127.0.0.1".into(),
-                        master_port: port,
-                        timeout: std::time::Duration::from_secs(60),
-                    };
-                    let mut group = NodeGroup::join(&spec, 0).expect("the nodes join");
-                    let start = Instant::now();
-                    group.all_reduce_sum(&mut values).expect("the sum");
-                    (start.elapsed().as_secs_f64(), values)
-                })
-            })
-            .collect();
-        let results: Vec<_> = nodes.into_iter().map(|n| n.join().expect("a node")).collect();
-        assert!(results.iter().all(|(_, v)| *v == summed), "the ring sum differs");
-        results.iter().map(|(s, _)| *s).fold(0.0, f64::max)
-    });
-    let mb = len as f64 * 4.0 / 1e6;
-    println!(
-        "gradient sum of {mb:.0} MB over 2 nodes: in memory {:.0} MB/s (baseline), ring all-reduce over loopback TCP \
-         {:.0} MB/s ({:.2}×)",
-        mb / in_memory,
-        mb / ring,
-        in_memory / ring
     );
 }

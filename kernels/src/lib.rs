@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod attention;
+pub mod device_buffer;
 mod dispatch;
 pub mod matmul;
 pub mod rk;

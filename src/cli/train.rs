@@ -13,7 +13,7 @@ use crate::data::latents::LatentStore;
 use crate::data::{open_images, Source};
 use crate::models::{read_config, ModelConfig, Precision, Preset};
 use crate::tasks::{Task, TaskFiles};
-use crate::train::nodes::{fingerprint, NodeGroup, NodeSpec};
+use crate::train::group::{fingerprint, Launch, NodeSpec, ProcessGroup};
 use crate::train::run::{train, RunOutcome};
 use crate::train::schedule::Schedule;
 use crate::train::settings::AutoencoderShape;
@@ -29,6 +29,15 @@ pub enum TaskKind {
     Inpaint,
     /// Semantic synthesis from segmentation maps (input channels: 2 × latent).
     Semantic,
+}
+
+/// The formats of `--allreduce-dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SumFormat {
+    /// 32-bit floats, as the gradients are.
+    F32,
+    /// bfloat16 (NCCL only).
+    Bf16,
 }
 
 /// Arguments of `lfm train`.
@@ -112,26 +121,34 @@ pub struct TrainArgs {
     /// support the format (CUDA: both; wgpu: f16 with shader-f16); weights, optimiser and moving average stay f32.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub precision: Precision,
-    /// Multi-node training: the number of nodes, each running this same command on the same data (one process per
-    /// node, or per GPU with --local-rank). Each node trains on its share of every batch; the gradients are summed
-    /// over the nodes every step (a ring all-reduce over TCP), so every node holds the same weights. Node 0 writes
-    /// --out; --resume reads it on every node (a shared file system, or a copy).
+    /// Several processes, one per GPU or node, launched with `torchrun`-style variables (WORLD_SIZE, RANK,
+    /// LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or these flags: the number of processes, each running this same command
+    /// on the same data. CUDA only: NCCL sums the gradients. On any backend, launch with MPI instead (`mpirun -np N
+    /// lfm train …` or `srun --mpi=pmix …`, lfm built with `--features mpi`): the world size then comes from MPI.
+    /// Each process trains on its share of every batch and the gradients are summed every step, so every process
+    /// holds the same weights (the updates of one process with --grad-accum N). Rank 0 writes --out; --resume reads
+    /// it on every process (a shared file system, or a copy).
     #[arg(long, env = "WORLD_SIZE", default_value_t = 1, value_parser = super::count)]
     pub nodes: usize,
-    /// This node's rank among --nodes, from 0.
+    /// This process's rank among --nodes, from 0.
     #[arg(long, env = "RANK", default_value_t = 0)]
     pub node_rank: usize,
-    /// Which of this machine's devices the process uses: the devices from --local-rank × --data-parallel on
-    /// (for one process per GPU).
-    #[arg(long, env = "LOCAL_RANK", default_value_t = 0)]
-    pub local_rank: usize,
-    /// Address of node 0, which every other node must reach.
+    /// Which of this machine's devices the process uses: the devices from --local-rank × --data-parallel on (one
+    /// process per GPU). Default: LOCAL_RANK, or the MPI launcher's local rank (Open MPI's
+    /// OMPI_COMM_WORLD_LOCAL_RANK, Hydra's MPI_LOCALRANKID, Slurm's SLURM_LOCALID), else 0.
+    #[arg(long)]
+    pub local_rank: Option<usize>,
+    /// Address of rank 0, which every other process must reach (without MPI).
     #[arg(long, env = "MASTER_ADDR", default_value = "127.0.0.1")]
     pub master_addr: String,
-    /// Port node 0 listens on for the others to join (each node also opens one ephemeral port for the ring).
+    /// Port rank 0 listens on for the others to join (without MPI).
     #[arg(long, env = "MASTER_PORT", default_value_t = 29500)]
     pub master_port: u16,
-    /// Seconds to wait for every node to join.
+    /// The format the gradients are summed in across processes: bf16 halves the bytes NCCL moves, rounding each
+    /// sum to bf16 (the loss and bookkeeping stay f32). NCCL (cuda) only.
+    #[arg(long, value_enum, default_value_t = SumFormat::F32)]
+    pub allreduce_dtype: SumFormat,
+    /// Seconds to wait for every process to join (without MPI).
     #[arg(long, default_value_t = 600)]
     pub node_timeout: u64,
     /// Clip the global gradient norm (over all parameters, as torch's clip_grad_norm_) to this value.
@@ -212,7 +229,7 @@ struct Job {
     settings: RunSettings,
     out: PathBuf,
     resume: bool,
-    nodes: NodeGroup,
+    nodes: ProcessGroup,
 }
 
 impl OnBackend for Job {
@@ -290,11 +307,12 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
         autoencoder.as_ref().map(|w| AutoencoderShape { latent_channels: w.latent_channels(), factor: w.factor() });
     settings.validate(&config, &source, shape)?;
     super::create_folder(&args.out)?;
-    let first = args.local_rank * settings.data_parallel;
+    let launch = launch(&args)?;
+    let first = args.local_rank.unwrap_or_else(Launch::local_rank) * settings.data_parallel;
     let device = backend::data_parallel_device(backend::select(choice)?, first, settings.data_parallel)?;
     let n = source.len();
     let files = TaskFiles::find(&settings.task, &source, args.data.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
-    let nodes = join_nodes(&args, &config, &settings, n)?;
+    let nodes = join(&launch, &args, &config, &settings, n, &device)?;
     let (rank, world) = (nodes.rank(), nodes.world());
     let job =
         Job { config, init, source, files, autoencoder, settings, out: args.out.clone(), resume: args.resume, nodes };
@@ -302,8 +320,8 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
         RunOutcome::Written(state) => state,
         RunOutcome::Follower { step, unreadable_images } => {
             println!(
-                "node {rank} of {world}: trained {step} steps on {device} ({unreadable_images} unreadable images \
-                 skipped); node 0 wrote the weights"
+                "rank {rank} of {world}: trained {step} steps on {device} ({unreadable_images} unreadable images \
+                 skipped); rank 0 wrote the weights"
             );
             return Ok(());
         }
@@ -317,18 +335,8 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// The group of nodes of a multi-node run (`--nodes`, or `WORLD_SIZE`), joined once every node is up; a group of one
-/// otherwise. Every node must describe the same run: the model, the settings and the number of examples.
-fn join_nodes(
-    args: &TrainArgs,
-    config: &ModelConfig,
-    settings: &RunSettings,
-    examples: usize,
-) -> anyhow::Result<NodeGroup> {
-    if args.nodes <= 1 {
-        anyhow::ensure!(args.node_rank == 0, "--node-rank {} needs --nodes above it", args.node_rank);
-        return Ok(NodeGroup::single());
-    }
+/// How this process was launched: by MPI, with `torchrun`-style variables or flags, or alone.
+fn launch(args: &TrainArgs) -> anyhow::Result<Launch> {
     let spec = NodeSpec {
         rank: args.node_rank,
         world: args.nodes,
@@ -336,13 +344,43 @@ fn join_nodes(
         master_port: args.master_port,
         timeout: std::time::Duration::from_secs(args.node_timeout),
     };
-    let run = serde_json::json!({ "model": config.to_json(), "settings": settings, "examples": examples });
-    tracing::info!(
-        "node {} of {}: waiting for the others at {}:{}",
-        spec.rank,
-        spec.world,
-        spec.master_addr,
-        spec.master_port
-    );
-    Ok(NodeGroup::join(&spec, fingerprint(run.to_string().as_bytes()))?)
+    let launch = Launch::detect(spec)?;
+    if launch == Launch::Single {
+        anyhow::ensure!(args.node_rank == 0, "--node-rank {} needs --nodes above it", args.node_rank);
+    }
+    Ok(launch)
+}
+
+/// The processes of the run, joined once every one is up (one process alone joins at once). Every process must
+/// describe the same run: the model, the settings and the number of examples.
+fn join(
+    launch: &Launch,
+    args: &TrainArgs,
+    config: &ModelConfig,
+    settings: &RunSettings,
+    examples: usize,
+    device: &backend::Device,
+) -> anyhow::Result<ProcessGroup> {
+    let bf16 = args.allreduce_dtype == SumFormat::Bf16;
+    let run = serde_json::json!({ "model": config.to_json(), "settings": settings, "examples": examples,
+        "bf16_sums": bf16 });
+    let group = ProcessGroup::join(launch, fingerprint(run.to_string().as_bytes()), device)?;
+    let group = match group.with_bf16_sums(bf16) {
+        Ok(group) => group,
+        Err((group, error)) => {
+            let error = anyhow::Error::from(error);
+            group.end_after(&error);
+            return Err(error);
+        }
+    };
+    if args.nodes > 1 && args.nodes != group.world() {
+        let error = anyhow::anyhow!(
+            "--nodes (or WORLD_SIZE) says {} processes but MPI launched {}: drop --nodes under mpirun",
+            args.nodes,
+            group.world()
+        );
+        group.end_after(&error);
+        return Err(error);
+    }
+    Ok(group)
 }

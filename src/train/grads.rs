@@ -1,12 +1,15 @@
 //! Gradient accounting over a whole model: the global L2 norm of every parameter's gradient, and clipping to it
 //! as `torch.nn.utils.clip_grad_norm_` does (one norm over all parameters, not one per tensor as Burn's own
-//! `GradientClipping::Norm`); and every gradient of a model packed into one host buffer and back (for sums across
-//! nodes, see [`super::nodes`]).
+//! `GradientClipping::Norm`); and every gradient of a model packed into one device buffer and back (for sums across
+//! processes, see [`super::group`]).
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor, TensorData};
+
+/// The float element of `B`'s inner backend.
+pub type InnerElem<B> = burn::tensor::ops::FloatElem<<B as AutodiffBackend>::InnerBackend>;
 
 /// Σ‖g‖² over the parameters, kept on the device until the end (one read back).
 struct SquaredNorm<'a, B: AutodiffBackend> {
@@ -89,25 +92,44 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Pack<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let grad = self.grads.get::<B::InnerBackend, D>(param.id);
         self.flags.push(if grad.is_some() { 1.0 } else { 0.0 });
-        // Absent gradients take their place as zeros, so that the buffer's layout is the same on every node.
+        // Absent gradients take their place as zeros, so that the buffer's layout is the same on every process.
         let value = param.val();
         let grad = grad.unwrap_or_else(|| Tensor::zeros(value.shape(), &value.device()));
         self.parts.push(grad.flatten::<1>(0, D - 1));
     }
 }
 
-/// Every parameter's gradient in `model`'s visit order (zeros where it has none), flattened into one buffer (one
-/// read from the device), followed by one flag per parameter: 1 where it has a gradient, 0 where not.
-pub fn pack<B: AutodiffBackend, M: Module<B>>(model: &M, grads: &GradientsParams) -> Vec<f32> {
+/// Every parameter's gradient in `model`'s visit order (zeros where it has none), flattened into one buffer on the
+/// device of `model`'s first parameter, followed by one flag per parameter (1 where it has a gradient, 0 where not)
+/// and then `extra` (values summed along with the gradients, such as the loss). The layout is the same on every
+/// process of a run, so that the buffers of all processes can be summed element by element.
+pub fn pack<B: AutodiffBackend, M: Module<B>>(
+    model: &M,
+    grads: &GradientsParams,
+    extra: &[f32],
+    device: &burn::tensor::ops::Device<B::InnerBackend>,
+) -> Tensor<B::InnerBackend, 1> {
     let mut visitor = Pack::<B> { grads, parts: Vec::new(), flags: Vec::new() };
     model.visit(&mut visitor);
-    let mut values = if visitor.parts.is_empty() {
-        Vec::new()
-    } else {
-        Tensor::cat(visitor.parts, 0).into_data().convert::<f32>().to_vec::<f32>().expect("f32 values")
-    };
-    values.extend(visitor.flags);
-    values
+    let mut tail = visitor.flags;
+    tail.extend_from_slice(extra);
+    let tail = Tensor::from_data(TensorData::new(tail.clone(), [tail.len()]).convert::<InnerElem<B>>(), device);
+    let mut parts = visitor.parts;
+    parts.push(tail);
+    Tensor::cat(parts, 0)
+}
+
+/// The number of parameter tensors of `model` (the flags of a [`pack`]ed buffer).
+pub fn parameter_count<B: AutodiffBackend, M: Module<B>>(model: &M) -> usize {
+    struct Count(usize);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Count {
+        fn visit_float<const D: usize>(&mut self, _: &Param<Tensor<B, D>>) {
+            self.0 += 1;
+        }
+    }
+    let mut count = Count(0);
+    model.visit(&mut count);
+    count.0
 }
 
 /// Registers the gradients of a [`pack`]ed buffer.
@@ -132,21 +154,117 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Unpack<'_, B> {
     }
 }
 
-/// The gradients of a [`pack`]ed buffer of `model`, on `device`: those whose flag is non-zero (present on any node
-/// whose buffers were summed).
-pub fn unpack<B: AutodiffBackend, M: Module<B>>(model: &M, packed: &[f32], device: &B::Device) -> GradientsParams {
-    struct Count(usize);
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Count {
-        fn visit_float<const D: usize>(&mut self, _: &Param<Tensor<B, D>>) {
-            self.0 += 1;
+/// The gradients of a [`pack`]ed buffer of `model` (those whose flag is non-zero: present on any process whose
+/// buffers were summed) and its `extra_len` extra values.
+pub fn unpack<B: AutodiffBackend, M: Module<B>>(
+    model: &M,
+    packed: Tensor<B::InnerBackend, 1>,
+    extra_len: usize,
+) -> (GradientsParams, Vec<f32>) {
+    let count = parameter_count::<B, M>(model);
+    let len = packed.dims()[0];
+    // The flags and extras are a few hundred values: one small read.
+    let tail = packed.clone().narrow(0, len - count - extra_len, count + extra_len);
+    let tail = tail.into_data().convert::<f32>().to_vec::<f32>().expect("f32 values");
+    let (flags, extra) = tail.split_at(count);
+    let mut visitor = Unpack::<B> { all: packed, flags, offset: 0, index: 0, grads: GradientsParams::new() };
+    model.visit(&mut visitor);
+    (visitor.grads, extra.to_vec())
+}
+
+/// Collects every parameter's gradient into one host buffer, in `model`'s visit order (zeros where it has none),
+/// and its presence flag.
+struct PackHost<'a, B: AutodiffBackend> {
+    grads: &'a GradientsParams,
+    values: Vec<f32>,
+    flags: Vec<f32>,
+    _backend: std::marker::PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for PackHost<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        match self.grads.get::<B::InnerBackend, D>(param.id) {
+            Some(grad) => {
+                // On the CPU backend, straight from the gradient's buffer (`into_data` of a buffer the gradients
+                // still share copies element by element: seconds per step for DiT-B/2).
+                crate::nn::cpu::with_values(grad, |values| self.values.extend_from_slice(values));
+                self.flags.push(1.0);
+            }
+            None => {
+                self.values.resize(self.values.len() + param.val().shape().num_elements(), 0.0);
+                self.flags.push(0.0);
+            }
         }
     }
-    let mut count = Count(0);
-    model.visit(&mut count);
-    let count = count.0;
-    let (values, flags) = packed.split_at(packed.len() - count);
-    let all = Tensor::from_data(TensorData::new(values.to_vec(), [values.len()]).convert::<B::FloatElem>(), device);
-    let mut visitor = Unpack::<B> { all, flags, offset: 0, index: 0, grads: GradientsParams::new() };
+}
+
+/// [`pack`] into a host buffer: the same layout, read parameter by parameter straight into `buffer` (no
+/// concatenation on the device and no second copy on the host), for transports that sum host memory (MPI). The
+/// buffer is overwritten; passing the same one every step keeps its pages mapped.
+pub fn pack_host<B: AutodiffBackend, M: Module<B>>(
+    model: &M,
+    grads: &GradientsParams,
+    extra: &[f32],
+    buffer: &mut Vec<f32>,
+) {
+    struct Size(usize, usize);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Size {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0 += param.val().shape().num_elements();
+            self.1 += 1;
+        }
+    }
+    let mut size = Size(0, 0);
+    model.visit(&mut size);
+    buffer.clear();
+    buffer.reserve(size.0 + size.1 + extra.len());
+    let mut visitor = PackHost::<B> {
+        grads,
+        values: std::mem::take(buffer),
+        flags: Vec::with_capacity(size.1),
+        _backend: std::marker::PhantomData,
+    };
     model.visit(&mut visitor);
-    visitor.grads
+    *buffer = visitor.values;
+    buffer.extend(visitor.flags);
+    buffer.extend_from_slice(extra);
+}
+
+/// Registers the gradients of a [`pack_host`]ed buffer, each uploaded from its own slice.
+struct UnpackHost<'a, B: AutodiffBackend> {
+    values: &'a [f32],
+    flags: &'a [f32],
+    device: &'a burn::tensor::ops::Device<B::InnerBackend>,
+    offset: usize,
+    index: usize,
+    grads: GradientsParams,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for UnpackHost<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let shape = param.val().shape();
+        let n = shape.num_elements();
+        if self.flags[self.index] > 0.0 {
+            let data = TensorData::new(self.values[self.offset..self.offset + n].to_vec(), shape);
+            let grad = Tensor::<B::InnerBackend, D>::from_data(data.convert::<InnerElem<B>>(), self.device);
+            self.grads.register::<B::InnerBackend, D>(param.id, grad);
+        }
+        self.offset += n;
+        self.index += 1;
+    }
+}
+
+/// The gradients of a [`pack_host`]ed buffer of `model`, on `device`, and its `extra_len` extra values.
+pub fn unpack_host<B: AutodiffBackend, M: Module<B>>(
+    model: &M,
+    packed: &[f32],
+    extra_len: usize,
+    device: &burn::tensor::ops::Device<B::InnerBackend>,
+) -> (GradientsParams, Vec<f32>) {
+    let count = parameter_count::<B, M>(model);
+    let (values, tail) = packed.split_at(packed.len() - count - extra_len);
+    let (flags, extra) = tail.split_at(count);
+    let mut visitor = UnpackHost::<B> { values, flags, device, offset: 0, index: 0, grads: GradientsParams::new() };
+    model.visit(&mut visitor);
+    (visitor.grads, extra.to_vec())
 }

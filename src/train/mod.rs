@@ -6,9 +6,9 @@ pub mod autoencoder;
 pub mod batches;
 pub mod ema;
 pub mod grads;
+pub mod group;
 pub mod metrics_log;
 pub mod mixed;
-pub mod nodes;
 pub mod preview;
 pub mod run;
 pub mod schedule;
@@ -45,7 +45,7 @@ pub enum TrainError {
         /// The loss value.
         loss: f64,
     },
-    /// A multi-node run lost or could not reach its other nodes.
+    /// A run of several processes lost or could not reach the others.
     #[error(transparent)]
-    Nodes(#[from] nodes::NodeError),
+    Group(#[from] group::GroupError),
 }

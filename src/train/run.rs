@@ -14,7 +14,7 @@ use burn::tensor::backend::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::batches::BatchMaker;
-use super::nodes::NodeGroup;
+use super::group::ProcessGroup;
 use super::settings::{AutoencoderShape, RunSettings};
 use super::state::{io_error, State, StateFolder};
 use super::{lfm_adamw, Step, TrainError, Trainer};
@@ -25,16 +25,16 @@ use crate::models::{ModelConfig, VelocityModel};
 use crate::tasks::semantic::SpatialRescaler;
 use crate::tasks::{Task, TaskFiles};
 
-/// How a run ended on this node.
+/// How a run ended in this process.
 #[derive(Debug, Clone)]
 pub enum RunOutcome {
-    /// This node (the leader, rank 0) wrote the final checkpoint, described by its state.
+    /// This process (the leader, rank 0) wrote the final checkpoint, described by its state.
     Written(Box<State>),
-    /// Another node of a multi-node run: it trained every step but wrote nothing (the leader wrote the weights).
+    /// Another process of a run on several: it trained every step but wrote nothing (the leader wrote the weights).
     Follower {
         /// Steps taken (the run's total).
         step: usize,
-        /// Images of this node's shards that could not be read.
+        /// Images of this process's shards that could not be read.
         unreadable_images: usize,
     },
 }
@@ -53,10 +53,11 @@ pub fn replica_devices<B: Backend>(device: &B::Device, count: usize) -> Vec<B::D
 
 /// Trains `config` (from `init` weights if given, else freshly initialised) on `source` (with the task's `files`)
 /// on backend `B`, resuming from `out_dir`'s checkpoint when `resume` is set. Returns the final checkpoint's state
-/// (on the node that writes it).
+/// (on the process that writes it).
 ///
-/// On several `nodes`, each node trains on its share of every batch and the gradients are summed over the nodes;
-/// only the leader (rank 0) writes `out_dir` (a resumed run reads it on every node: a shared file system, or a copy).
+/// On several processes (`nodes`), each trains on its share of every batch and the gradients are summed over them;
+/// only the leader (rank 0) writes `out_dir` (a resumed run reads it on every process: a shared file system, or a
+/// copy). An error on one process of several ends them all ([`ProcessGroup::end_after`]).
 #[allow(clippy::too_many_arguments)]
 pub fn train<B: Backend>(
     config: &ModelConfig,
@@ -67,7 +68,28 @@ pub fn train<B: Backend>(
     settings: &RunSettings,
     out_dir: &Path,
     resume: bool,
-    nodes: &mut NodeGroup,
+    nodes: &mut ProcessGroup,
+    device: &B::Device,
+) -> Result<RunOutcome, TrainError> {
+    let outcome = train_steps(config, init, source, files, autoencoder, settings, out_dir, resume, nodes, device);
+    match &outcome {
+        Ok(_) => nodes.finish(),
+        Err(e) => nodes.end_after(e),
+    }
+    outcome
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_steps<B: Backend>(
+    config: &ModelConfig,
+    init: Option<&crate::checkpoint::TensorMap>,
+    source: &Source,
+    files: &TaskFiles,
+    autoencoder: Option<&AnyAutoencoder<B>>,
+    settings: &RunSettings,
+    out_dir: &Path,
+    resume: bool,
+    nodes: &mut ProcessGroup,
     device: &B::Device,
 ) -> Result<RunOutcome, TrainError> {
     let leader = nodes.is_leader();
@@ -108,7 +130,12 @@ pub fn train<B: Backend>(
         tracing::info!("data parallel: each step's batch split over {devices:?}");
     }
     if nodes.world() > 1 {
-        tracing::info!("node {} of {}: training on its share of every batch", nodes.rank(), nodes.world());
+        tracing::info!(
+            "rank {} of {}: training on its share of every batch, gradients summed by {}",
+            nodes.rank(),
+            nodes.world(),
+            nodes.transport_name()
+        );
     }
     let maker = BatchMaker::new(config, settings, files, autoencoder, devices);
     let mut state = None;
@@ -127,8 +154,8 @@ pub fn train<B: Backend>(
                 trainer.step += 1;
                 continue;
             }
-            // This node's rows of the step's batch (all of it on a single node); a node may have no rows of a batch
-            // smaller than the number of nodes, and still takes part in the sum.
+            // This process's rows of the step's batch (all of it in a single process); a process may have no rows of a
+            // batch smaller than the number of processes, and still takes part in the sum.
             let total = prepared.content.len();
             let rows = nodes.rows(total);
             let content = if rows.is_empty() { HostContent::Nothing } else { prepared.content.rows(rows.clone()) };
@@ -149,6 +176,11 @@ pub fn train<B: Backend>(
                 let mut line = serde_json::json!({"step": step + 1, "epoch": epoch, "loss": report.loss, "lr": lr,
                 "grad_norm": report.grad_norm,
                 "samples_per_s": total as f64 / seconds, "unreadable_images": unreadable});
+                if let (Some(reduced), true) = (nodes.last_reduce(), nodes.world() > 1) {
+                    line["allreduce_s"] = reduced.seconds.into();
+                    line["allreduce_wait_s"] = reduced.waited.into();
+                    line["allreduce_bytes"] = reduced.bytes.into();
+                }
                 if let Some(scaler) = trainer.loss_scaler() {
                     line["loss_scale"] = scaler.scale.into();
                     line["skipped"] = report.skipped.into();

@@ -1,17 +1,17 @@
-//! What one optimiser step works on: micro-batches per device, the nodes whose gradients join this node's, the
+//! What one optimiser step works on: micro-batches per device, the processes whose gradients join this one's, the
 //! learning rate and what the update does with the gradient norm. [`super::Trainer::step`] takes it.
 
 use burn::tensor::backend::AutodiffBackend;
 
-use super::nodes;
+use super::group::ProcessGroup;
 use super::trainer::Batch;
 
 /// Micro-batches per device: each device's own, already on it.
 pub type DeviceShards<B> = Vec<(burn::tensor::ops::Device<B>, Vec<Batch<B>>)>;
 
-/// One optimiser step's work: micro-batches per device, the other nodes whose gradients join this node's, and what
+/// One optimiser step's work: micro-batches per device, the other processes whose gradients join this one's, and what
 /// the update does with the gradient norm. One device with one micro-batch is a plain step; several micro-batches
-/// accumulate gradients; several devices run data-parallel; `nodes` sums over nodes. Whatever the split, the update
+/// accumulate gradients; several devices run data-parallel; `nodes` sums over processes. Whatever the split, the update
 /// is the one of the whole batch's mean loss, up to the order of the sums.
 pub struct Step<'a, B: AutodiffBackend> {
     /// Micro-batches per device, each already on its device (the first device is the network's; one shard runs on
@@ -25,8 +25,8 @@ pub struct Step<'a, B: AutodiffBackend> {
     pub max_grad_norm: Option<f64>,
     /// Compute and report the global gradient norm even without clipping.
     pub report_grad_norm: bool,
-    /// The nodes of a multi-node run.
-    pub nodes: Option<&'a mut nodes::NodeGroup>,
+    /// The processes of a run on several processes.
+    pub nodes: Option<&'a mut ProcessGroup>,
     /// Return the gradients by checkpoint key (one micro-batch on one node only), for checks against the reference.
     pub keep_grads: bool,
 }
@@ -62,8 +62,8 @@ impl<'a, B: AutodiffBackend> Step<'a, B> {
         Self { keep_grads: true, ..self }
     }
 
-    /// Sums the gradients over `nodes`; `total` is the examples of the step over all of them.
-    pub fn across<'b>(self, nodes: &'b mut nodes::NodeGroup, total: usize) -> Step<'b, B> {
+    /// Sums the gradients over the processes of `nodes`; `total` is the examples of the step over all of them.
+    pub fn across<'b>(self, nodes: &'b mut ProcessGroup, total: usize) -> Step<'b, B> {
         Step {
             shards: self.shards,
             total,

@@ -418,15 +418,14 @@ where
         let keep = work.keep_grads && work.nodes.is_none();
         let mut gradients = device_gradients(&model, work.shards, work.total, self.train_rescaler, pass, keep);
         if let Some(nodes) = work.nodes {
-            let main = model.devices().into_iter().next().expect("a network with parameters");
-            let mut packed = grads::pack::<B, _>(&model, &gradients.params);
-            packed.push(gradients.loss as f32);
-            if let Err(e) = nodes.all_reduce_sum(&mut packed) {
-                self.model = Some(model);
-                return Err(e.into());
+            let params = std::mem::take(&mut gradients.params);
+            match nodes.all_reduce::<B, _>(&model, params, gradients.loss) {
+                Ok((params, loss)) => (gradients.params, gradients.loss) = (params, loss),
+                Err(e) => {
+                    self.model = Some(model);
+                    return Err(e.into());
+                }
             }
-            gradients.loss = packed.pop().expect("the loss") as f64;
-            gradients.params = grads::unpack::<B, _>(&model, &packed, &main);
         }
         if work.keep_grads && gradients.by_key.is_none() {
             self.model = Some(model);

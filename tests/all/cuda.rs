@@ -121,3 +121,38 @@ fn mixed_precision_training_steps_on_cuda() {
         crate::mixed::mixed_precision_step::<Autodiff<Cuda>>(&device, precision);
     }
 }
+
+/// NCCL sums a buffer in place on the GPU: a communicator of one rank (its sum is the buffer itself) takes the path of
+/// a run on several processes (NCCL's id, the communicator, the tensor's device pointer, NCCL's stream) on a view
+/// that starts inside a larger allocation; then times sums of 256 MiB (one rank: the device's copy bandwidth, not a
+/// network's; several GPUs run `mpirun -np N` with the `mpi` feature). Skips where libnccl.so is absent (NCCL is not
+/// part of the driver), and says so.
+#[test]
+fn nccl_sums_in_place_on_cuda() {
+    use burn::tensor::Tensor;
+    use lfm::train::group::nccl;
+    let Some(device) = cuda() else { return };
+    if let Err(e) = nccl::check_available() {
+        eprintln!("skipping NCCL: {e}");
+        return;
+    }
+    let group = nccl::NcclGroup::join(&nccl::unique_id().unwrap(), 0, 1, device.index).unwrap();
+    let host: Vec<f32> = (0..100_003).map(|i| (i % 97) as f32 * 0.25 - 3.0).collect();
+    let whole = Tensor::<Cuda, 1>::from_floats(host.as_slice(), &device);
+    let view = whole.narrow(0, 3, 100_000);
+    let summed = group.all_reduce_sum(view.clone()).unwrap();
+    assert_eq!(values(summed), host[3..].to_vec());
+    // In bf16 (`--allreduce-dtype bf16`): these values are exact in bf16.
+    let summed = group.all_reduce_sum(view.cast(DType::BF16)).unwrap();
+    assert_eq!(summed.dtype(), DType::BF16);
+    assert_eq!(values(summed.cast(DType::F32)), host[3..].to_vec());
+    let big = Tensor::<Cuda, 1>::ones([64 << 20], &device);
+    let mut big = group.all_reduce_sum(big).unwrap();
+    let start = std::time::Instant::now();
+    for _ in 0..10 {
+        big = group.all_reduce_sum(big).unwrap();
+    }
+    let seconds = start.elapsed().as_secs_f64() / 10.0;
+    eprintln!("NCCL all-reduce of 256 MiB on one rank: {:.2} ms, {:.1} GB/s", seconds * 1e3, 0.268435456 / seconds);
+    assert_eq!(values(big.narrow(0, 0, 4)), vec![1.0; 4]);
+}

@@ -17,6 +17,8 @@ mod flow;
 mod kernels;
 mod mixed;
 mod model_config;
+#[cfg(feature = "mpi")]
+mod mpi;
 mod sample;
 mod solver;
 mod tasks;

@@ -311,11 +311,11 @@ fn training_on_an_image_folder_lowers_the_loss_and_skips_corrupt_images() {
 }
 
 /// `--data-parallel 2` (two copies of the network, here sharing the CPU, each taking half of every batch in its own
-/// thread, gradients summed on the first) and `--nodes 2` (two processes, gradients summed over TCP) each end with
-/// the weights of one device taking the same two micro-batches with `--grad-accum 2`; asking for more GPUs than
-/// exist is refused.
+/// thread, gradients summed on the first) ends with the weights of one device taking the same two micro-batches
+/// with `--grad-accum 2`; asking for more GPUs than exist, or for several processes on the cpu backend without MPI,
+/// is refused. (Several processes under MPI: `tests/all/mpi.rs`.)
 #[test]
-fn data_parallel_and_multi_node_training_equal_one_device_with_the_same_micro_batches() {
+fn data_parallel_training_equals_one_device_with_the_same_micro_batches() {
     let s = setup();
     let run = |name: &str, steps: &str, extra: &[&str]| {
         let out = s.root.join(name);
@@ -339,45 +339,11 @@ fn data_parallel_and_multi_node_training_equal_one_device_with_the_same_micro_ba
     let (first, _) = run("one-step", "1", &["--grad-accum", "2"]);
     assert!(one.iter().any(|(key, t)| t.to_f32() != first[key].to_f32()));
 
-    // Two nodes (processes on this machine), started in either order, sharing one run folder that node 0 writes.
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port().to_string();
-    let out = s.root.join("two-nodes");
-    let nodes: Vec<_> = ["1", "0"]
-        .iter()
-        .map(|rank| {
-            let mut args = train_args(out.to_str().unwrap(), &s.data, &s.vae, &s.vae_config, &s.config);
-            args.extend_from_slice(&["--max-steps", "3", "--max-grad-norm", "0.5", "--nodes", "2"]);
-            args.extend_from_slice(&["--node-rank", rank, "--master-port", &port, "--node-timeout", "120"]);
-            std::process::Command::new(crate::common::lfm_bin())
-                .args(&args)
-                .env_remove("WORLD_SIZE")
-                .env_remove("RANK")
-                .env_remove("LOCAL_RANK")
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let outputs: Vec<_> = nodes.into_iter().map(|n| n.wait_with_output().unwrap()).collect();
-    for output in &outputs {
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    }
-    assert!(String::from_utf8_lossy(&outputs[0].stdout).contains("node 1 of 2: trained 3 steps"));
-    let two_nodes = read_safetensors(&out.join("model.safetensors")).unwrap().0;
-    assert_close_f64("losses on two nodes", &losses(&out), &one_losses, 1e-6);
-    for (key, tensor) in &one {
-        assert_close(
-            &format!("{key} after 3 steps on two nodes"),
-            &two_nodes[key].to_f32(),
-            &tensor.to_f32(),
-            1e-6,
-            1e-7,
-        );
-    }
+    // Several processes without MPI are for CUDA (NCCL); on the cpu backend they need MPI.
     let refused = [
         (&["--nodes", "2", "--node-rank", "2"][..], "RANK counts from 0"),
         (&["--node-rank", "1"][..], "needs --nodes"),
+        (&["--nodes", "2", "--node-timeout", "1"][..], "without MPI is for CUDA"),
     ];
     let bad_node = s.root.join("bad-node");
     for (flags, complaint) in refused {

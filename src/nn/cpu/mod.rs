@@ -97,10 +97,7 @@ pub(in crate::nn) fn with_matrix<B: Backend, R>(tensor: Tensor<B, 2>, f: impl Fn
 }
 
 /// Runs `f` on an `f32` tensor's values in row-major order (see [`Values`]).
-pub(in crate::nn) fn with_values<B: Backend, const D: usize, R>(
-    tensor: Tensor<B, D>,
-    f: impl FnOnce(&[f32]) -> R,
-) -> R {
+pub(crate) fn with_values<B: Backend, const D: usize, R>(tensor: Tensor<B, D>, f: impl FnOnce(&[f32]) -> R) -> R {
     f(&Values::of(tensor))
 }
 

@@ -344,11 +344,7 @@ fn launch(args: &TrainArgs) -> anyhow::Result<Launch> {
         master_port: args.master_port,
         timeout: std::time::Duration::from_secs(args.node_timeout),
     };
-    let launch = Launch::detect(spec)?;
-    if launch == Launch::Single {
-        anyhow::ensure!(args.node_rank == 0, "--node-rank {} needs --nodes above it", args.node_rank);
-    }
-    Ok(launch)
+    Ok(Launch::detect(spec)?)
 }
 
 /// The processes of the run, joined once every one is up (one process alone joins at once). Every process must

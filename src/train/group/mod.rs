@@ -78,6 +78,12 @@ impl Launch {
         if let Some(variable) = MPI_VARIABLES.into_iter().find(|v| std::env::var_os(v).is_some()) {
             return Ok(Self::Mpi(variable));
         }
+        if spec.world <= 1 && spec.rank > 0 {
+            return Err(GroupError::Invalid(format!(
+                "--node-rank (RANK) {} needs --nodes (WORLD_SIZE) above it",
+                spec.rank
+            )));
+        }
         if spec.world == 0 || spec.rank >= spec.world {
             return Err(GroupError::Invalid(format!(
                 "rank {} is not below the world size {} (RANK counts from 0 to WORLD_SIZE − 1)",
@@ -118,6 +124,7 @@ pub struct ProcessGroup {
     /// Sum the gradients in bf16 (NCCL only).
     bf16_sums: bool,
     /// The host buffer of MPI's sums, kept between steps (see [`mpi::MpiGroup`]'s own).
+    #[cfg(feature = "mpi")]
     host: Vec<f32>,
     last_reduce: Option<Reduced>,
 }
@@ -151,6 +158,7 @@ impl ProcessGroup {
             mpi: None,
             watchdog: None,
             bf16_sums: false,
+            #[cfg(feature = "mpi")]
             host: Vec::new(),
             last_reduce: None,
         }
@@ -258,6 +266,7 @@ impl ProcessGroup {
             mpi: None,
             watchdog: Some(watchdog),
             bf16_sums: false,
+            #[cfg(feature = "mpi")]
             host: Vec::new(),
             last_reduce: None,
         })
@@ -423,6 +432,27 @@ pub fn fingerprint(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn launches_are_told_apart_by_world_and_rank() {
+        if MPI_VARIABLES.iter().any(|v| std::env::var_os(v).is_some()) {
+            eprintln!("skipped: these tests run under an MPI launcher");
+            return;
+        }
+        let spec = |rank, world| NodeSpec {
+            rank,
+            world,
+            master_addr: "127.0.0.1".into(),
+            master_port: 29500,
+            timeout: std::time::Duration::from_secs(1),
+        };
+        assert_eq!(Launch::detect(spec(0, 1)).unwrap(), Launch::Single);
+        assert_eq!(Launch::detect(spec(1, 2)).unwrap(), Launch::Torchrun(spec(1, 2)));
+        let alone = Launch::detect(spec(1, 1)).unwrap_err().to_string();
+        assert!(alone.contains("needs --nodes (WORLD_SIZE) above it"), "{alone}");
+        let beyond = Launch::detect(spec(2, 2)).unwrap_err().to_string();
+        assert!(beyond.contains("RANK counts from 0"), "{beyond}");
+    }
 
     #[test]
     fn rows_split_a_batch_as_gradient_accumulation_does() {

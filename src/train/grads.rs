@@ -113,7 +113,8 @@ pub fn pack<B: AutodiffBackend, M: Module<B>>(
     model.visit(&mut visitor);
     let mut tail = visitor.flags;
     tail.extend_from_slice(extra);
-    let tail = Tensor::from_data(TensorData::new(tail.clone(), [tail.len()]).convert::<InnerElem<B>>(), device);
+    let len = tail.len();
+    let tail = Tensor::from_data(TensorData::new(tail, [len]).convert::<InnerElem<B>>(), device);
     let mut parts = visitor.parts;
     parts.push(tail);
     Tensor::cat(parts, 0)
@@ -207,21 +208,21 @@ pub fn pack_host<B: AutodiffBackend, M: Module<B>>(
     extra: &[f32],
     buffer: &mut Vec<f32>,
 ) {
-    struct Size(usize, usize);
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Size {
+    struct Elements(usize);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Elements {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             self.0 += param.val().shape().num_elements();
-            self.1 += 1;
         }
     }
-    let mut size = Size(0, 0);
-    model.visit(&mut size);
+    let mut elements = Elements(0);
+    model.visit(&mut elements);
+    let count = parameter_count::<B, M>(model);
     buffer.clear();
-    buffer.reserve(size.0 + size.1 + extra.len());
+    buffer.reserve(elements.0 + count + extra.len());
     let mut visitor = PackHost::<B> {
         grads,
         values: std::mem::take(buffer),
-        flags: Vec::with_capacity(size.1),
+        flags: Vec::with_capacity(count),
         _backend: std::marker::PhantomData,
     };
     model.visit(&mut visitor);

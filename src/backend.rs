@@ -137,6 +137,29 @@ pub enum BackendError {
         /// Of what kind.
         what: String,
     },
+    /// A process of a multi-process run has no device of its own (one CUDA device per process: NCCL cannot sum
+    /// between two processes on one GPU).
+    #[error(
+        "local rank {local_rank} (with --data-parallel {count}) needs {what} {first}–{last}, but {found} were found: \
+         start at most {most} process(es) per node (e.g. `mpirun --npernode`, `torchrun --nproc-per-node`) or lower \
+         --data-parallel"
+    )]
+    NoDeviceForRank {
+        /// The process's rank on its node.
+        local_rank: usize,
+        /// Devices per process.
+        count: usize,
+        /// Its first device index.
+        first: usize,
+        /// Its last device index.
+        last: usize,
+        /// Devices found.
+        found: usize,
+        /// Processes the node's devices allow.
+        most: usize,
+        /// Of what kind.
+        what: String,
+    },
     /// No wgpu adapter at all.
     #[error(
         "no GPU adapter found through wgpu (Vulkan/Metal/DX12). Install a GPU driver — on Debian/Ubuntu without a GPU, \
@@ -299,36 +322,67 @@ fn cuda_device() -> Result<Device, BackendError> {
     }
 }
 
-/// The first of `count` devices for data parallelism (`lfm train --data-parallel`), starting `first` devices after
-/// the chosen one (`--local-rank`: one process per GPU), checked to exist: the replicas are the devices with the
-/// next indices of the same kind. On wgpu the default adapter becomes a hardware GPU of the most capable kind with
-/// enough of them; the CPU takes any count (the copies share it).
-pub fn data_parallel_device(device: Device, first: usize, count: usize) -> Result<Device, BackendError> {
+/// The first of `count` devices for data parallelism (`lfm train --data-parallel`) of the process with rank
+/// `local_rank` on its node (one process per GPU: its devices start `local_rank × count` after the chosen one),
+/// checked to exist: the replicas are the devices with the next indices of the same kind. On wgpu the default adapter
+/// becomes a hardware GPU of the most capable kind with enough of them; where there are fewer GPUs than processes
+/// and each process uses one, processes share them round-robin (MPI sums on the host, so that works, slower); a
+/// machine without a hardware GPU keeps its one adapter (e.g. lavapipe) for every process. The CPU takes any count
+/// (the copies share it). CUDA needs a device per process (NCCL).
+pub fn data_parallel_device(device: Device, local_rank: usize, count: usize) -> Result<Device, BackendError> {
     let count = count.max(1);
+    let first = local_rank * count;
     if first + count <= 1 {
         return Ok(device);
     }
-    let too_few =
-        |found: usize, what: &str| BackendError::TooFewDevices { wanted: first + count, found, what: what.into() };
+    let missing = |found: usize, what: &str| {
+        if local_rank == 0 {
+            BackendError::TooFewDevices { wanted: count, found, what: what.into() }
+        } else {
+            BackendError::NoDeviceForRank {
+                local_rank,
+                count,
+                first,
+                last: first + count - 1,
+                found,
+                most: (found / count).max(1),
+                what: what.into(),
+            }
+        }
+    };
     match device {
         Device::Cpu => Ok(Device::Cpu),
         #[cfg(feature = "cuda")]
         Device::Cuda(i) => {
             let found = cuda_devices()?.len();
             if i + first + count > found {
-                return Err(too_few(found.saturating_sub(i), "CUDA devices"));
+                return Err(missing(found.saturating_sub(i), "CUDA devices"));
             }
             Ok(Device::Cuda(i + first))
         }
-        Device::Wgpu(_) => {
+        Device::Wgpu(chosen) => {
             let adapters = wgpu_adapters();
             let count_of = |t: &str| adapters.iter().filter(|a| a.device_type == t).count();
-            let kinds = [("DiscreteGpu", "discrete GPUs"), ("IntegratedGpu", "integrated GPUs")];
-            match kinds.iter().find(|(t, _)| count_of(t) >= first + count) {
-                Some(("DiscreteGpu", _)) => Ok(Device::Wgpu(WgpuDevice::DiscreteGpu(first))),
-                Some(_) => Ok(Device::Wgpu(WgpuDevice::IntegratedGpu(first))),
-                None => Err(too_few(count_of("DiscreteGpu").max(count_of("IntegratedGpu")), "wgpu GPUs of one kind")),
+            let (discrete, integrated) = (count_of("DiscreteGpu"), count_of("IntegratedGpu"));
+            if discrete >= first + count {
+                return Ok(Device::Wgpu(WgpuDevice::DiscreteGpu(first)));
             }
+            if integrated >= first + count {
+                return Ok(Device::Wgpu(WgpuDevice::IntegratedGpu(first)));
+            }
+            if count == 1 {
+                // More processes than GPUs: they share them.
+                let shared = if discrete > 0 {
+                    WgpuDevice::DiscreteGpu(local_rank % discrete)
+                } else if integrated > 0 {
+                    WgpuDevice::IntegratedGpu(local_rank % integrated)
+                } else {
+                    chosen
+                };
+                tracing::warn!(local_rank, device = ?shared, "more processes than wgpu GPUs on this node: sharing");
+                return Ok(Device::Wgpu(shared));
+            }
+            Err(missing(discrete.max(integrated), "wgpu GPUs of one kind"))
         }
     }
 }
@@ -366,5 +420,31 @@ pub fn dispatch<T: OnBackend>(device: &Device, task: T) -> T::Output {
         Device::Wgpu(d) => task.run::<Wgpu>(d.clone()),
         #[cfg(feature = "cuda")]
         Device::Cuda(i) => task.run::<Cuda>(burn::backend::cuda::CudaDevice { index: *i }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn processes_beyond_the_first_get_their_own_device_or_a_clear_error() {
+        // The CPU takes any number of processes and replicas.
+        assert!(matches!(data_parallel_device(Device::Cpu, 3, 2), Ok(Device::Cpu)));
+        let hardware =
+            wgpu_adapters().iter().any(|a| matches!(a.device_type.as_str(), "DiscreteGpu" | "IntegratedGpu"));
+        if hardware {
+            eprintln!("skipped the wgpu cases: this machine has a hardware GPU (they assume none)");
+            return;
+        }
+        // Without a hardware GPU (lavapipe or no adapter), one replica per process shares the chosen adapter...
+        let chosen = Device::Wgpu(WgpuDevice::DefaultDevice);
+        assert!(matches!(data_parallel_device(chosen.clone(), 1, 1), Ok(Device::Wgpu(WgpuDevice::DefaultDevice))));
+        // ...but replicas within a process need GPUs of their own, and the error says whose.
+        let first = data_parallel_device(chosen.clone(), 0, 2).unwrap_err().to_string();
+        assert!(first.contains("--data-parallel 2 needs 2 wgpu GPUs of one kind, but 0 were found"), "{first}");
+        let second = data_parallel_device(chosen, 1, 2).unwrap_err().to_string();
+        assert!(second.contains("local rank 1 (with --data-parallel 2) needs wgpu GPUs of one kind 2–3"), "{second}");
+        assert!(second.contains("at most 1 process(es) per node"), "{second}");
     }
 }

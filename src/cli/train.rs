@@ -308,10 +308,18 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
     settings.validate(&config, &source, shape)?;
     super::create_folder(&args.out)?;
     let launch = launch(&args)?;
-    let first = args.local_rank.unwrap_or_else(Launch::local_rank) * settings.data_parallel;
-    let device = backend::data_parallel_device(backend::select(choice)?, first, settings.data_parallel)?;
+    // What differs between ranks (their devices, their files) can fail on one of them: that ends them all.
+    let ended = |error: anyhow::Error| {
+        launch.end_after(&error);
+        error
+    };
+    let local_rank = args.local_rank.unwrap_or_else(Launch::local_rank);
+    let device = backend::select(choice)
+        .and_then(|device| backend::data_parallel_device(device, local_rank, settings.data_parallel))
+        .map_err(|e| ended(e.into()))?;
     let n = source.len();
-    let files = TaskFiles::find(&settings.task, &source, args.data.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+    let files =
+        TaskFiles::find(&settings.task, &source, args.data.as_deref()).map_err(|e| ended(anyhow::anyhow!(e)))?;
     let nodes = join(&launch, &args, &config, &settings, n, &device)?;
     let (rank, world) = (nodes.rank(), nodes.world());
     let job =

@@ -133,26 +133,67 @@ pub fn parameter_count<B: AutodiffBackend, M: Module<B>>(model: &M) -> usize {
     count.0
 }
 
-/// Registers the gradients of a [`pack`]ed buffer.
-struct Unpack<'a, B: AutodiffBackend> {
-    all: Tensor<B::InnerBackend, 1>,
+/// Where [`Unpack`] reads each gradient from: a packed buffer on the device, or one on the host.
+trait PackedSource<B: AutodiffBackend> {
+    /// The `shape.num_elements()` values from `offset` on, as a tensor of `shape`.
+    fn gradient<const D: usize>(&self, offset: usize, shape: burn::tensor::Shape) -> Tensor<B::InnerBackend, D>;
+}
+
+/// A [`pack`]ed buffer on the device: each gradient is a view of it.
+struct DeviceBuffer<B: AutodiffBackend>(Tensor<B::InnerBackend, 1>);
+
+impl<B: AutodiffBackend> PackedSource<B> for DeviceBuffer<B> {
+    fn gradient<const D: usize>(&self, offset: usize, shape: burn::tensor::Shape) -> Tensor<B::InnerBackend, D> {
+        let n = shape.num_elements();
+        self.0.clone().narrow(0, offset, n).reshape(shape)
+    }
+}
+
+/// A [`pack_host`]ed buffer: each gradient is uploaded from its own slice.
+struct HostBuffer<'a, B: AutodiffBackend> {
+    values: &'a [f32],
+    device: &'a burn::tensor::ops::Device<B::InnerBackend>,
+}
+
+impl<B: AutodiffBackend> PackedSource<B> for HostBuffer<'_, B> {
+    fn gradient<const D: usize>(&self, offset: usize, shape: burn::tensor::Shape) -> Tensor<B::InnerBackend, D> {
+        let n = shape.num_elements();
+        let data = TensorData::new(self.values[offset..offset + n].to_vec(), shape);
+        Tensor::from_data(data.convert::<InnerElem<B>>(), self.device)
+    }
+}
+
+/// Registers the gradients of a packed buffer (those whose flag is set), walking the layout [`pack`] wrote.
+struct Unpack<'a, S> {
+    source: S,
     flags: &'a [f32],
     offset: usize,
     index: usize,
     grads: GradientsParams,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for Unpack<'_, B> {
+impl<B: AutodiffBackend, S: PackedSource<B>> ModuleVisitor<B> for Unpack<'_, S> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let shape = param.val().shape();
         let n = shape.num_elements();
         if self.flags[self.index] > 0.0 {
-            self.grads
-                .register::<B::InnerBackend, D>(param.id, self.all.clone().narrow(0, self.offset, n).reshape(shape));
+            let grad = self.source.gradient::<D>(self.offset, shape);
+            self.grads.register::<B::InnerBackend, D>(param.id, grad);
         }
         self.offset += n;
         self.index += 1;
     }
+}
+
+/// Walks `model` over a packed buffer read through `source`.
+fn unpack_from<B: AutodiffBackend, M: Module<B>, S: PackedSource<B>>(
+    model: &M,
+    source: S,
+    flags: &[f32],
+) -> GradientsParams {
+    let mut visitor = Unpack { source, flags, offset: 0, index: 0, grads: GradientsParams::new() };
+    model.visit(&mut visitor);
+    visitor.grads
 }
 
 /// The gradients of a [`pack`]ed buffer of `model` (those whose flag is non-zero: present on any process whose
@@ -168,9 +209,7 @@ pub fn unpack<B: AutodiffBackend, M: Module<B>>(
     let tail = packed.clone().narrow(0, len - count - extra_len, count + extra_len);
     let tail = tail.into_data().convert::<f32>().to_vec::<f32>().expect("f32 values");
     let (flags, extra) = tail.split_at(count);
-    let mut visitor = Unpack::<B> { all: packed, flags, offset: 0, index: 0, grads: GradientsParams::new() };
-    model.visit(&mut visitor);
-    (visitor.grads, extra.to_vec())
+    (unpack_from::<B, M, _>(model, DeviceBuffer::<B>(packed), flags), extra.to_vec())
 }
 
 /// Collects every parameter's gradient into one host buffer, in `model`'s visit order (zeros where it has none),
@@ -231,30 +270,6 @@ pub fn pack_host<B: AutodiffBackend, M: Module<B>>(
     buffer.extend_from_slice(extra);
 }
 
-/// Registers the gradients of a [`pack_host`]ed buffer, each uploaded from its own slice.
-struct UnpackHost<'a, B: AutodiffBackend> {
-    values: &'a [f32],
-    flags: &'a [f32],
-    device: &'a burn::tensor::ops::Device<B::InnerBackend>,
-    offset: usize,
-    index: usize,
-    grads: GradientsParams,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for UnpackHost<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let shape = param.val().shape();
-        let n = shape.num_elements();
-        if self.flags[self.index] > 0.0 {
-            let data = TensorData::new(self.values[self.offset..self.offset + n].to_vec(), shape);
-            let grad = Tensor::<B::InnerBackend, D>::from_data(data.convert::<InnerElem<B>>(), self.device);
-            self.grads.register::<B::InnerBackend, D>(param.id, grad);
-        }
-        self.offset += n;
-        self.index += 1;
-    }
-}
-
 /// The gradients of a [`pack_host`]ed buffer of `model`, on `device`, and its `extra_len` extra values.
 pub fn unpack_host<B: AutodiffBackend, M: Module<B>>(
     model: &M,
@@ -265,7 +280,64 @@ pub fn unpack_host<B: AutodiffBackend, M: Module<B>>(
     let count = parameter_count::<B, M>(model);
     let (values, tail) = packed.split_at(packed.len() - count - extra_len);
     let (flags, extra) = tail.split_at(count);
-    let mut visitor = UnpackHost::<B> { values, flags, device, offset: 0, index: 0, grads: GradientsParams::new() };
-    model.visit(&mut visitor);
-    (visitor.grads, extra.to_vec())
+    (unpack_from::<B, M, _>(model, HostBuffer::<B> { values, device }, flags), extra.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, NdArray};
+    use burn::nn::{Linear, LinearConfig};
+
+    use super::*;
+
+    type B = Autodiff<NdArray<f32>>;
+
+    /// Two layers, the second unused by the loss: its parameters have no gradient (flag 0).
+    #[derive(Module, Debug)]
+    struct TwoLayers<B: burn::tensor::backend::Backend> {
+        used: Linear<B>,
+        unused: Linear<B>,
+    }
+
+    fn model_and_grads() -> (TwoLayers<B>, GradientsParams) {
+        let device = Default::default();
+        let model = TwoLayers {
+            used: LinearConfig::new(3, 5).init::<B>(&device),
+            unused: LinearConfig::new(2, 7).init::<B>(&device),
+        };
+        let x = Tensor::<B, 2>::from_floats([[0.5, -1.0, 2.0], [1.5, 0.25, -0.75]], &device);
+        let loss = model.used.forward(x).powi_scalar(2).sum();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        (model, grads)
+    }
+
+    fn values<const D: usize>(t: Tensor<burn::backend::NdArray<f32>, D>) -> Vec<f32> {
+        t.into_data().to_vec::<f32>().unwrap()
+    }
+
+    /// Both packings keep every gradient, skip the absent ones and carry the extras, on the device and on the host.
+    #[test]
+    fn packed_gradients_unpack_to_the_same_gradients() {
+        let (model, grads) = model_and_grads();
+        let device = Default::default();
+        let weight = |g: &GradientsParams| values(g.get::<NdArray<f32>, 2>(model.used.weight.id).unwrap());
+        let bias =
+            |g: &GradientsParams| values(g.get::<NdArray<f32>, 1>(model.used.bias.as_ref().unwrap().id).unwrap());
+        let absent = |g: &GradientsParams| g.get::<NdArray<f32>, 2>(model.unused.weight.id).is_none();
+
+        let packed = pack::<B, _>(&model, &grads, &[0.25, 4.0], &device);
+        // 15 + 5 + 14 + 7 values, 4 flags, 2 extras.
+        assert_eq!(packed.dims(), [15 + 5 + 14 + 7 + 4 + 2]);
+        let (device_grads, extra) = unpack::<B, _>(&model, packed, 2);
+        let mut host = vec![f32::NAN; 3];
+        pack_host::<B, _>(&model, &grads, &[0.25, 4.0], &mut host);
+        let (host_grads, host_extra) = unpack_host::<B, _>(&model, &host, 2, &device);
+        for (unpacked, extra) in [(&device_grads, extra), (&host_grads, host_extra)] {
+            assert_eq!(weight(unpacked), weight(&grads));
+            assert_eq!(bias(unpacked), bias(&grads));
+            assert!(absent(unpacked), "a parameter without a gradient stays without one");
+            assert_eq!(extra, vec![0.25, 4.0]);
+        }
+        assert_eq!(&host[41..], &[1.0, 1.0, 0.0, 0.0, 0.25, 4.0], "flags, then the extras");
+    }
 }

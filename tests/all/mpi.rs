@@ -1,7 +1,8 @@
 //! Training on several processes launched by MPI (the `mpi` feature; `./scripts/test` installs Open MPI and builds
-//! with it): two ranks on this machine take the updates of one process with `--grad-accum 2`, a rank killed mid-run
-//! ends the job within a bounded time, and `--resume` continues from the last checkpoint to the same weights as an
-//! uninterrupted run; ranks that run different settings, and bf16 sums (NCCL's), are refused.
+//! with it), by `mpirun` and, where a Slurm cluster answers, by `srun`: two ranks on this machine take the updates
+//! of one process with `--grad-accum 2`, a rank killed mid-run ends the job within a bounded time, and `--resume`
+//! continues from the last checkpoint to the same weights as an uninterrupted run; ranks that run different
+//! settings, and bf16 sums (NCCL's), are refused; a rank that fails before joining ends the others.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -12,27 +13,63 @@ use lfm::checkpoint::read_weights;
 use crate::common::*;
 use crate::train::{losses, setup, train_args};
 
-/// `mpirun -np 2` of `lfm` with `args` (or an MPMD command line when `second` gives rank 1 other arguments),
-/// allowed to run as root (CI) and on more ranks than cores; `marker` tags the processes' environment.
-fn mpirun(args: &[&str], second: Option<&[&str]>, marker: &str) -> Command {
-    let mut command = Command::new("mpirun");
-    command.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
-    // Shared memory without cross-memory attach, which containers often forbid (ptrace rules).
-    command.env("OMPI_MCA_btl_vader_single_copy_mechanism", "none").env("LFM_TEST_MARKER", marker);
-    for variable in ["WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"] {
-        command.env_remove(variable);
-    }
-    command.args(["--oversubscribe", "-np", if second.is_some() { "1" } else { "2" }]).arg(lfm_bin()).args(args);
-    if let Some(second) = second {
-        command.args([":", "-np", "1"]).arg(lfm_bin()).args(second);
-    }
-    command.stdout(Stdio::piped()).stderr(Stdio::piped());
-    command
+/// How two ranks are started: `mpirun`, or Slurm's `srun` (through PMIx) where a Slurm cluster answers.
+#[derive(Clone, Copy)]
+enum Launcher {
+    Mpirun,
+    Srun,
 }
 
-/// The process of MPI rank `rank` whose environment carries `marker`.
-fn rank_process(rank: usize, marker: &str) -> Option<u32> {
-    let want_rank = format!("OMPI_COMM_WORLD_RANK={rank}");
+impl Launcher {
+    /// Two ranks of `lfm` with `args` (or, under mpirun, an MPMD command line when `second` gives rank 1 other
+    /// arguments), allowed to run as root (CI) and on more ranks than cores; `marker` tags the processes' environment.
+    fn command(self, args: &[&str], second: Option<&[&str]>, marker: &str) -> Command {
+        let mut command = match self {
+            Launcher::Mpirun => {
+                let mut command = Command::new("mpirun");
+                command.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+                command.args(["--oversubscribe", "-np", if second.is_some() { "1" } else { "2" }]);
+                command
+            }
+            Launcher::Srun => {
+                let mut command = Command::new("srun");
+                command.args(["--mpi=pmix", "-n", "2", "--overcommit"]);
+                command
+            }
+        };
+        // Shared memory without cross-memory attach, which containers often forbid (ptrace rules).
+        command.env("OMPI_MCA_btl_vader_single_copy_mechanism", "none").env("LFM_TEST_MARKER", marker);
+        for variable in ["WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"] {
+            command.env_remove(variable);
+        }
+        command.arg(lfm_bin()).args(args);
+        if let Some(second) = second {
+            command.args([":", "-np", "1"]).arg(lfm_bin()).args(second);
+        }
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        command
+    }
+
+    /// The variable that holds a process's rank under this launcher.
+    fn rank_variable(self) -> &'static str {
+        match self {
+            Launcher::Mpirun => "OMPI_COMM_WORLD_RANK",
+            Launcher::Srun => "SLURM_PROCID",
+        }
+    }
+
+    /// What the launcher prints when rank 1 was killed by SIGKILL.
+    fn lost_rank_1(self) -> &'static [&'static str] {
+        match self {
+            Launcher::Mpirun => &["rank 1", "signal 9"],
+            Launcher::Srun => &["task 1: Killed"],
+        }
+    }
+}
+
+/// The process of rank `rank` under `launcher` whose environment carries `marker`.
+fn rank_process(launcher: Launcher, rank: usize, marker: &str) -> Option<u32> {
+    let want_rank = format!("{}={rank}", launcher.rank_variable());
     let want_marker = format!("LFM_TEST_MARKER={marker}");
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
         let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
@@ -52,6 +89,24 @@ fn two_mpi_ranks_train_as_two_micro_batches_and_resume_after_a_killed_rank() {
     if Command::new("mpirun").arg("--version").output().is_err() {
         panic!("mpirun was not found: the `mpi` feature's tests need an MPI launcher (apt-get install openmpi-bin)");
     }
+    kill_and_resume(Launcher::Mpirun);
+}
+
+/// The same under Slurm's `srun --mpi=pmix`, where a Slurm cluster answers (`sinfo`); CI has none, so there it skips.
+#[test]
+fn two_srun_tasks_train_as_two_micro_batches_and_resume_after_a_killed_task() {
+    let answers = Command::new("sinfo").arg("--noheader").output().is_ok_and(|o| o.status.success());
+    if !answers {
+        eprintln!("skipped: no Slurm cluster answers `sinfo` (this test runs `srun --mpi=pmix -n 2` where one does)");
+        return;
+    }
+    kill_and_resume(Launcher::Srun);
+}
+
+/// Two ranks against one process with `--grad-accum 2`: rank 1 is SIGKILLed once a checkpoint past step 10 exists,
+/// the job must end within a bounded time naming it, and the same command with `--resume` must end with the weights
+/// and losses of the single process.
+fn kill_and_resume(launcher: Launcher) {
     let s = setup();
     let steps = ["--max-steps", "40", "--save-every", "5", "--max-grad-norm", "0.5"];
     // One process, each step's batch as two micro-batches.
@@ -67,11 +122,11 @@ fn two_mpi_ranks_train_as_two_micro_batches_and_resume_after_a_killed_rank() {
     let mut args = train_args(two.to_str().unwrap(), &s.data, &s.vae, &s.vae_config, &s.config);
     args.extend_from_slice(&steps);
     let marker = format!("kill-{}", std::process::id());
-    let mut job = mpirun(&args, None, &marker).spawn().expect("mpirun starts");
+    let mut job = launcher.command(&args, None, &marker).spawn().expect("the launcher starts");
     let killed_at = loop {
         if let Ok(Some(state)) = lfm::train::state::read_state(&two) {
             if state.step >= 10 {
-                if let Some(pid) = rank_process(1, &marker) {
+                if let Some(pid) = rank_process(launcher, 1, &marker) {
                     let killed = Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
                     assert!(killed.success());
                     break state.step;
@@ -87,13 +142,14 @@ fn two_mpi_ranks_train_as_two_micro_batches_and_resume_after_a_killed_rank() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "the job goes on without rank 1: {stderr}");
     assert!(since.elapsed() < Duration::from_secs(60), "the job took {:?} to stop", since.elapsed());
-    assert!(stderr.contains("rank 1") && stderr.contains("signal 9"), "mpirun names the lost rank: {stderr}");
+    let named = launcher.lost_rank_1().iter().all(|part| stderr.contains(part));
+    assert!(named, "the launcher names the lost rank: {stderr}");
     let saved = lfm::train::state::read_state(&two).unwrap().unwrap().step;
     assert!((10..40).contains(&saved), "the last checkpoint is at step {saved}");
 
     // The same command with --resume continues to the weights of one process with two micro-batches.
     args.push("--resume");
-    let output = mpirun(&args, None, &marker).output().unwrap();
+    let output = launcher.command(&args, None, &marker).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(stderr.contains("gradients summed by MPI"), "{stderr}");
@@ -120,7 +176,7 @@ fn mpi_ranks_with_different_settings_are_refused() {
     first.extend_from_slice(&["--max-steps", "2"]);
     second.extend_from_slice(&["--max-steps", "3"]);
     let started = Instant::now();
-    let output = mpirun(&first, Some(&second), "mismatch").output().unwrap();
+    let output = Launcher::Mpirun.command(&first, Some(&second), "mismatch").output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
     assert!(stderr.contains("rank(s) 1 train another model, settings or data than rank 0"), "{stderr}");
@@ -128,7 +184,19 @@ fn mpi_ranks_with_different_settings_are_refused() {
     // bf16 sums are NCCL's: MPI sums f32.
     let mut bf16 = first.clone();
     bf16.extend_from_slice(&["--allreduce-dtype", "bf16"]);
-    let output = mpirun(&bf16, None, "bf16").output().unwrap();
+    let output = Launcher::Mpirun.command(&bf16, None, "bf16").output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success() && stderr.contains("--allreduce-dtype bf16 needs NCCL"), "{stderr}");
+    // A rank that fails before it joins the others (here: no CUDA device for it) ends them too, naming itself:
+    // without MPI_Abort, rank 0 would wait for it in MPI forever under `srun` (mpirun would end it, unnamed).
+    if lfm::backend::select(lfm::backend::BackendChoice::Cuda).is_err() {
+        let mut second = first.clone();
+        second[1] = "cuda";
+        let started = Instant::now();
+        let output = Launcher::Mpirun.command(&first, Some(&second), "no-device").output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert!(stderr.contains("Error: rank 1: no usable CUDA device"), "{stderr}");
+        assert!(started.elapsed() < Duration::from_secs(60));
+    }
 }

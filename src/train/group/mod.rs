@@ -93,6 +93,21 @@ impl Launch {
         Ok(if spec.world == 1 { Self::Single } else { Self::Torchrun(spec) })
     }
 
+    /// After `error` on this process before it joined its group (a device that this rank lacks, a file that it
+    /// cannot read): under MPI, prints it and ends every rank with `MPI_Abort`, since the others would wait for this
+    /// one in their first collective call (`srun` without `--kill-on-bad-exit` never ends them). Does nothing
+    /// otherwise: the caller reports the error as usual (without MPI, the others' rendezvous times out).
+    pub fn end_after(&self, error: &dyn std::fmt::Display) {
+        #[cfg(feature = "mpi")]
+        if let Self::Mpi(_) = self {
+            if let Ok(group) = mpi::MpiGroup::init() {
+                report_error(group.rank(), &error);
+                group.abort(1);
+            }
+        }
+        let _ = error;
+    }
+
     /// This process's rank among those of its machine, from the launcher's variables (0 when none is set).
     pub fn local_rank() -> usize {
         LOCAL_RANK_VARIABLES.into_iter().find_map(|v| std::env::var(v).ok()?.parse().ok()).unwrap_or(0)
@@ -186,7 +201,7 @@ impl ProcessGroup {
         tracing::info!("rank {rank} of {world} ({})", group.library());
         // From here on an error on one rank must end them all: the others would wait for it forever.
         fn abort(group: &mpi::MpiGroup, error: GroupError) -> ! {
-            eprintln!("Error: rank {}: {error}", group.rank());
+            report_error(group.rank(), &error);
             group.abort(1)
         }
         if let Err(e) = group.check_fingerprint(fingerprint) {
@@ -255,7 +270,7 @@ impl ProcessGroup {
         let group = nccl::NcclGroup::join(&met.payload, rank, world, device)?;
         // A lost process leaves NCCL's collectives waiting forever: end this one with the reason.
         let watchdog = met.watch(move |why| {
-            eprintln!("Error: rank {rank}: {why}");
+            report_error(rank, &why);
             std::process::exit(1);
         })?;
         Ok(Self {
@@ -400,7 +415,7 @@ impl ProcessGroup {
     /// its next sum. Does nothing in a run of one.
     pub fn end_after(&self, error: &dyn std::fmt::Display) {
         if self.world > 1 {
-            eprintln!("Error: rank {}: {error}", self.rank);
+            report_error(self.rank, &error);
             #[cfg(feature = "mpi")]
             if let Some(mpi) = &self.mpi {
                 mpi.abort(1);
@@ -416,6 +431,14 @@ impl ProcessGroup {
             watchdog.finish();
         }
     }
+}
+
+/// Prints `error` as rank `rank`'s, in one write: the ranks share the launcher's stderr, and a line written in
+/// pieces (as `eprintln!` writes its arguments) interleaves with the other ranks' output.
+fn report_error(rank: usize, error: &dyn std::fmt::Display) {
+    use std::io::Write;
+    let line = format!("Error: rank {rank}: {error}\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 /// Rank `rank`'s rows of a batch of `n` split over `world` processes.

@@ -174,10 +174,10 @@ fn bad_numbers_and_folders_are_one_clear_line() {
     refused(&["sample", "--cfg-scale", "-2"], &["--cfg-scale", "must be a finite number ≥ 0"]);
     refused(&["train", "--latents", "l", "--out", "o", "--lr", "-0.0001"], &["--lr", "must be a finite number > 0"]);
     refused(&["sample", "--solver", "euler", "--steps", "0"], &["--steps", "must be at least 1"]);
-    // Flags the chosen solver would ignore (the built-in model's default solver is heun).
+    // Flags the chosen solver would ignore (the built-in model's default solver is euler).
     refused(&["sample", "--solver", "dopri5", "--steps", "5"], &["--steps", "dopri5", "--solver euler"]);
     refused(&["sample", "--solver", "euler", "--rtol", "1e-3"], &["--rtol", "euler", "--solver dopri5"]);
-    refused(&["sample", "--atol", "1e-3"], &["--atol", "heun", "--solver dopri5"]);
+    refused(&["sample", "--atol", "1e-3"], &["--atol", "euler", "--solver dopri5"]);
     refused(&["fid-stats", "images", "--out", "s.npz", "--fid-batch-size", "0"], &["--fid-batch-size"]);
     refused(&["train", "--latents", "l", "--out", "o", "--lr", "0"], &["--lr", "must be a finite number > 0"]);
     refused(&["train", "--latents", "l", "--out", "o", "--lr", "inf"], &["--lr", "must be a finite number > 0"]);

@@ -140,23 +140,19 @@ pub enum BackendError {
     /// A process of a multi-process run has no device of its own (one CUDA device per process: NCCL cannot sum
     /// between two processes on one GPU).
     #[error(
-        "local rank {local_rank} (with --data-parallel {count}) needs {what} {first}–{last}, but {found} were found: \
-         start at most {most} process(es) per node (e.g. `mpirun --npernode`, `torchrun --nproc-per-node`) or lower \
-         --data-parallel"
+        "local rank {local_rank} (with --data-parallel {count}) needs {what} {}–{}, but {found} were found: start at \
+         most {} process(es) per node (e.g. `mpirun --npernode`, `torchrun --nproc-per-node`) or lower --data-parallel",
+        .local_rank * .count,
+        (.local_rank + 1) * .count - 1,
+        (.found / .count).max(1)
     )]
     NoDeviceForRank {
         /// The process's rank on its node.
         local_rank: usize,
         /// Devices per process.
         count: usize,
-        /// Its first device index.
-        first: usize,
-        /// Its last device index.
-        last: usize,
         /// Devices found.
         found: usize,
-        /// Processes the node's devices allow.
-        most: usize,
         /// Of what kind.
         what: String,
     },
@@ -339,15 +335,7 @@ pub fn data_parallel_device(device: Device, local_rank: usize, count: usize) -> 
         if local_rank == 0 {
             BackendError::TooFewDevices { wanted: count, found, what: what.into() }
         } else {
-            BackendError::NoDeviceForRank {
-                local_rank,
-                count,
-                first,
-                last: first + count - 1,
-                found,
-                most: (found / count).max(1),
-                what: what.into(),
-            }
+            BackendError::NoDeviceForRank { local_rank, count, found, what: what.into() }
         }
     };
     match device {

@@ -247,17 +247,10 @@ pub fn pack_host<B: AutodiffBackend, M: Module<B>>(
     extra: &[f32],
     buffer: &mut Vec<f32>,
 ) {
-    struct Elements(usize);
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Elements {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            self.0 += param.val().shape().num_elements();
-        }
-    }
-    let mut elements = Elements(0);
-    model.visit(&mut elements);
     let count = parameter_count::<B, M>(model);
     buffer.clear();
-    buffer.reserve(elements.0 + count + extra.len());
+    // Burn's `num_params` is the number of float parameter elements: the gradients' part of the buffer.
+    buffer.reserve(model.num_params() + count + extra.len());
     let mut visitor = PackHost::<B> {
         grads,
         values: std::mem::take(buffer),

@@ -167,6 +167,17 @@ fn kill_and_resume(launcher: Launcher) {
     assert!(!reduced.is_empty() && reduced.iter().all(|&b| b > 0.0), "{reduced:?}");
 }
 
+/// Runs `mpirun` of two ranks (rank 1 with `second`'s arguments where given) and checks that the job fails within
+/// 60 s with `expected` in its output.
+fn refused_under_mpirun(first: &[&str], second: Option<&[&str]>, marker: &str, expected: &str) {
+    let started = Instant::now();
+    let output = Launcher::Mpirun.command(first, second, marker).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains(expected), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+}
+
 #[test]
 fn mpi_ranks_with_different_settings_are_refused() {
     let s = setup();
@@ -175,28 +186,17 @@ fn mpi_ranks_with_different_settings_are_refused() {
     let mut second = first.clone();
     first.extend_from_slice(&["--max-steps", "2"]);
     second.extend_from_slice(&["--max-steps", "3"]);
-    let started = Instant::now();
-    let output = Launcher::Mpirun.command(&first, Some(&second), "mismatch").output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
-    assert!(stderr.contains("rank(s) 1 train another model, settings or data than rank 0"), "{stderr}");
-    assert!(started.elapsed() < Duration::from_secs(60));
+    let expected = "rank(s) 1 train another model, settings or data than rank 0";
+    refused_under_mpirun(&first, Some(&second), "mismatch", expected);
     // bf16 sums are NCCL's: MPI sums f32.
     let mut bf16 = first.clone();
     bf16.extend_from_slice(&["--allreduce-dtype", "bf16"]);
-    let output = Launcher::Mpirun.command(&bf16, None, "bf16").output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success() && stderr.contains("--allreduce-dtype bf16 needs NCCL"), "{stderr}");
+    refused_under_mpirun(&bf16, None, "bf16", "--allreduce-dtype bf16 needs NCCL");
     // A rank that fails before it joins the others (here: no CUDA device for it) ends them too, naming itself:
     // without MPI_Abort, rank 0 would wait for it in MPI forever under `srun` (mpirun would end it, unnamed).
     if lfm::backend::select(lfm::backend::BackendChoice::Cuda).is_err() {
         let mut second = first.clone();
         second[1] = "cuda";
-        let started = Instant::now();
-        let output = Launcher::Mpirun.command(&first, Some(&second), "no-device").output().unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{stderr}");
-        assert!(stderr.contains("Error: rank 1: no usable CUDA device"), "{stderr}");
-        assert!(started.elapsed() < Duration::from_secs(60));
+        refused_under_mpirun(&first, Some(&second), "no-device", "Error: rank 1: no usable CUDA device");
     }
 }

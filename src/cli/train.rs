@@ -14,7 +14,7 @@ use crate::data::{open_images, Source};
 use crate::models::{read_config, ModelConfig, Precision, Preset};
 use crate::tasks::{Task, TaskFiles};
 use crate::train::group::{fingerprint, Launch, NodeSpec, ProcessGroup};
-use crate::train::run::{train, RunOutcome};
+use crate::train::run::{train, RunOutcome, TrainRun};
 use crate::train::schedule::Schedule;
 use crate::train::settings::AutoencoderShape;
 use crate::train::state::read_state;
@@ -237,18 +237,17 @@ impl OnBackend for Job {
 
     fn run<B: Backend>(mut self, device: B::Device) -> Self::Output {
         let autoencoder = self.autoencoder.as_ref().map(|w| w.load::<B>(&device)).transpose()?;
-        Ok(train::<B>(
-            &self.config,
-            self.init.as_ref(),
-            &self.source,
-            &self.files,
-            autoencoder.as_ref(),
-            &self.settings,
-            &self.out,
-            self.resume,
-            &mut self.nodes,
-            &device,
-        )?)
+        let run = TrainRun {
+            config: &self.config,
+            init: self.init.as_ref(),
+            source: &self.source,
+            files: &self.files,
+            autoencoder: autoencoder.as_ref(),
+            settings: &self.settings,
+            out_dir: &self.out,
+            resume: self.resume,
+        };
+        Ok(train::<B>(&run, &mut self.nodes, &device)?)
     }
 }
 

@@ -168,16 +168,32 @@ pub fn group_norm_reference<B: Backend>(
 }
 
 /// Nearest-neighbour ×2 upsampling of `[N, C, H, W]` (`F.interpolate(scale_factor=2, mode="nearest")`; also what
-/// EDM's `[1, 1]` transposed resample filter computes).
+/// EDM's `[1, 1]` transposed resample filter computes). One pass ([`cpu::upsample_nearest_2x`]) on the CPU backend
+/// at inference, one pass each way under its autodiff.
 pub fn upsample_nearest_2x<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    if cpu::applies(&x) {
+        return cpu::upsample_nearest_2x(x);
+    }
+    if let Some(y) = cpu_grad::upsample_nearest_2x(&x) {
+        return y;
+    }
     let [n, c, h, w] = x.dims();
     x.reshape([n, c, h, 1, w, 1]).expand([n, c, h, 2, w, 2]).reshape([n, c, 2 * h, 2 * w])
 }
 
 /// 2×2 average pooling with stride 2 of `[N, C, H, W]` with even `H`, `W` (`avg_pool2d(2)`; also EDM's `[1, 1]`
-/// downsampling filter).
+/// downsampling filter). One pass ([`cpu::avg_pool_2x`]) on the CPU backend at inference, one pass each way under
+/// its autodiff.
 pub fn avg_pool_2x<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     let [n, c, h, w] = x.dims();
+    if h % 2 == 0 && w % 2 == 0 {
+        if cpu::applies(&x) {
+            return cpu::avg_pool_2x(x);
+        }
+        if let Some(y) = cpu_grad::avg_pool_2x(&x) {
+            return y;
+        }
+    }
     x.reshape([n, c, h / 2, 2, w / 2, 2]).sum_dim(5).sum_dim(3).mul_scalar(0.25).reshape([n, c, h / 2, w / 2])
 }
 

@@ -51,27 +51,39 @@ pub fn replica_devices<B: Backend>(device: &B::Device, count: usize) -> Vec<B::D
         .collect()
 }
 
-/// Trains `config` (from `init` weights if given, else freshly initialised) on `source` (with the task's `files`)
-/// on backend `B`, resuming from `out_dir`'s checkpoint when `resume` is set. Returns the final checkpoint's state
-/// (on the process that writes it).
+/// What one run trains, on what, and where it writes: the inputs of [`train`].
+pub struct TrainRun<'a, B: Backend> {
+    /// The network's architecture.
+    pub config: &'a ModelConfig,
+    /// Weights to start from (`--init`); `None` initialises the network from the seed.
+    pub init: Option<&'a crate::checkpoint::TensorMap>,
+    /// The training data (images or pre-encoded latents).
+    pub source: &'a Source,
+    /// The task's files beside the data (masks, segmentation maps).
+    pub files: &'a TaskFiles,
+    /// The autoencoder that encodes images (and decodes previews); `None` for a latent store without previews.
+    pub autoencoder: Option<&'a AnyAutoencoder<B>>,
+    /// Optimiser, schedule, batch, precision and checkpoint settings.
+    pub settings: &'a RunSettings,
+    /// The run's folder: checkpoints, `metrics.jsonl`, previews.
+    pub out_dir: &'a Path,
+    /// Continue from `out_dir`'s checkpoint instead of starting afresh.
+    pub resume: bool,
+}
+
+/// Trains `run.config` (from `run.init` weights if given, else freshly initialised) on backend `B`, resuming from
+/// `run.out_dir`'s checkpoint when `run.resume` is set. Returns the final checkpoint's state (on the process that
+/// writes it).
 ///
 /// On several processes (`nodes`), each trains on its share of every batch and the gradients are summed over them;
 /// only the leader (rank 0) writes `out_dir` (a resumed run reads it on every process: a shared file system, or a
 /// copy). An error on one process of several ends them all ([`ProcessGroup::end_after`]).
-#[allow(clippy::too_many_arguments)]
 pub fn train<B: Backend>(
-    config: &ModelConfig,
-    init: Option<&crate::checkpoint::TensorMap>,
-    source: &Source,
-    files: &TaskFiles,
-    autoencoder: Option<&AnyAutoencoder<B>>,
-    settings: &RunSettings,
-    out_dir: &Path,
-    resume: bool,
+    run: &TrainRun<'_, B>,
     nodes: &mut ProcessGroup,
     device: &B::Device,
 ) -> Result<RunOutcome, TrainError> {
-    let outcome = train_steps(config, init, source, files, autoencoder, settings, out_dir, resume, nodes, device);
+    let outcome = train_steps(run, nodes, device);
     match &outcome {
         Ok(_) => nodes.finish(),
         Err(e) => nodes.end_after(e),
@@ -79,19 +91,12 @@ pub fn train<B: Backend>(
     outcome
 }
 
-#[allow(clippy::too_many_arguments)]
 fn train_steps<B: Backend>(
-    config: &ModelConfig,
-    init: Option<&crate::checkpoint::TensorMap>,
-    source: &Source,
-    files: &TaskFiles,
-    autoencoder: Option<&AnyAutoencoder<B>>,
-    settings: &RunSettings,
-    out_dir: &Path,
-    resume: bool,
+    run: &TrainRun<'_, B>,
     nodes: &mut ProcessGroup,
     device: &B::Device,
 ) -> Result<RunOutcome, TrainError> {
+    let &TrainRun { config, init, source, files, autoencoder, settings, out_dir, resume } = run;
     let leader = nodes.is_leader();
     let shape = autoencoder.map(|ae| AutoencoderShape { latent_channels: ae.latent_channels(), factor: ae.factor() });
     settings.validate(config, source, shape)?;

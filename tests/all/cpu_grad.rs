@@ -279,3 +279,53 @@ fn attention_over_separate_heads_on_the_cpu_matches_burns_autodiff() {
         );
     }
 }
+
+/// The ×2 resamplings (nearest upsampling and 2×2 average pooling, each the other's backward pass) run lfm's passes
+/// each way under autodiff, and one pass at inference: outputs and gradients equal Burn's autodiff of the plain
+/// expressions, on one-pixel, odd-width and empty planes.
+#[test]
+fn resampling_on_the_cpu_matches_burns_expressions() {
+    use lfm::nn::{avg_pool_2x, upsample_nearest_2x};
+    // The planes `[P, H, W]` as one image of `P` channels, and back.
+    let image = |t: &Tensor<A, 3>| t.clone().unsqueeze_dim::<4>(0);
+    let planes = |t: Tensor<A, 4>| t.squeeze_dim::<3>(0);
+    let plain_up = |t: Tensor<A, 3>| {
+        let [p, h, w] = t.dims();
+        t.reshape([p, h, 1, w, 1]).expand([p, h, 2, w, 2]).reshape([p, 2 * h, 2 * w])
+    };
+    let plain_pool = |t: Tensor<A, 3>| {
+        let [p, h, w] = t.dims();
+        t.reshape([p, h / 2, 2, w / 2, 2]).sum_dim(4).sum_dim(2).mul_scalar(0.25).reshape([p, h / 2, w / 2])
+    };
+    for [p, h, w] in [[1, 1, 1], [3, 5, 7], [6, 2, 17]] {
+        let x = random([p, h, w], 3, 0.0);
+        let case = format!("upsampling {p}×{h}×{w}");
+        let tolerance = [1e-6, 1e-7];
+        compare(&case, &[x], |t| planes(upsample_nearest_2x(image(&t[0]))), |t| plain_up(t[0].clone()), tolerance);
+        let x = random([p, 2 * h, 2 * w], 4, 0.0);
+        let case = format!("pooling {p}×{}×{}", 2 * h, 2 * w);
+        compare(
+            &case,
+            std::slice::from_ref(&x),
+            |t| planes(avg_pool_2x(image(&t[0]))),
+            |t| plain_pool(t[0].clone()),
+            tolerance,
+        );
+        // At inference: the same values as Burn's ops, bit for bit (copies, and sums in Burn's order).
+        let x = x.inner();
+        let up = upsample_nearest_2x(x.clone().unsqueeze_dim::<4>(0));
+        let x_ad = Tensor::<A, 3>::from_inner(x.clone());
+        assert_eq!(values(up), values(plain_up(x_ad.clone())), "{case} at inference (upsampling)");
+        let pooled = avg_pool_2x(x.unsqueeze_dim::<4>(0));
+        assert_eq!(values(pooled), values(plain_pool(x_ad)), "{case} at inference");
+    }
+    // No channels (built directly: Burn's `reshape` reads a 0 as "keep this dimension").
+    type Resample = fn(Tensor<A, 4>) -> Tensor<A, 4>;
+    for (resample, want) in [(upsample_nearest_2x as Resample, [2, 0, 4, 8]), (avg_pool_2x, [2, 0, 1, 2])] {
+        let x = Tensor::<A, 4>::from_data(TensorData::new(Vec::<f32>::new(), [2, 0, 2, 4]), &cpu()).require_grad();
+        let out = resample(x.clone());
+        assert_eq!(out.dims(), want);
+        let grads = out.sum().backward();
+        assert!(grad(&x, &grads).is_empty());
+    }
+}

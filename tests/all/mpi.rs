@@ -21,14 +21,13 @@ enum Launcher {
 }
 
 impl Launcher {
-    /// Two ranks of `lfm` with `args` (or, under mpirun, an MPMD command line when `second` gives rank 1 other
-    /// arguments), allowed to run as root (CI) and on more ranks than cores; `marker` tags the processes' environment.
-    fn command(self, args: &[&str], second: Option<&[&str]>, marker: &str) -> Command {
+    /// Two ranks of `lfm` with `args`, allowed to run as root (CI) and on more ranks than cores; `marker` tags the
+    /// processes' environment.
+    fn command(self, args: &[&str], marker: &str) -> Command {
         let mut command = match self {
             Launcher::Mpirun => {
-                let mut command = Command::new("mpirun");
-                command.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
-                command.args(["--oversubscribe", "-np", if second.is_some() { "1" } else { "2" }]);
+                let mut command = mpirun();
+                command.args(["-np", "2"]);
                 command
             }
             Launcher::Srun => {
@@ -37,17 +36,8 @@ impl Launcher {
                 command
             }
         };
-        // Shared memory without cross-memory attach, which containers often forbid (ptrace rules).
-        command.env("OMPI_MCA_btl_vader_single_copy_mechanism", "none").env("LFM_TEST_MARKER", marker);
-        for variable in ["WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"] {
-            command.env_remove(variable);
-        }
         command.arg(lfm_bin()).args(args);
-        if let Some(second) = second {
-            command.args([":", "-np", "1"]).arg(lfm_bin()).args(second);
-        }
-        command.stdout(Stdio::piped()).stderr(Stdio::piped());
-        command
+        with_test_environment(command, marker)
     }
 
     /// The variable that holds a process's rank under this launcher.
@@ -65,6 +55,32 @@ impl Launcher {
             Launcher::Srun => &["task 1: Killed"],
         }
     }
+}
+
+/// `mpirun` allowed to run as root (CI) and on more ranks than cores.
+fn mpirun() -> Command {
+    let mut command = Command::new("mpirun");
+    command.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").arg("--oversubscribe");
+    command
+}
+
+/// An MPMD `mpirun`: rank 0 runs `lfm` with `first`, rank 1 with `second`.
+fn mpirun_mpmd(first: &[&str], second: &[&str], marker: &str) -> Command {
+    let mut command = mpirun();
+    command.args(["-np", "1"]).arg(lfm_bin()).args(first);
+    command.args([":", "-np", "1"]).arg(lfm_bin()).args(second);
+    with_test_environment(command, marker)
+}
+
+/// Shared memory without cross-memory attach (containers often forbid it: ptrace rules), `marker` in the environment
+/// (to find the ranks' processes), no torchrun variables from the caller, and piped output.
+fn with_test_environment(mut command: Command, marker: &str) -> Command {
+    command.env("OMPI_MCA_btl_vader_single_copy_mechanism", "none").env("LFM_TEST_MARKER", marker);
+    for variable in ["WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"] {
+        command.env_remove(variable);
+    }
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    command
 }
 
 /// The process of rank `rank` under `launcher` whose environment carries `marker`.
@@ -122,7 +138,7 @@ fn kill_and_resume(launcher: Launcher) {
     let mut args = train_args(two.to_str().unwrap(), &s.data, &s.vae, &s.vae_config, &s.config);
     args.extend_from_slice(&steps);
     let marker = format!("kill-{}", std::process::id());
-    let mut job = launcher.command(&args, None, &marker).spawn().expect("the launcher starts");
+    let mut job = launcher.command(&args, &marker).spawn().expect("the launcher starts");
     let killed_at = loop {
         if let Ok(Some(state)) = lfm::train::state::read_state(&two) {
             if state.step >= 10 {
@@ -149,7 +165,7 @@ fn kill_and_resume(launcher: Launcher) {
 
     // The same command with --resume continues to the weights of one process with two micro-batches.
     args.push("--resume");
-    let output = launcher.command(&args, None, &marker).output().unwrap();
+    let output = launcher.command(&args, &marker).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(stderr.contains("gradients summed by MPI"), "{stderr}");
@@ -171,7 +187,11 @@ fn kill_and_resume(launcher: Launcher) {
 /// 60 s with `expected` in its output.
 fn refused_under_mpirun(first: &[&str], second: Option<&[&str]>, marker: &str, expected: &str) {
     let started = Instant::now();
-    let output = Launcher::Mpirun.command(first, second, marker).output().unwrap();
+    let mut command = match second {
+        Some(second) => mpirun_mpmd(first, second, marker),
+        None => Launcher::Mpirun.command(first, marker),
+    };
+    let output = command.output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
     assert!(stderr.contains(expected), "{stderr}");
@@ -192,11 +212,13 @@ fn mpi_ranks_with_different_settings_are_refused() {
     let mut bf16 = first.clone();
     bf16.extend_from_slice(&["--allreduce-dtype", "bf16"]);
     refused_under_mpirun(&bf16, None, "bf16", "--allreduce-dtype bf16 needs NCCL");
-    // A rank that fails before it joins the others (here: no CUDA device for it) ends them too, naming itself:
-    // without MPI_Abort, rank 0 would wait for it in MPI forever under `srun` (mpirun would end it, unnamed).
+    // A rank that fails before it joins the others (here: no CUDA device for it, or no CUDA in this build) ends them
+    // too, naming itself: without MPI_Abort, rank 0 would wait for it in MPI forever under `srun` (mpirun would end
+    // it, unnamed).
     if lfm::backend::select(lfm::backend::BackendChoice::Cuda).is_err() {
         let mut second = first.clone();
         second[1] = "cuda";
-        refused_under_mpirun(&first, Some(&second), "no-device", "Error: rank 1: no usable CUDA device");
+        let why = if cfg!(feature = "cuda") { "no usable CUDA device" } else { "this lfm was built without CUDA" };
+        refused_under_mpirun(&first, Some(&second), "no-device", &format!("Error: rank 1: {why}"));
     }
 }

@@ -2,6 +2,7 @@
 //! - [`conv2d`] (`conv.rs`): im2col into a bounded buffer and one GEMM per block of output rows, bias and
 //!   activation fused;
 //! - [`pool2d`] (`pool.rs`): 2-D max and average pooling;
+//! - [`upsample_nearest_2x`], [`avg_pool_2x`] (`resample.rs`): the networks' ×2 resampling;
 //! - [`linear`] (`linear.rs`): a GEMM per core with the bias and activation fused;
 //! - [`layer_norm_modulate`], [`group_norm`], [`add_gated`] (`norm.rs`): the normalisations with their
 //!   modulations, and DiT's gated residual;
@@ -20,6 +21,7 @@ mod linear;
 mod matrix;
 mod norm;
 mod pool;
+mod resample;
 
 pub use attention::packed_attention;
 pub(in crate::nn) use attention::AttentionHeads;
@@ -30,6 +32,8 @@ pub(in crate::nn) use matrix::{gemm_rows, gemm_rows_set};
 pub use norm::{add_gated, group_norm, layer_norm_modulate};
 pub(in crate::nn) use norm::{add_gated_into, group_norm_into, layer_norm_modulate_into, GroupNormParams};
 pub use pool::{pool2d, Pool};
+pub use resample::{avg_pool_2x, upsample_nearest_2x};
+pub(in crate::nn) use resample::{block_sum_2x_into, repeat_2x_into};
 
 use std::any::Any;
 use std::ops::Range;
@@ -126,7 +130,17 @@ impl<B: Backend> Values<B> {
         if let Some(burn_ndarray::NdArrayTensor::F32(storage)) = (&primitive as &dyn Any).downcast_ref() {
             let view = storage.view();
             if !view.is_standard_layout() {
-                return Ok(Self(Err(view.iter().copied().collect())));
+                // One pass per row (lane of the last axis): ndarray's element iterator over a dynamic-rank view
+                // steps a heap-allocated index per element, several times the copy itself.
+                let mut copy = Vec::with_capacity(view.len());
+                match view.ndim() {
+                    0 => copy.extend(view.iter().copied()),
+                    _ => view.rows().into_iter().for_each(|row| match row.as_slice() {
+                        Some(row) => copy.extend_from_slice(row),
+                        None => copy.extend(row.iter().copied()),
+                    }),
+                }
+                return Ok(Self(Err(copy)));
             }
             return Ok(Self(Ok(primitive)));
         }

@@ -10,6 +10,7 @@
 //!   the backward pass;
 //! - [`group_norm`]: GroupNorm with its affine transform, an optional scale-shift modulation and SiLU, keeping only
 //!   each group's statistics;
+//! - [`upsample_nearest_2x`], [`avg_pool_2x`]: the ×2 resamplings, each the other's backward pass;
 //! - [`packed_attention`]: multi-head self-attention from the fused `qkv` projection, recomputing each head's
 //!   probabilities in the backward pass (flash attention's trade: one more `q·kᵀ` for no `[t, t]` per head kept).
 //!
@@ -22,12 +23,14 @@ mod conv;
 mod group_norm;
 mod linear;
 mod norm;
+mod resample;
 
 pub(crate) use attention::packed_attention;
 pub(crate) use conv::conv2d;
 pub(crate) use group_norm::group_norm;
 pub(crate) use linear::linear;
 pub(crate) use norm::{add_gated, layer_norm_modulate};
+pub(crate) use resample::{avg_pool_2x, upsample_nearest_2x};
 
 use std::any::{Any, TypeId};
 

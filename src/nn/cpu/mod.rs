@@ -32,8 +32,8 @@ pub(in crate::nn) use matrix::{gemm_rows, gemm_rows_set};
 pub use norm::{add_gated, group_norm, layer_norm_modulate};
 pub(in crate::nn) use norm::{add_gated_into, group_norm_into, layer_norm_modulate_into, GroupNormParams};
 pub use pool::{pool2d, Pool};
+pub(in crate::nn) use resample::Resample;
 pub use resample::{avg_pool_2x, upsample_nearest_2x};
-pub(in crate::nn) use resample::{block_sum_2x_into, repeat_2x_into};
 
 use std::any::Any;
 use std::ops::Range;

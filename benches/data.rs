@@ -40,6 +40,7 @@ fn settings(batch_size: usize) -> RunSettings {
         preview_every: 0,
         data_parallel: 1,
         precision: Default::default(),
+        time_sampling: Default::default(),
     }
 }
 

@@ -25,6 +25,9 @@ pub const CLASS_NAMES: [&str; 10] =
 pub struct SamplingDefaults {
     /// Classifier-free guidance scale.
     pub cfg_scale: f64,
+    /// The times guidance applies at (`--cfg-interval`); absent: every time.
+    #[serde(default)]
+    pub cfg_interval: Option<(f64, f64)>,
     /// Samples per class (one grid row each).
     pub per_class: usize,
     /// The ODE solver (`dopri5`, `euler`, …).

@@ -128,6 +128,17 @@ pub(crate) fn positive(s: &str) -> Result<f64, String> {
     }
 }
 
+/// Parses a time interval `FROM,TO` within [0, 1] with FROM ≤ TO (`--cfg-interval`).
+pub(crate) fn time_interval(s: &str) -> Result<(f64, f64), String> {
+    let usage = "expected FROM,TO: two times in [0, 1] (1 = noise, 0 = data), FROM ≤ TO, e.g. 0,0.7";
+    let (from, to) = s.split_once(',').ok_or(usage)?;
+    let time = |x: &str| x.trim().parse::<f64>().ok().filter(|t| (0.0..=1.0).contains(t));
+    match (time(from), time(to)) {
+        (Some(from), Some(to)) if from <= to => Ok((from, to)),
+        _ => Err(usage.into()),
+    }
+}
+
 /// How a command learns a checkpoint's architecture.
 #[derive(Debug, Args)]
 pub struct ModelSource {

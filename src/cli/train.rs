@@ -18,7 +18,7 @@ use crate::train::run::{train, RunOutcome, TrainRun};
 use crate::train::schedule::Schedule;
 use crate::train::settings::AutoencoderShape;
 use crate::train::state::read_state;
-use crate::train::RunSettings;
+use crate::train::{RunSettings, TimeSampling};
 
 /// The task names of `--task`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -154,6 +154,10 @@ pub struct TrainArgs {
     /// Clip the global gradient norm (over all parameters, as torch's clip_grad_norm_) to this value.
     #[arg(long, value_parser = super::positive)]
     pub max_grad_norm: Option<f64>,
+    /// How each example's time on the path is drawn: `uniform` (LFM) or `logit-normal[:MEAN:STD]` (t = sigmoid(MEAN
+    /// + STD·n), n standard normal; default 0 and 1): fewer examples at the ends of the path, more in its middle.
+    #[arg(long, default_value = "uniform")]
+    pub time_sampling: TimeSampling,
     /// Checkpoint every this many steps (and at the end).
     #[arg(long, default_value_t = 500, value_parser = super::count)]
     pub save_every: usize,
@@ -300,6 +304,7 @@ pub(crate) fn run(args: TrainArgs, choice: BackendChoice) -> anyhow::Result<()> 
         preview_every: args.preview_every,
         data_parallel: args.data_parallel,
         precision: args.precision,
+        time_sampling: args.time_sampling,
     };
     // Every check of the settings against the network, the data and the autoencoder, before any folder or device.
     let shape =

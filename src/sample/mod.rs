@@ -17,7 +17,7 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use crate::solver::SolveStats;
 
-pub use batch::{sample_batch, BatchInput, BatchOutput};
+pub use batch::{sample_batch, BatchInput, BatchOutput, Guidance};
 pub use pipeline::{run, Conditions, GivenNoise, Plan, Progress, SampleError, SampledBatch, Sink};
 
 /// How class labels are chosen for a class-conditional model.

@@ -9,7 +9,7 @@
 //! # use lfm::sample::{pipeline::ImageGrid, Conditions, Plan};
 //! # fn demo<B: burn::tensor::backend::Backend>(model: &lfm::models::VelocityModel<B>,
 //! #     autoencoder: &lfm::autoencoder::AnyAutoencoder<B>) -> Result<(), lfm::sample::SampleError> {
-//! let plan = Plan { autoencoder: Some(autoencoder), cfg_scale: Some(4.0), ..Plan::new(model, 16) };
+//! let plan = Plan { autoencoder: Some(autoencoder), guidance: Some(Guidance::scale(4.0)), ..Plan::new(model, 16) };
 //! let mut grid = ImageGrid::default();
 //! let summary = lfm::sample::run(&plan, &Conditions::None, &mut [&mut grid], &mut |_| {})?;
 //! let image = grid.grid(4);
@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
-use super::{labels, noise, sample_batch, BatchInput, ClassChoice, Summary};
+use super::{labels, noise, sample_batch, BatchInput, ClassChoice, Guidance, Summary};
 use crate::autoencoder::{AnyAutoencoder, Autoencoder};
 use crate::checkpoint::HostTensor;
 use crate::image::{write_rgb, ImageError, RgbImage};
@@ -53,8 +53,8 @@ pub struct Plan<'a, B: Backend> {
     pub autoencoder: Option<&'a AnyAutoencoder<B>>,
     /// The ODE solver and its settings.
     pub solve: SolveOptions,
-    /// Classifier-free guidance scale (applied above 1, as LFM does, to samples with labels).
-    pub cfg_scale: Option<f64>,
+    /// Classifier-free guidance (applied above scale 1, as LFM does, to samples with labels).
+    pub guidance: Option<Guidance>,
     /// Number of samples.
     pub samples: usize,
     /// Samples per ODE solve (dopri5's error norm runs over the whole batch, as in LFM).
@@ -77,7 +77,7 @@ impl<'a, B: Backend> Plan<'a, B> {
             model,
             autoencoder: None,
             solve: SolveOptions::default(),
-            cfg_scale: None,
+            guidance: None,
             samples,
             batch_size: samples.max(1),
             decode_batch: 4,
@@ -266,7 +266,7 @@ pub fn run<B: Backend>(
         check_condition_channels(channels, condition.as_ref())?;
         let input = BatchInput { noise: x1, labels: batch_labels.clone(), condition };
         let mut on_eval = |t: f64, nfe: usize| progress(Progress::Evaluation { t, nfe });
-        let out = sample_batch(model, input, plan.cfg_scale, &plan.solve, &mut on_eval)?;
+        let out = sample_batch(model, input, plan.guidance, &plan.solve, &mut on_eval)?;
         summary.add(count, &out.stats, out.seconds);
         let images = match plan.autoencoder {
             Some(ae) => {

@@ -82,7 +82,7 @@ impl<'a, B: Backend> BatchMaker<'a, B> {
         let (c, side) = self.latent;
         let first = step * settings.batch_size + rows.start;
         let mut rng_time = crate::noise::rng(settings.seed ^ TIME, step as u64);
-        let times: Vec<f32> = (0..total).map(|_| rng_time.random::<f32>()).collect();
+        let times: Vec<f32> = (0..total).map(|_| settings.time_sampling.draw(&mut rng_time)).collect();
         let dropped = match self.null_label {
             Some((p, _)) => label_dropout(settings.seed, step, total, p),
             None => vec![false; total],

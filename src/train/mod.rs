@@ -1,5 +1,5 @@
 //! Flow-matching training: one optimiser step ([`trainer`]), a run's settings ([`settings`]), its batches
-//! ([`batches`]), its resumable state ([`state`]) and the loop of `lfm train` ([`run`]); the autoencoder's trainer
+//! ([`batches`]) and their times ([`time_sampling`]), its resumable state ([`state`]) and the loop of `lfm train` ([`run`]); the autoencoder's trainer
 //! ([`autoencoder`]) shares the state folder.
 
 pub mod autoencoder;
@@ -15,12 +15,14 @@ pub mod schedule;
 pub mod settings;
 pub mod state;
 pub mod step;
+pub mod time_sampling;
 pub mod trainer;
 
 use burn::optim::AdamWConfig;
 
 pub use settings::RunSettings;
 pub use step::{DeviceShards, Step};
+pub use time_sampling::TimeSampling;
 pub use trainer::{flow_matching_loss, Batch, SavedState, StepReport, TrainNet, Trainer};
 
 /// AdamW as LFM configures it: betas (0.9, 0.999), eps 1e-8, weight decay 0 (LFM's `--beta1/--beta2` are ignored).

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::schedule::Schedule;
+use super::time_sampling::TimeSampling;
 use super::TrainError;
 use crate::data::Source;
 use crate::models::{ModelConfig, Precision};
@@ -53,6 +54,9 @@ pub struct RunSettings {
     /// stay f32; f16 scales the loss, see [`super::mixed`]).
     #[serde(default)]
     pub precision: Precision,
+    /// How each example's time on the path is drawn (LFM: uniform).
+    #[serde(default)]
+    pub time_sampling: TimeSampling,
 }
 
 fn one() -> usize {

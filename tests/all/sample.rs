@@ -150,14 +150,29 @@ fn sample_uses_lfm_cfg() {
     let x = tensor::<Cpu, 4>(&x1, &cpu());
     let labels = Tensor::<Cpu, 1, Int>::from_ints([3, 7, 0, 10, 10, 10], &cpu());
     let t = Tensor::<Cpu, 1>::from_floats([1.0], &cpu());
-    let v = model.forward_with_cfg(t, Tensor::cat(vec![x.clone(), x.clone()], 0), labels, 1.5).narrow(0, 0, 3);
-    assert_close("x1 − v_cfg", &guided, &values(x - v), 1e-5, 1e-6);
+    let v = model.forward_with_cfg(t, Tensor::cat(vec![x.clone(), x.clone()], 0), labels.clone(), 1.5).narrow(0, 0, 3);
+    assert_close("x1 − v_cfg", &guided, &values(x.clone() - v), 1e-5, 1e-6);
 
     // Scale 1 is plain conditional sampling (LFM applies CFG only above 1); labels matter.
     let plain = latents(dir.path(), &ckpt, "plain.safetensors", &euler);
     let scale_one = latents(dir.path(), &ckpt, "one.safetensors", &[&euler[..], &["--cfg-scale", "1"]].concat());
     assert_eq!(plain, scale_one);
     assert!(plain.iter().zip(&guided).any(|(a, b)| (a - b).abs() > 1e-3));
+    // A guidance interval guides the evaluations at times inside it only: the one step's evaluation at t = 1 is
+    // guided by [0, 1] and not by [0, 0.9].
+    let interval = |name: &str, euler: &[&str], interval: &str| {
+        latents(dir.path(), &ckpt, name, &[euler, &["--cfg-scale", "1.5", "--cfg-interval", interval]].concat())
+    };
+    assert_eq!(interval("all.safetensors", &euler, "0,1"), guided);
+    assert_eq!(interval("none.safetensors", &euler, "0,0.9"), plain);
+    // Two steps (t = 1, then 0.5): [0, 0.5] guides the second evaluation alone.
+    let two = ["--noise", noise.to_str().unwrap(), "--solver", "euler", "--steps", "2"];
+    let second_only = interval("second.safetensors", &two, "0,0.5");
+    let y = Tensor::<Cpu, 1, Int>::from_ints([3, 7, 0], &cpu());
+    let half = x.clone() - model.forward(Tensor::from_floats([1.0], &cpu()), x.clone(), Some(y)).mul_scalar(0.5);
+    let t = Tensor::<Cpu, 1>::from_floats([0.5], &cpu());
+    let v = model.forward_with_cfg(t, Tensor::cat(vec![half.clone(), half.clone()], 0), labels, 1.5).narrow(0, 0, 3);
+    assert_close("guided at t = 0.5 only", &second_only, &values(half - v.mul_scalar(0.5)), 1e-5, 1e-6);
     // A class out of range.
     let (ok, _, stderr) =
         sample(&["--checkpoint", &ckpt, "--class", "10", "--latents-only", "--save-latents", "x.safetensors"]);
@@ -476,7 +491,7 @@ fn gpu_runs_keep_kernel_caches_in_the_user_cache_folder() {
 /// or the model, a condition of the wrong size, and guidance for a network that has none.
 #[test]
 fn sample_batch_refuses_bad_guidance_and_inputs() {
-    use lfm::sample::{sample_batch, BatchInput};
+    use lfm::sample::{sample_batch, BatchInput, Guidance};
     let config = ModelConfig::Dit(crate::dit::config("dit_tiny_cond_cfg"));
     let model = lfm::models::VelocityModel::<Cpu>::init(&config, &cpu());
     let (c, side) = (config.channels().1, config.latent_size());
@@ -485,7 +500,8 @@ fn sample_batch_refuses_bad_guidance_and_inputs() {
     let options = lfm::solver::SolveOptions { method: lfm::solver::Method::Euler, ..Default::default() };
     let unguided = None;
     let refuse = |model: &lfm::models::VelocityModel<Cpu>, input: BatchInput<Cpu>, cfg: Option<f64>, says: &str| {
-        let err = sample_batch(model, input, cfg, &options, &mut |_, _| panic!("evaluated")).unwrap_err();
+        let err = sample_batch(model, input, cfg.map(Guidance::scale), &options, &mut |_, _| panic!("evaluated"))
+            .unwrap_err();
         assert!(err.to_string().contains(says), "{err}");
     };
     for scale in [f64::NAN, -1.0, f64::INFINITY] {
@@ -500,6 +516,10 @@ fn sample_batch_refuses_bad_guidance_and_inputs() {
     let no_null = ModelConfig::Dit(lfm::models::DiTConfig { label_dropout: 0.0, ..dit.clone() });
     let no_null = lfm::models::VelocityModel::<Cpu>::init(&no_null, &cpu());
     refuse(&no_null, input.clone(), Some(1.5), "trained with label dropout");
+    let backwards = Guidance { scale: 2.0, interval: Some((0.7, 0.2)) };
+    let err =
+        sample_batch(&model, input.clone(), Some(backwards), &options, &mut |_, _| panic!("evaluated")).unwrap_err();
+    assert!(err.to_string().contains("guidance interval [0.7, 0.2]"), "{err}");
     let unet_config =
         ModelConfig::GuidedUnet(lfm::models::UNetConfig { num_classes: Some(3), ..crate::unet::golden_config() });
     let unet = lfm::models::VelocityModel::<Cpu>::init(&unet_config, &cpu());

@@ -482,6 +482,19 @@ fn idx_datasets_load_and_train() {
     // 1e-3 for the whole epoch).
     let lrs = metric(&out, "lr");
     assert_close_f64("per-step cosine learning rates", &lrs, &[1e-3, 7.5e-4, 2.5e-4], 1e-12);
+    // The same first two steps with logit-normal times: only the times differ (same data, noise, weights and first
+    // learning rate). The zero-initialised output layer makes the first loss independent of them; the second
+    // differs. The run's settings record the distribution.
+    let logit = s.root.join("idx-logit-normal");
+    let mut args = train_args(logit.to_str().unwrap(), images.to_str().unwrap(), &s.vae, &s.vae_config, &s.config);
+    args.extend_from_slice(&["--max-steps", "2", "--time-sampling", "logit-normal:0.5:0.7"]);
+    let (ok, _, stderr) = lfm(&args);
+    assert!(ok, "{stderr}");
+    let (uniform, logit_normal) = (metric(&out, "loss"), metric(&logit, "loss"));
+    assert_eq!(uniform[0], logit_normal[0], "the first loss, of a zero output, depends on no time");
+    assert!((uniform[1] - logit_normal[1]).abs() > 1e-6, "second losses {} and {}", uniform[1], logit_normal[1]);
+    let state = std::fs::read_to_string(logit.join("train-state/state.json")).unwrap();
+    assert!(state.contains("\"logit-normal\"") && state.contains("0.7"), "{state}");
 
     let cut = s.root.join("cut-images-idx3-ubyte");
     let bytes = std::fs::read(&images).unwrap();

@@ -6,7 +6,7 @@
 //! arguments and reports.
 //!
 //! ```no_run
-//! # use lfm::sample::{pipeline::ImageGrid, Conditions, Plan};
+//! # use lfm::sample::{pipeline::ImageGrid, Conditions, Guidance, Plan};
 //! # fn demo<B: burn::tensor::backend::Backend>(model: &lfm::models::VelocityModel<B>,
 //! #     autoencoder: &lfm::autoencoder::AnyAutoencoder<B>) -> Result<(), lfm::sample::SampleError> {
 //! let plan = Plan { autoencoder: Some(autoencoder), guidance: Some(Guidance::scale(4.0)), ..Plan::new(model, 16) };

@@ -62,7 +62,8 @@ pub struct SampleArgs {
     #[arg(long, value_parser = super::non_negative)]
     pub cfg_scale: Option<f64>,
     /// Guide only at times t in [FROM, TO] (1 = noise, 0 = data; e.g. `0,0.7`), where guidance sharpens without
-    /// narrowing the samples' variety; elsewhere one unguided evaluation. Default: every time, as LFM.
+    /// narrowing the samples' variety; elsewhere one unguided evaluation. Default: every time, as LFM (`0,1`); the
+    /// built-in model: `0,0.7`.
     #[arg(long, value_name = "FROM,TO", value_parser = super::time_interval)]
     pub cfg_interval: Option<(f64, f64)>,
     /// Inpainting: the image (its size must be 8× the latent's).
@@ -315,6 +316,8 @@ fn builtin_defaults(args: &mut SampleArgs) -> anyhow::Result<(ModelConfig, Tenso
 }
 
 pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result<()> {
+    // Before the built-in model's defaults fill it in.
+    let interval_given = args.cfg_interval.is_some();
     let builtin = match &args.checkpoint {
         Some(_) => None,
         None => {
@@ -393,6 +396,10 @@ pub(crate) fn run(mut args: SampleArgs, choice: BackendChoice) -> anyhow::Result
         _ => None,
     };
     let cfg_scale = args.cfg_scale.or(preset_cfg);
+    anyhow::ensure!(
+        !interval_given || cfg_scale.is_some_and(|s| s > 1.0),
+        "--cfg-interval limits classifier-free guidance, which is off here: give --cfg-scale above 1 as well"
+    );
 
     let side = config.latent_size();
     let (c_in, c_out) = config.channels();

@@ -71,7 +71,7 @@ impl FromStr for TimeSampling {
                     }
                     _ => return Err(format!("'{text}': {usage}")),
                 };
-                if !mean.is_finite() || !(std > 0.0 && std.is_finite()) {
+                if !(mean.is_finite() && std > 0.0 && std.is_finite()) {
                     return Err(format!("'{text}': the mean must be finite and the std a finite number > 0"));
                 }
                 Ok(TimeSampling::LogitNormal { mean, std })

@@ -175,6 +175,7 @@ fn bad_numbers_and_folders_are_one_clear_line() {
     for interval in ["0.8,0.2", "0,2", "0.5", "a,b"] {
         refused(&["sample", "--cfg-interval", interval], &["--cfg-interval", "FROM,TO", "0,0.7"]);
     }
+    refused(&["sample", "--cfg-scale", "1", "--cfg-interval", "0,0.5"], &["--cfg-interval", "--cfg-scale above 1"]);
     refused(&["train", "--latents", "l", "--out", "o", "--lr", "-0.0001"], &["--lr", "must be a finite number > 0"]);
     refused(&["sample", "--solver", "euler", "--steps", "0"], &["--steps", "must be at least 1"]);
     // Flags the chosen solver would ignore (the built-in model's default solver is euler).

@@ -486,6 +486,23 @@ fn gpu_runs_keep_kernel_caches_in_the_user_cache_folder() {
     assert!(!cache.join("lfm").exists(), "a cubecl.toml should leave the configuration to CubeCL");
 }
 
+/// A guidance interval includes its ends as a solver's f32 time grid holds them (0.6 is 0.6000000238 in f32), and
+/// nothing guides at scale 1 or below.
+#[test]
+fn guidance_intervals_include_their_ends_on_an_f32_grid() {
+    use lfm::sample::Guidance;
+    let limited = Guidance { scale: 2.0, interval: Some((0.3, 0.6)) };
+    for t in [0.3f32, 0.4, 0.6] {
+        assert!(limited.applies_at(t as f64), "t = {t} (f32) is inside [0.3, 0.6]");
+    }
+    for t in [0.0, 0.29, 0.61, 1.0] {
+        assert!(!limited.applies_at(t), "t = {t} is outside [0.3, 0.6]");
+    }
+    assert!(Guidance::scale(2.0).applies_at(1.0) && Guidance::scale(2.0).applies_at(0.0));
+    assert!(!Guidance::scale(1.0).applies_at(0.5));
+    assert!(!Guidance { scale: 1.0, interval: Some((0.0, 1.0)) }.applies_at(0.5));
+}
+
 /// The library refuses, with an error and before any evaluation, what would otherwise sample something else or panic
 /// mid-solve: a NaN, negative or infinite guidance scale (not silently unguided), labels that do not match the batch
 /// or the model, a condition of the wrong size, and guidance for a network that has none.

@@ -1,6 +1,6 @@
 //! Flow-matching training: one optimiser step ([`trainer`]), a run's settings ([`settings`]), its batches
-//! ([`batches`]) and their times ([`time_sampling`]), its resumable state ([`state`]) and the loop of `lfm train` ([`run`]); the autoencoder's trainer
-//! ([`autoencoder`]) shares the state folder.
+//! ([`batches`]) and their times ([`time_sampling`]), its resumable state ([`state`]) and the loop of `lfm train`
+//! ([`run`]); the autoencoder's trainer ([`autoencoder`]) shares the state folder.
 
 pub mod autoencoder;
 pub mod batches;

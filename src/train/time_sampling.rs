@@ -111,7 +111,8 @@ mod tests {
         // Standard errors: 0.8 / √200,000 ≈ 0.0018 for the mean, about 0.0013 for the std.
         assert!((mean - 0.5).abs() < 0.01, "logit mean {mean}");
         assert!((std - 0.8).abs() < 0.01, "logit std {std}");
-        // More weight in the middle than uniform: P(0.25 < t < 0.75) for N(0.5, 0.8²) logits is about 0.75, for uniform times 0.5.
+        // More weight in the middle than uniform: P(0.25 < t < 0.75) for N(0.5, 0.8²) logits is about 0.75, for
+        // uniform times 0.5.
         let middle = logits.iter().filter(|l| l.abs() < 3f64.ln()).count() as f64 / n;
         assert!(middle > 0.7, "share of times in (0.25, 0.75): {middle}");
     }
